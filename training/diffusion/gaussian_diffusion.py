@@ -1,0 +1,227 @@
+"""Gaussian diffusion: forward noising, the DDPM-IP loss and DDPM / DDIM sampling.
+
+Notation follows Ho et al. 2020: β_t is the noise variance added at step t,
+α_t = 1 − β_t and ᾱ_t = ∏_{i≤t} α_i. Timesteps are 0-based, t ∈ {0 … T−1};
+t = 0 is the least noisy step. Every coefficient is computed once in float64 and
+cast to the tensor's dtype when used, so float32 and bf16 callers share one table.
+
+The model is passed to each call, never stored: the same diffusion serves the
+raw denoiser, its EMA copy and a DDP-wrapped one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.diffusion.guidance import Generators, GuidanceScale, guided_eps, randn
+from training.diffusion.schedules import respace_betas, space_timesteps
+
+SamplerName = Literal["ddpm", "ddim"]
+
+
+def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
+    """values[t] as a tensor shaped [B, 1, …, 1] to broadcast against ``like``."""
+    out = torch.from_numpy(values).to(like.device)[t.to(like.device)].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class GaussianDiffusion:
+    """The diffusion process defined by ``betas`` (float64 [T], each in (0, 1]).
+
+    ``timestep_map`` (length T) gives, for each step of this chain, the timestep
+    the model was trained on. It is the identity for a full chain and the kept
+    subset for a respaced one (see :meth:`respaced`).
+    """
+
+    def __init__(self, betas: np.ndarray, timestep_map: Sequence[int] | None = None):
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+        if not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("every beta must lie in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        self.timestep_map = np.asarray(
+            range(self.num_timesteps) if timestep_map is None else timestep_map, dtype=np.int64
+        )
+        if len(self.timestep_map) != self.num_timesteps:
+            raise ValueError("timestep_map must have one entry per beta")
+
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(self.alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+
+        # q(x_{t-1} | x_t, x_0) = N(coef1·x_0 + coef2·x_t, σ̃²)   (Ho et al. 2020, eq. 6-7)
+        denom = 1.0 - self.alphas_cumprod
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / denom
+        # σ̃²_0 = 0; log of it is replaced by σ̃²_1 (it is never used for noise at t = 0).
+        floor = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(floor, self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / denom
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / denom
+        self._respaced: dict[int, GaussianDiffusion] = {}
+
+    # ----------------------------------------------------------------- forward process
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Sample x_t ~ q(x_t | x_0) = √ᾱ_t x_0 + √(1−ᾱ_t) ε.  x0 [B,…], t long [B]."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t."""
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
+
+    def q_posterior_mean_variance(
+        self, x0: Tensor, x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x_0)."""
+        mean = (
+            _extract(self.posterior_mean_coef1, t, x_t) * x0
+            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        variance = _extract(self.posterior_variance, t, x_t)
+        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        return mean, variance.expand_as(x_t), log_variance.expand_as(x_t)
+
+    # ----------------------------------------------------------------- training
+    def training_losses(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        noise: Tensor | None = None,
+        input_perturbation: float = 0.0,
+    ) -> dict[str, Tensor]:
+        """DDPM-IP loss (Ning et al. 2023): ‖ε − ε_θ(q_sample(x_0, t, ε + γξ), t, y)‖².
+
+        The network sees x_t built from the perturbed noise ε + γξ (ξ fresh
+        Gaussian) but is asked for the unperturbed ε; γ = 0 is plain DDPM.
+        Returns ``{"loss": Tensor[B]}``, the per-sample mean squared error.
+        """
+        if input_perturbation < 0:
+            raise ValueError(f"input_perturbation must be >= 0, got {input_perturbation}")
+        if noise is None:
+            noise = torch.randn_like(x0)
+        perturbed = noise
+        if input_perturbation > 0:
+            perturbed = noise + input_perturbation * torch.randn_like(noise)
+        x_t = self.q_sample(x0, t, perturbed)
+        eps = model(x_t, self._model_timesteps(t), y)
+        loss = (noise - eps).float().pow(2).flatten(1).mean(dim=1)
+        return {"loss": loss}
+
+    # ----------------------------------------------------------------- sampling
+    def respaced(self, steps: int) -> GaussianDiffusion:
+        """The same process visiting ``steps`` evenly spaced timesteps (cached)."""
+        if steps == self.num_timesteps:
+            return self
+        if steps not in self._respaced:
+            kept = space_timesteps(self.num_timesteps, steps)
+            betas = respace_betas(self.alphas_cumprod, kept)
+            self._respaced[steps] = GaussianDiffusion(betas, self.timestep_map[kept])
+        return self._respaced[steps]
+
+    def ddpm_step(self, x_t: Tensor, t: Tensor, eps: Tensor, noise: Tensor) -> Tensor:
+        """Ancestral step x_{t−1} = μ̃(x̂_0(ε̂), x_t) + σ̃_t z, no noise at t = 0."""
+        x0 = self.predict_x0_from_eps(x_t, t, eps)
+        mean, _, log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+    def ddim_step(
+        self, x_t: Tensor, t: Tensor, eps: Tensor, eta: float, noise: Tensor | None
+    ) -> Tensor:
+        """DDIM step (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
+        x0 = self.predict_x0_from_eps(x_t, t, eps)
+        ab = _extract(self.alphas_cumprod, t, x_t)
+        ab_prev = _extract(self.alphas_cumprod_prev, t, x_t)
+        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+        out = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0)) * eps
+        if noise is not None:
+            out = out + sigma * noise
+        return out
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: nn.Module,
+        shape: Sequence[int],
+        y: Tensor | None = None,
+        guidance_scale: GuidanceScale = 0.0,
+        sampler: SamplerName = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        classifier: nn.Module | None = None,
+        classifier_scale: GuidanceScale = 0.0,
+        generator: Generators = None,
+        x_T: Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Draw samples [*shape] by running the reverse chain from x_T ~ N(0, I).
+
+        ``y``: long [B] class ids (None = unconditional). ``guidance_scale`` w ≥ 0 for
+        classifier-free guidance, ``classifier_scale`` s ≥ 0 for classifier guidance;
+        either may be a float or a per-sample tensor [B]. ``steps`` respaces the chain;
+        ``eta`` applies to DDIM only. ``generator`` is one torch.Generator or one per
+        sample, so a sample's noise does not depend on what else is in the batch.
+        """
+        _check_sampling_args(sampler, eta, y, guidance_scale, classifier, classifier_scale)
+        chain = self.respaced(steps) if steps is not None else self
+        if device is None:
+            device = next(model.parameters()).device
+        x = randn(shape, generator, device) if x_T is None else x_T.to(device)
+        for i in reversed(range(chain.num_timesteps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
+            eps = guided_eps(
+                model,
+                x,
+                chain._model_timesteps(t),
+                y,
+                guidance_scale,
+                classifier,
+                classifier_scale,
+                _extract(chain.sqrt_one_minus_alphas_cumprod, t, x),
+            )
+            if sampler == "ddpm":
+                x = chain.ddpm_step(x, t, eps, randn(x.shape, generator, device))
+            else:
+                noise = randn(x.shape, generator, device) if eta > 0 else None
+                x = chain.ddim_step(x, t, eps, eta, noise)
+        return x
+
+    def _model_timesteps(self, t: Tensor) -> Tensor:
+        """Map this chain's step indices to the timesteps the model was trained on."""
+        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+
+
+def _check_sampling_args(sampler, eta, y, guidance_scale, classifier, classifier_scale) -> None:
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    if bool((torch.as_tensor(guidance_scale) < 0).any()):
+        raise ValueError("guidance_scale must be >= 0")
+    if bool((torch.as_tensor(classifier_scale) < 0).any()):
+        raise ValueError("classifier_scale must be >= 0")
+    uses_classifier = bool((torch.as_tensor(classifier_scale) > 0).any())
+    if uses_classifier and (classifier is None or y is None):
+        raise ValueError("classifier guidance needs both a classifier and class labels y")
+    if bool((torch.as_tensor(guidance_scale) > 0).any()) and y is None:
+        raise ValueError("classifier-free guidance needs class labels y")

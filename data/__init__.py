@@ -1,0 +1,1 @@
+"""Datasets: sources, WebDataset sharding, manifests, storage and the shard reader."""

@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect flows, their schedules, and the ``ldm`` command line."""

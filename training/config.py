@@ -1,0 +1,110 @@
+"""The configuration of a whole latent-diffusion model and how each stage trains it.
+
+One :class:`LDMConfig` travels with every checkpoint and registered model; the
+networks are rebuilt from it, never from flags of the process that loads them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from training.diffusion import BetaScheduleName, GaussianDiffusion, get_named_beta_schedule
+from training.models.configs import (
+    AutoencoderConfig,
+    ClassifierConfig,
+    FrozenConfig,
+    UNetConfig,
+)
+
+PresetName = Literal["tiny", "demo", "base"]
+
+
+class DiffusionConfig(FrozenConfig):
+    num_timesteps: int = Field(1000, ge=2)
+    beta_schedule: BetaScheduleName = "linear"
+    # DDPM-IP γ: x_t is built from ε + γξ while the target stays ε. 0 disables;
+    # Ning et al. 2023 found 0.1 best and values above ~0.2 harmful.
+    input_perturbation: float = Field(0.1, ge=0.0, le=1.0)
+    # Probability of replacing the label by the null class while training (CFG).
+    p_uncond: float = Field(0.1, ge=0.0, le=1.0)
+
+    def build(self) -> GaussianDiffusion:
+        return GaussianDiffusion(get_named_beta_schedule(self.beta_schedule, self.num_timesteps))
+
+
+class StageConfig(FrozenConfig):
+    """Optimisation of one stage: AdamW with linear warm-up, then a constant rate."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 = no EMA
+    log_every: int = Field(50, ge=1)
+
+
+class LDMConfig(FrozenConfig):
+    """Everything needed to build and train the three networks for one dataset."""
+
+    preset: str = "custom"
+    image_size: int = Field(32, ge=4)
+    image_channels: Literal[1, 3] = 1
+    num_classes: int = Field(10, ge=1)
+    seed: int = 0
+    autoencoder: AutoencoderConfig
+    denoiser: UNetConfig
+    classifier: ClassifierConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    autoencoder_training: StageConfig
+    denoiser_training: StageConfig
+    classifier_training: StageConfig
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.autoencoder.downsample_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.autoencoder.latent_channels, self.latent_size, self.latent_size)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LDMConfig:
+        ae, f = self.autoencoder, self.autoencoder.downsample_factor
+        if ae.image_channels != self.image_channels:
+            raise ValueError(
+                f"autoencoder.image_channels ({ae.image_channels}) must equal "
+                f"image_channels ({self.image_channels})"
+            )
+        if self.image_size % f:
+            raise ValueError(f"image_size {self.image_size} is not divisible by {f}")
+        for name, net in (("denoiser", self.denoiser), ("classifier", self.classifier)):
+            if net.in_channels != ae.latent_channels:
+                raise ValueError(
+                    f"{name}.in_channels ({net.in_channels}) must equal "
+                    f"autoencoder.latent_channels ({ae.latent_channels})"
+                )
+            if net.num_classes != self.num_classes:
+                raise ValueError(
+                    f"{name}.num_classes ({net.num_classes}) must equal "
+                    f"num_classes ({self.num_classes})"
+                )
+        down = 2 ** (len(self.denoiser.channel_mult) - 1)
+        if self.latent_size % down:
+            raise ValueError(
+                f"latent size {self.latent_size} is not divisible by the denoiser's "
+                f"downsampling {down}; use fewer denoiser.channel_mult levels"
+            )
+        return self
+
+    def for_data(self, image_size: int, image_channels: int, num_classes: int) -> LDMConfig:
+        """This config adapted to a dataset's image size, channels and class count."""
+        data = self.model_dump()
+        data.update(image_size=image_size, image_channels=image_channels, num_classes=num_classes)
+        data["autoencoder"]["image_channels"] = image_channels
+        data["denoiser"]["num_classes"] = num_classes
+        data["classifier"]["num_classes"] = num_classes
+        return LDMConfig.model_validate(data)

@@ -1,0 +1,85 @@
+"""Named configurations: ``tiny`` (tests, seconds on a CPU), ``demo`` (a 2-core
+laptop learns recognisable 32×32 digits in about five minutes) and ``base`` (a
+GPU cluster; see the README for the cluster it expects)."""
+
+from __future__ import annotations
+
+from training.config import DiffusionConfig, LDMConfig, PresetName, StageConfig
+from training.models import AutoencoderConfig, ClassifierConfig, UNetConfig
+
+
+def _tiny() -> LDMConfig:
+    return LDMConfig(
+        preset="tiny",
+        autoencoder=AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2)),
+        denoiser=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1),
+        classifier=ClassifierConfig(model_channels=8, channel_mult=(1, 2)),
+        diffusion=DiffusionConfig(num_timesteps=100),
+        autoencoder_training=StageConfig(steps=20, batch_size=16, learning_rate=2e-3, log_every=5),
+        denoiser_training=StageConfig(
+            steps=20, batch_size=16, learning_rate=2e-3, ema_decay=0.9, log_every=5
+        ),
+        classifier_training=StageConfig(steps=20, batch_size=16, learning_rate=2e-3, log_every=5),
+    )
+
+
+def _demo() -> LDMConfig:
+    return LDMConfig(
+        preset="demo",
+        autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 2)),
+        denoiser=UNetConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=2),
+        classifier=ClassifierConfig(model_channels=32, channel_mult=(1, 2)),
+        diffusion=DiffusionConfig(num_timesteps=1000),
+        autoencoder_training=StageConfig(
+            steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50
+        ),
+        denoiser_training=StageConfig(
+            steps=1500, batch_size=128, learning_rate=1e-3, warmup_steps=100, ema_decay=0.995
+        ),
+        classifier_training=StageConfig(
+            steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=50
+        ),
+    )
+
+
+def _base() -> LDMConfig:
+    # Sized for 64×64 RGB data on 8 GPUs (e.g. 2 nodes × 4 A100/H100), batch per worker.
+    return LDMConfig(
+        preset="base",
+        image_size=64,
+        image_channels=3,
+        num_classes=10,
+        autoencoder=AutoencoderConfig(
+            image_channels=3, base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2
+        ),
+        denoiser=UNetConfig(
+            model_channels=192, channel_mult=(1, 2, 3), num_res_blocks=2, dropout=0.1
+        ),
+        classifier=ClassifierConfig(model_channels=128, channel_mult=(1, 2, 3), num_res_blocks=2),
+        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="cosine"),
+        autoencoder_training=StageConfig(
+            steps=50_000, batch_size=64, learning_rate=4.5e-4, warmup_steps=1_000
+        ),
+        denoiser_training=StageConfig(
+            steps=200_000,
+            batch_size=128,
+            learning_rate=1e-4,
+            warmup_steps=5_000,
+            weight_decay=0.01,
+            ema_decay=0.9999,
+            log_every=100,
+        ),
+        classifier_training=StageConfig(
+            steps=50_000, batch_size=128, learning_rate=3e-4, warmup_steps=1_000, weight_decay=0.05
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base}
+
+
+def get_preset(name: PresetName) -> LDMConfig:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

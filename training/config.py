@@ -6,6 +6,7 @@ networks are rebuilt from it, never from flags of the process that loads them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -54,6 +55,7 @@ class LDMConfig(FrozenConfig):
     image_size: int = Field(32, ge=4)
     image_channels: Literal[1, 3] = 1
     num_classes: int = Field(10, ge=1)
+    class_names: tuple[str, ...] = ()  # one per class id when the dataset names them
     seed: int = 0
     autoencoder: AutoencoderConfig
     denoiser: UNetConfig
@@ -74,6 +76,11 @@ class LDMConfig(FrozenConfig):
     @model_validator(mode="after")
     def _consistent(self) -> LDMConfig:
         ae, f = self.autoencoder, self.autoencoder.downsample_factor
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries, "
+                f"num_classes is {self.num_classes}"
+            )
         if ae.image_channels != self.image_channels:
             raise ValueError(
                 f"autoencoder.image_channels ({ae.image_channels}) must equal "
@@ -100,10 +107,21 @@ class LDMConfig(FrozenConfig):
             )
         return self
 
-    def for_data(self, image_size: int, image_channels: int, num_classes: int) -> LDMConfig:
-        """This config adapted to a dataset's image size, channels and class count."""
+    def for_data(
+        self,
+        image_size: int,
+        image_channels: int,
+        num_classes: int,
+        class_names: Sequence[str] = (),
+    ) -> LDMConfig:
+        """This config adapted to a dataset's image size, channels and classes."""
         data = self.model_dump()
-        data.update(image_size=image_size, image_channels=image_channels, num_classes=num_classes)
+        data.update(
+            image_size=image_size,
+            image_channels=image_channels,
+            num_classes=num_classes,
+            class_names=tuple(class_names),
+        )
         data["autoencoder"]["image_channels"] = image_channels
         data["denoiser"]["num_classes"] = num_classes
         data["classifier"]["num_classes"] = num_classes

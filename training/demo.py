@@ -28,7 +28,7 @@ def run_demo(
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     images, labels = load_mnist(image_size=32)
-    config = get_preset(preset).for_data(32, 1, len(MNIST_CLASS_NAMES))
+    config = get_preset(preset).for_data(32, 1, len(MNIST_CLASS_NAMES), MNIST_CLASS_NAMES)
     config = config.model_copy(update={"seed": seed})
     model = train_in_process(config, images, labels, progress=progress)
     model.save(out_dir / "model")

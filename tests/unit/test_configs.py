@@ -42,11 +42,17 @@ def test_inconsistent_configs_say_what_to_fix():
 
 
 def test_for_data_adapts_channels_and_classes():
-    config = get_preset("demo").for_data(image_size=64, image_channels=3, num_classes=4)
+    config = get_preset("demo").for_data(64, 3, 4, class_names=("a", "b", "c", "d"))
+    assert config.class_names == ("a", "b", "c", "d")
     assert (config.image_size, config.image_channels, config.num_classes) == (64, 3, 4)
     assert config.autoencoder.image_channels == 3
     assert config.denoiser.num_classes == config.classifier.num_classes == 4
     assert config.latent_shape == (4, 16, 16)
+
+
+def test_class_names_must_match_the_class_count():
+    with pytest.raises(pydantic.ValidationError, match="class_names has 2 entries"):
+        get_preset("tiny").for_data(32, 1, 3, class_names=("a", "b"))
 
 
 def test_autoencoder_downsample_factor():

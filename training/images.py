@@ -1,4 +1,6 @@
-"""Conversions between uint8 images and model pixels, and sample grids as PNG."""
+"""Model pixels back to uint8 images, and sample grids as PNG.
+
+The other direction, uint8 → pixels, is :func:`data.reader.to_pixels`."""
 
 from __future__ import annotations
 
@@ -9,18 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-
-
-def to_pixels(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 [B, H, W] or [B, H, W, C] → float32 [B, C, H, W] in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images, got {x.dtype}")
-    if x.dim() == 3:
-        x = x[..., None]
-    if x.dim() != 4:
-        raise ValueError(f"expected images [B,H,W] or [B,H,W,C], got shape {tuple(x.shape)}")
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 def to_uint8(pixels: Tensor) -> np.ndarray:

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from data.reader import to_pixels
 from training.config import LDMConfig, StageConfig
-from training.images import to_pixels
 from training.models import EMA
 from training.pipeline import LatentDiffusion
 from training.stages import (

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.images import make_grid, to_pixels, to_uint8
+from data.reader import to_pixels
+from training.images import make_grid, to_uint8
 from training.local import train_in_process
 from training.pipeline import LatentDiffusion
 from training.presets import get_preset

@@ -1,0 +1,104 @@
+"""The manifest: what a sharded dataset holds. Written last; a dataset exists only once
+its ``manifest.json`` does. Readers check shards against it (count, bytes, sha256)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data import storage
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+Split = Literal["train", "val"]
+SPLITS: tuple[Split, ...] = ("train", "val")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ShardOptions(_Frozen):
+    """What decides a dataset's content (all of it goes into the fingerprint)."""
+
+    image_size: int = Field(32, ge=8, le=4096, description="images are size×size pixels")
+    channels: Literal[1, 3] = Field(3, description="1: grayscale (L), 3: RGB")
+    shard_max_samples: int = Field(1000, ge=1, description="samples per shard, at most")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of inputs for 'val'")
+    seed: int = Field(0, ge=0, description="seed of the train/val split and sample order")
+
+
+class ShardEntry(_Frozen):
+    """One tar file of the dataset, relative to the manifest's folder."""
+
+    name: str
+    split: Split
+    num_samples: int = Field(ge=1)
+    num_bytes: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class SkippedInput(_Frozen):
+    """An input of the source that is not in the dataset, and why."""
+
+    input: str
+    reason: str
+
+
+class Manifest(_Frozen):
+    """Everything a reader needs: image format, classes, splits and every shard."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    image_size: int
+    channels: Literal[1, 3]
+    class_names: tuple[str, ...] = Field(description="empty: unconditional, every label is 0")
+    counts: dict[Split, int] = Field(description="samples per split")
+    shards: tuple[ShardEntry, ...]
+    source: str
+    options: ShardOptions
+    fingerprint: str = Field(description="sha256 over the source's content and the options")
+    skipped: tuple[SkippedInput, ...] = ()
+
+    @model_validator(mode="after")
+    def _counts_match_shards(self) -> Manifest:
+        for split in SPLITS:
+            listed = sum(s.num_samples for s in self.shards if s.split == split)
+            if listed != self.counts.get(split, 0):
+                raise ValueError(
+                    f"manifest says {self.counts.get(split, 0)} {split} samples but its "
+                    f"{split} shards hold {listed}; the manifest is damaged, re-run 'ldm shard'"
+                )
+        if len({s.name for s in self.shards}) != len(self.shards):
+            raise ValueError("manifest lists a shard twice; re-run 'ldm shard'")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Classes a conditional model needs (1 for an unconditional dataset)."""
+        return max(1, len(self.class_names))
+
+    def split_shards(self, split: Split) -> tuple[ShardEntry, ...]:
+        """The shards of one split, in writing order."""
+        return tuple(s for s in self.shards if s.split == split)
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode("utf-8")
+
+
+def manifest_url(url: str) -> str:
+    """Accept a dataset folder or its manifest: → the ``manifest.json`` URL."""
+    return url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
+
+
+def load_manifest(url: str) -> Manifest:
+    """Read and validate a manifest from a dataset folder/prefix or a manifest URL."""
+    url = manifest_url(url)
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no manifest at {url}: the dataset does not exist or its sharding did not "
+            "finish; run 'ldm shard' to (re)build it"
+        ) from error
+    return Manifest.model_validate_json(data)

@@ -1,0 +1,331 @@
+"""The reader: a manifest → batches ``(images float32 [B, C, H, W] in [-1, 1], labels int64 [B])``
+for one rank of a distributed job.
+
+Guarantees (all computed from the manifest, so ranks need not talk to each other):
+
+- the ranks read disjoint sets of whole shards, re-dealt every epoch from ``seed`` and
+  ``epoch`` (largest shards first to the rank holding the fewest samples);
+- every rank yields exactly ``len(loader)`` full batches per epoch: the smallest rank's
+  sample count // batch_size. Ranks holding more stop early, so distributed training
+  never waits on an exhausted rank;
+- before any reading, every shard of the rank must exist with the size the manifest
+  lists; each shard read to its end must match its sha256 and sample count (a rank
+  that holds more samples than it yields stops early and leaves the rest of a shard
+  unchecked that epoch); a sample that cannot be decoded fails at once, naming its shard;
+- ``s3://`` shards stream through boto3 (webdataset's ``gopen`` with an ``s3`` scheme
+  registered by :func:`register_s3_opener`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import manifest as manifests
+from data import storage
+from data.convert import decode_png
+from data.manifest import SPLITS, Manifest, ShardEntry, Split, load_manifest
+
+Batch = tuple[Tensor, Tensor]
+
+
+def build_loader(
+    manifest_url: str,
+    split: Split,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+) -> ShardLoader:
+    """Exactly ``len(loader)`` batches ``(images float32 [B, C, H, W] in [-1, 1], labels
+    int64 [B])`` of one split for ``rank`` of ``world_size`` in ``epoch``; B = batch_size,
+    and every rank gets the same number of batches.
+
+    ``manifest_url``: the dataset folder / ``s3://`` prefix or its ``manifest.json``.
+    ``num_workers``: DataLoader worker processes (0 reads in this process; never more
+    than this rank's shards). ``shuffle_buffer``: samples each worker shuffles among
+    (1 or 0: no shuffling). The order is reproducible from ``seed``, ``epoch`` and
+    ``num_workers``. Raises ValueError when the split cannot feed every rank at least
+    one batch, :class:`storage.StorageError` when a shard is missing or damaged.
+    """
+    _check_arguments(split, rank, world_size, batch_size, num_workers)
+    url = manifest_url_of(manifest_url)
+    manifest = load_manifest(url)
+    shards = manifest.split_shards(split)
+    if len(shards) < world_size:
+        raise ValueError(
+            f"the {split} split has {len(shards)} shards, fewer than world_size {world_size}: "
+            f"every rank needs its own shards; re-shard with a smaller --shard-max-samples "
+            f"or use fewer ranks"
+        )
+    per_rank = assign_shards(shards, world_size, seed, epoch)
+    num_batches = min(sum(s.num_samples for s in r) for r in per_rank) // batch_size
+    if num_batches == 0:
+        raise ValueError(
+            f"a rank gets fewer than batch_size={batch_size} {split} samples "
+            f"({manifest.counts.get(split, 0)} over {world_size} ranks): lower batch_size"
+        )
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    mine = per_rank[rank]
+    check_shards_exist(folder, mine)
+    dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, (seed, epoch, rank))
+    return ShardLoader(manifest, dataset, num_batches, batch_size, min(num_workers, len(mine)))
+
+
+def manifest_url_of(url: str) -> str:
+    """The ``manifest.json`` URL for a dataset folder, prefix or manifest URL."""
+    return manifests.manifest_url(url.rstrip("/"))
+
+
+def assign_shards(
+    shards: Sequence[ShardEntry], world_size: int, seed: int, epoch: int
+) -> list[list[ShardEntry]]:
+    """Deal whole shards to ranks: a seeded shuffle, then largest first to the rank with
+    the fewest samples so far (ties: lowest rank). Returns one disjoint list per rank, in
+    the order that rank reads them."""
+    rng = random.Random(f"assign/{seed}/{epoch}")
+    order = list(shards)
+    rng.shuffle(order)
+    order.sort(key=lambda s: -s.num_samples)  # stable: equal sizes keep the shuffled order
+    ranks: list[list[ShardEntry]] = [[] for _ in range(world_size)]
+    totals = [0] * world_size
+    for shard in order:
+        r = min(range(world_size), key=lambda i: (totals[i], i))
+        ranks[r].append(shard)
+        totals[r] += shard.num_samples
+    for assigned in ranks:
+        rng.shuffle(assigned)
+    return ranks
+
+
+def check_shards_exist(folder: str, shards: Sequence[ShardEntry]) -> None:
+    """Every shard must exist with the size the manifest lists (checked in parallel)."""
+
+    def check(entry: ShardEntry) -> None:
+        url = storage.join(folder, entry.name)
+        found = storage.stat(url)
+        if found is None:
+            raise storage.StorageError(
+                f"shard {url} is listed in the manifest but missing; re-run 'ldm shard' "
+                "to restore it"
+            )
+        if found[0] != entry.num_bytes:
+            raise storage.StorageError(
+                f"shard {url} has {found[0]} bytes but the manifest lists {entry.num_bytes}; "
+                "it is damaged or from another run: re-run 'ldm shard'"
+            )
+
+    with ThreadPoolExecutor(min(16, max(1, len(shards)))) as pool:
+        list(pool.map(check, shards))
+
+
+def register_s3_opener() -> None:
+    """Let webdataset's ``gopen`` open ``s3://`` URLs through boto3 (idempotent)."""
+    import webdataset as wds
+
+    wds.gopen_schemes["s3"] = _gopen_s3
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: object) -> IO[bytes]:
+    if mode != "rb":
+        raise ValueError(f"s3:// shards are read-only here ({url}); write them with 'ldm shard'")
+    return storage.open_stream(url)
+
+
+class ShardLoader:
+    """Iterable of exactly ``len(self)`` batches ``(images float32 [B, C, H, W] in
+    [-1, 1], labels int64 [B])``; iterate once per epoch."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dataset: _RankShards,
+        num_batches: int,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        self.manifest = manifest
+        self.dataset = dataset
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    @property
+    def shard_names(self) -> list[str]:
+        """The shards this rank reads this epoch."""
+        return [s.name for s in self.dataset.shards]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        batches = _rebatch(loader, self.batch_size)
+        produced = 0
+        for batch in batches:
+            yield batch
+            produced += 1
+            if produced == self.num_batches:
+                if self.num_batches * self.batch_size == self.dataset.num_samples:
+                    for _ in batches:  # nothing is left but the end-of-shard checks
+                        pass
+                return
+        raise RuntimeError(
+            f"read only {produced} of {self.num_batches} batches: the shards hold fewer "
+            "samples than the manifest says"
+        )
+
+
+class _RankShards(IterableDataset):
+    """One rank's shards as worker-sized batches; each DataLoader worker reads every
+    ``num_workers``-th shard. Stages, per worker:"""
+
+    def __init__(
+        self,
+        folder: str,
+        shards: list[ShardEntry],
+        manifest: Manifest,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed_parts: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.folder, self.shards, self.batch_size = folder, shards, batch_size
+        self.shape = (manifest.image_size, manifest.image_size, manifest.channels)
+        self.shuffle_buffer, self.seed_parts = shuffle_buffer, seed_parts
+        self.num_samples = sum(s.num_samples for s in shards)
+
+    def __iter__(self) -> Iterator[Batch]:
+        import webdataset as wds
+
+        register_s3_opener()  # each worker process needs it (spawned workers start bare)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        samples = _verified_samples(self.folder, self.shards[worker::workers])
+        # → dicts {__key__, png, cls, json} in shard order, each shard checked at its end
+        if self.shuffle_buffer > 1:
+            rng = random.Random("samples/{}/{}/{}/".format(*self.seed_parts) + str(worker))
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        # → the same dicts, shuffled within a buffer of shuffle_buffer samples
+        pairs = (self._decode(s) for s in samples)
+        # → (uint8 [H, W, C], class id)
+        yield from wds.batched(self.batch_size, collation_fn=_collate, partial=True)(pairs)
+        # → (float32 [b, C, H, W] in [-1, 1], int64 [b]), b ≤ batch_size; rebatched later
+
+    def _decode(self, sample: dict) -> tuple[np.ndarray, int]:
+        try:
+            pixels = decode_png(sample["png"], self.shape[-1])
+            label = int(sample["cls"])
+        except Exception as error:  # bytes damaged after sharding: fail, naming the shard
+            raise storage.StorageError(
+                f"sample {sample.get('__key__')} of {sample.get('__url__')} cannot be decoded "
+                f"({type(error).__name__}: {error}); the shard is damaged: re-run 'ldm shard'"
+            ) from error
+        if pixels.shape != self.shape:
+            raise ValueError(
+                f"sample {sample['__key__']} of {sample['__url__']} has shape {pixels.shape}, "
+                f"the manifest says {self.shape}"
+            )
+        return pixels, label
+
+
+def _verified_samples(folder: str, shards: Iterable[ShardEntry]) -> Iterator[dict]:
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for entry in shards:
+        url = storage.join(folder, entry.name)
+        with _CheckedStream(wds.gopen(url, "rb")) as stream:
+            count = 0
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                count += 1
+                yield sample
+            stream.verify(url, entry, count)
+
+
+class _CheckedStream:
+    """Hashes and counts the bytes read through it, to compare with the manifest."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def verify(self, url: str, entry: ShardEntry, count: int) -> None:
+        while self.read(1 << 20):  # the tar reader may stop before the end padding
+            pass
+        found = (self.size, self.digest.hexdigest(), count)
+        if found != (entry.num_bytes, entry.sha256, entry.num_samples):
+            raise storage.StorageError(
+                f"shard {url} does not match the manifest (bytes, sha256, samples): read "
+                f"{found}, expected {(entry.num_bytes, entry.sha256, entry.num_samples)}; "
+                "it is damaged or was replaced: re-run 'ldm shard'"
+            )
+
+    def __enter__(self) -> _CheckedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
+
+def to_pixels(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 [B, H, W] or [B, H, W, C] → float32 [B, C, H, W] in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {x.dtype}")
+    if x.dim() == 3:
+        x = x[..., None]
+    if x.dim() != 4:
+        raise ValueError(f"expected images [B,H,W] or [B,H,W,C], got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def _collate(samples: list[tuple[np.ndarray, int]]) -> Batch:
+    images = to_pixels(np.stack([pixels for pixels, _ in samples]))
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """Worker batches of any size → batches of exactly ``size`` (the rest is held back)."""
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    held = 0
+    for x, y in batches:
+        images.append(x)
+        labels.append(y)
+        held += len(y)
+        while held >= size:
+            x_all = torch.cat(images) if len(images) > 1 else images[0]
+            y_all = torch.cat(labels) if len(labels) > 1 else labels[0]
+            yield x_all[:size], y_all[:size]
+            images, labels, held = [x_all[size:]], [y_all[size:]], held - size
+
+
+def _check_arguments(
+    split: str, rank: int, world_size: int, batch_size: int, num_workers: int
+) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}")

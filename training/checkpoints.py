@@ -1,9 +1,9 @@
 """Resumable training state of one stage, written to a folder that Ray Train uploads.
 
 ``state.pt`` holds tensors and plain numbers only (model, EMA, optimiser and
-scheduler state, step, data epoch) and is read with ``weights_only=True``, so a
-checkpoint cannot run code when loaded. ``config.json`` is the model config the
-stage was built with.
+scheduler state, step, data epoch and batches read in it) and is read with
+``weights_only=True``, so a checkpoint cannot run code when loaded.
+``config.json`` is the model config the stage was built with.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class StageState:
     stage: str
     step: int
     epoch: int
+    batches_into_epoch: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
@@ -42,6 +43,7 @@ def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig)
             "stage": state.stage,
             "step": state.step,
             "epoch": state.epoch,
+            "batches_into_epoch": state.batches_into_epoch,
             "model": state.model,
             "optimizer": state.optimizer,
             "scheduler": state.scheduler,

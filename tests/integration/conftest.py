@@ -38,7 +38,7 @@ def _weed_binary() -> str:
     candidate = Path(sys.executable).parent / "weed"
     if candidate.is_file():
         return str(candidate)
-    pytest.skip("SeaweedFS 'weed' binary not found next to the Python interpreter")
+    pytest.fail("SeaweedFS 'weed' binary not found next to the Python interpreter: run make test")
 
 
 def _port_free(port: int) -> bool:

@@ -12,6 +12,7 @@ from data import storage
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 Split = Literal["train", "val"]
+Kind = Literal["images", "latents"]
 SPLITS: tuple[Split, ...] = ("train", "val")
 
 
@@ -50,18 +51,23 @@ class Manifest(_Frozen):
     """Everything a reader needs: image format, classes, splits and every shard."""
 
     format_version: Literal[1] = FORMAT_VERSION
+    # images: PNG samples uint8 [S, S, C]; latents: npy samples float32 [C, S, S]
+    # written by the training job's latent cache.
+    kind: Kind = "images"
     image_size: int
-    channels: Literal[1, 3]
+    channels: int = Field(ge=1)
     class_names: tuple[str, ...] = Field(description="empty: unconditional, every label is 0")
     counts: dict[Split, int] = Field(description="samples per split")
     shards: tuple[ShardEntry, ...]
     source: str
-    options: ShardOptions
+    options: ShardOptions | None = Field(None, description="how images were sharded")
     fingerprint: str = Field(description="sha256 over the source's content and the options")
     skipped: tuple[SkippedInput, ...] = ()
 
     @model_validator(mode="after")
     def _counts_match_shards(self) -> Manifest:
+        if self.kind == "images" and (self.channels not in (1, 3) or self.options is None):
+            raise ValueError("an image manifest needs 1 or 3 channels and its shard options")
         for split in SPLITS:
             listed = sum(s.num_samples for s in self.shards if s.split == split)
             if listed != self.counts.get(split, 0):

@@ -19,6 +19,7 @@ Guarantees (all computed from the manifest, so ranks need not talk to each other
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -203,7 +204,9 @@ class _RankShards(IterableDataset):
     ) -> None:
         super().__init__()
         self.folder, self.shards, self.batch_size = folder, shards, batch_size
-        self.shape = (manifest.image_size, manifest.image_size, manifest.channels)
+        self.kind = manifest.kind
+        size, channels = manifest.image_size, manifest.channels
+        self.shape = (size, size, channels) if self.kind == "images" else (channels, size, size)
         self.shuffle_buffer, self.seed_parts = shuffle_buffer, seed_parts
         self.num_samples = sum(s.num_samples for s in shards)
 
@@ -213,20 +216,23 @@ class _RankShards(IterableDataset):
         register_s3_opener()  # each worker process needs it (spawned workers start bare)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = _verified_samples(self.folder, self.shards[worker::workers])
-        # → dicts {__key__, png, cls, json} in shard order, each shard checked at its end
+        samples = iter_verified_samples(self.folder, self.shards[worker::workers])
+        # → dicts {__key__, png | npy, cls, json} in shard order, each checked at its end
         if self.shuffle_buffer > 1:
             rng = random.Random("samples/{}/{}/{}/".format(*self.seed_parts) + str(worker))
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         # → the same dicts, shuffled within a buffer of shuffle_buffer samples
         pairs = (self._decode(s) for s in samples)
-        # → (uint8 [H, W, C], class id)
+        # → (uint8 [H, W, C] image or float32 [C, H, W] latent, class id)
         yield from wds.batched(self.batch_size, collation_fn=_collate, partial=True)(pairs)
-        # → (float32 [b, C, H, W] in [-1, 1], int64 [b]), b ≤ batch_size; rebatched later
+        # → (float32 [b, C, H, W] (pixels in [-1, 1]), int64 [b]), b ≤ batch_size
 
     def _decode(self, sample: dict) -> tuple[np.ndarray, int]:
         try:
-            pixels = decode_png(sample["png"], self.shape[-1])
+            if self.kind == "latents":
+                pixels = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            else:
+                pixels = decode_png(sample["png"], self.shape[-1])
             label = int(sample["cls"])
         except Exception as error:  # bytes damaged after sharding: fail, naming the shard
             raise storage.StorageError(
@@ -241,10 +247,13 @@ class _RankShards(IterableDataset):
         return pixels, label
 
 
-def _verified_samples(folder: str, shards: Iterable[ShardEntry]) -> Iterator[dict]:
+def iter_verified_samples(folder: str, shards: Iterable[ShardEntry]) -> Iterator[dict]:
+    """Raw samples ``{__key__, __url__, png | npy, cls, json}`` of ``shards`` in order; each
+    shard's bytes, sha256 and sample count are checked against the manifest at its end."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    register_s3_opener()
     for entry in shards:
         url = storage.join(folder, entry.name)
         with _CheckedStream(wds.gopen(url, "rb")) as stream:
@@ -298,7 +307,8 @@ def to_pixels(images: np.ndarray | Tensor) -> Tensor:
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> Batch:
-    images = to_pixels(np.stack([pixels for pixels, _ in samples]))
+    stacked = np.stack([array for array, _ in samples])
+    images = to_pixels(stacked) if stacked.dtype == np.uint8 else torch.from_numpy(stacked)
     return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 

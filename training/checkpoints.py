@@ -55,6 +55,14 @@ def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig)
     return directory
 
 
+def load_checkpoint_uri(uri: str) -> tuple[StageState, LDMConfig]:
+    """Load a stage checkpoint from a local folder or an ``s3://`` URI (via Ray's storage)."""
+    import ray.train
+
+    with ray.train.Checkpoint(uri).as_directory() as folder:
+        return load_checkpoint(folder)
+
+
 def load_checkpoint(directory: str | Path) -> tuple[StageState, LDMConfig]:
     directory = Path(directory)
     path = directory / STATE_FILE

@@ -154,3 +154,67 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Env:
     env = S3Env(s3_server, f"test-{uuid.uuid4().hex[:12]}")
     env.client().create_bucket(Bucket=env.bucket)
     return env
+
+
+# ---------------------------------------------------------------- training services
+# The Ray cluster's processes inherit the environment they start with, so the S3
+# endpoint and credentials are set for the whole session before it starts.
+
+SESSION_BUCKETS = ("ldm-data", "ldm-runs", "ldm-mlflow")
+
+
+@pytest.fixture(scope="session")
+def s3_session(s3_server: S3Server) -> Iterator[S3Server]:
+    """The S3 server as this process's default AWS endpoint, with the session buckets."""
+    import boto3
+
+    values = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": REGION,
+        "RAY_AUTH_MODE": "disabled",
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    client = boto3.client("s3", region_name=REGION)
+    for bucket in SESSION_BUCKETS:
+        client.create_bucket(Bucket=bucket)
+    yield s3_server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_session: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite backend, artifacts on the S3 server); its URI."""
+    from tests.integration.services import start_mlflow_server, stop_process_group
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    process, uri = start_mlflow_server(folder, "s3://ldm-mlflow/artifacts", s3_session.endpoint)
+    try:
+        yield uri
+    finally:
+        stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_session: S3Server) -> Iterator[object]:
+    """One Ray cluster of two nodes (2 CPUs each) on this machine, shared by the session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

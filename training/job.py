@@ -1,0 +1,78 @@
+"""The configuration of a training job and of each Ray Train stage it launches.
+
+A :class:`StageJob` is the one argument a Ray Train worker reads: it names the
+data, the model config, where to log, and how often to checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from training.config import LDMConfig, StageConfig
+from training.models.configs import FrozenConfig
+
+StageName = Literal["autoencoder", "denoiser", "classifier"]
+STAGES: tuple[StageName, ...] = ("autoencoder", "denoiser", "classifier")
+
+
+def default_local_store() -> Path:
+    """Where runs, checkpoints and the default MLflow database live without a cluster:
+    ``LDM_HOME``, else ``./outputs`` (absolute)."""
+    return Path(os.environ.get("LDM_HOME") or "outputs").resolve()
+
+
+class ScalingSettings(FrozenConfig):
+    """How many Ray Train workers a stage uses and what each one holds."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # torch intra-op threads per worker; more threads than cores per worker slows CPUs down.
+    torch_threads: int = Field(1, ge=1)
+
+
+def _check_storage(url: str) -> str:
+    if not (url.startswith("s3://") or url.startswith("/")):
+        raise ValueError(
+            f"storage must be an absolute path or s3://bucket/prefix, got {url!r} "
+            "(Ray Train workers change directory, so relative paths break)"
+        )
+    return url.rstrip("/")
+
+
+class TrainJobConfig(FrozenConfig):
+    """One run of all three stages on one dataset."""
+
+    data_url: str = Field(description="dataset folder / s3:// prefix or its manifest.json")
+    model: LDMConfig
+    scaling: ScalingSettings = ScalingSettings()
+    storage_url: str = Field(description="checkpoints and latent shards go under here")
+    run_name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    experiment: str = "ldm"
+    model_name: str = "ldm"
+    tracking_uri: str
+    checkpoint_every: int = Field(200, ge=1)
+    sample_every: int = Field(0, ge=0, description="steps between sample grids; 0: at the end")
+    max_failures: int = Field(1, ge=-1)
+    loader_workers: int = Field(1, ge=0)
+
+    _storage = field_validator("storage_url")(_check_storage)
+
+
+class StageJob(FrozenConfig):
+    """What one Ray Train worker of one stage needs; nothing else is read."""
+
+    stage: StageName
+    job: TrainJobConfig
+    data_url: str = Field(description="images (autoencoder) or cached latents (others)")
+    run_id: str
+    autoencoder_checkpoint: str | None = None  # decodes sample grids of the denoiser
+
+    @property
+    def training(self) -> StageConfig:
+        return getattr(self.job.model, f"{self.stage}_training")

@@ -1,0 +1,118 @@
+"""The latent cache: the training split encoded once by the trained autoencoder.
+
+Each image shard becomes one latent shard (``npy`` float32 [C, h, w] scaled latents
+plus the class id), written by a Ray task, so the denoiser and classifier stages
+never run the encoder per step. The cache has its own manifest (kind ``latents``)
+and is read with the same reader as the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from data import storage
+from data.convert import decode_png
+from data.manifest import Manifest, ShardEntry, load_manifest, manifest_url
+from data.reader import iter_verified_samples, manifest_url_of
+from training.checkpoints import load_checkpoint_uri
+from training.config import LDMConfig
+from training.models import Autoencoder
+
+ENCODE_BATCH = 256
+
+
+def cache_latents(
+    data_url: str, autoencoder_checkpoint: str, out_url: str, config: LDMConfig
+) -> str:
+    """Encode the ``train`` split of ``data_url`` into latent shards under ``out_url``.
+
+    Returns the folder URL of the latent dataset. A cache whose manifest already
+    names this dataset and this autoencoder checkpoint is reused as it is.
+    """
+    source_url = manifest_url_of(data_url)
+    images = load_manifest(source_url)
+    fingerprint = hashlib.sha256(
+        f"{images.fingerprint}\n{autoencoder_checkpoint}\n{config.autoencoder.model_dump_json()}".encode()
+    ).hexdigest()
+    out_url = out_url.rstrip("/")
+    cached = storage.stat(manifest_url(out_url)) is not None
+    if cached and load_manifest(out_url).fingerprint == fingerprint:
+        return out_url
+    folder = source_url.rsplit("/", 1)[0]
+    encode = ray.remote(num_cpus=1)(_encode_shard)
+    pending = [
+        encode.remote(folder, entry.model_dump(), images.channels, autoencoder_checkpoint, out_url)
+        for entry in images.split_shards("train")
+    ]
+    entries = [ShardEntry.model_validate(done) for done in ray.get(pending)]
+    latent = Manifest(
+        kind="latents",
+        image_size=config.latent_size,
+        channels=config.autoencoder.latent_channels,
+        class_names=images.class_names,
+        counts={"train": sum(e.num_samples for e in entries), "val": 0},
+        shards=tuple(entries),
+        source=f"{source_url} encoded by {autoencoder_checkpoint}",
+        fingerprint=fingerprint,
+    )
+    storage.write_bytes(manifest_url(out_url), latent.to_json())
+    return out_url
+
+
+def _encode_shard(
+    folder: str, entry_json: dict, channels: int, autoencoder_checkpoint: str, out_url: str
+) -> dict:
+    """Ray task: one image shard → one latent shard at ``out_url``; returns its entry."""
+    import webdataset as wds
+
+    torch.set_num_threads(1)
+    entry = ShardEntry.model_validate(entry_json)
+    state, config = load_checkpoint_uri(autoencoder_checkpoint)
+    autoencoder = Autoencoder(config.autoencoder)
+    autoencoder.load_state_dict(state.model)
+    autoencoder.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / entry.name
+        count = 0
+        with wds.TarWriter(str(local), mtime=0) as sink:
+            for keys, labels, pixels in _batches(iter_verified_samples(folder, [entry]), channels):
+                with torch.no_grad():
+                    latents = autoencoder.encode_latents(pixels).numpy().astype(np.float32)
+                for key, label, latent in zip(keys, labels, latents, strict=True):
+                    sink.write({"__key__": key, "npy": _npy_bytes(latent), "cls": str(label)})
+                    count += 1
+        digest = storage.sha256_file(local)
+        size = local.stat().st_size
+        storage.put_file(local, storage.join(out_url, entry.name), {"sha256": digest})
+    return ShardEntry(
+        name=entry.name, split="train", num_samples=count, num_bytes=size, sha256=digest
+    ).model_dump()
+
+
+def _batches(samples, channels: int):
+    """Raw image samples → (keys, labels, pixels float32 [B, C, H, W]) of ENCODE_BATCH."""
+    from data.reader import to_pixels
+
+    keys, labels, images = [], [], []
+    for sample in samples:
+        keys.append(sample["__key__"])
+        labels.append(int(sample["cls"]))
+        images.append(decode_png(sample["png"], channels))
+        if len(keys) == ENCODE_BATCH:
+            yield keys, labels, to_pixels(np.stack(images))
+            keys, labels, images = [], [], []
+    if keys:
+        yield keys, labels, to_pixels(np.stack(images))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

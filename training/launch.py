@@ -1,0 +1,192 @@
+"""The driver of a training job: runs the three stages as Ray Train jobs, caches the
+latents in between, and logs and registers the result in MLflow.
+
+``python -m training.launch CONFIG_URL`` runs a job from a JSON :class:`TrainJobConfig`
+(a local path or ``s3://``), which is how a Ray Job submission starts it on a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from data import storage
+from data.manifest import load_manifest, manifest_url
+from training.checkpoints import load_checkpoint_uri
+from training.config import LDMConfig
+from training.job import StageJob, StageName, TrainJobConfig
+from training.latents import cache_latents
+from training.pipeline import LatentDiffusion
+from training.ray_loop import train_stage
+from training.registry import log_model_version
+from training.tracking import ensure_experiment, flatten, git_commit
+
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+)  # fmt: skip
+RUN_NAME_TAG = "ldm.run_name"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model: LatentDiffusion
+    model_version: ModelVersion
+    checkpoints: dict[str, str]
+
+
+def connect_ray() -> None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray, unless already connected.
+
+    The driver's S3 settings (endpoint, credentials from the environment) are passed
+    to the workers' environment, never into a config or a log.
+    """
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+
+
+def run_training(job: TrainJobConfig) -> TrainResult:
+    """Autoencoder → latent cache → denoiser → classifier → registered model version.
+
+    Re-running a job with the same ``run_name`` and storage resumes each stage from
+    its latest checkpoint and logs into the same MLflow run.
+    """
+    connect_ray()
+    manifest = load_manifest(job.data_url)
+    config = job.model.for_data(
+        manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
+    )
+    job = job.model_copy(update={"model": config})
+    run_id = _start_run(job)
+
+    checkpoints = {"autoencoder": fit_stage(job, "autoencoder", job.data_url, run_id)}
+    _, config = load_checkpoint_uri(checkpoints["autoencoder"])
+    job = job.model_copy(update={"model": config})
+    latents_url = cache_latents(
+        job.data_url, checkpoints["autoencoder"], f"{_run_root(job)}/latents", job.model
+    )
+    checkpoints["denoiser"] = fit_stage(
+        job, "denoiser", latents_url, run_id, autoencoder_checkpoint=checkpoints["autoencoder"]
+    )
+    checkpoints["classifier"] = fit_stage(job, "classifier", latents_url, run_id)
+
+    model = assemble_model(checkpoints, config)
+    version = log_model_version(model, job.tracking_uri, run_id, job.model_name)
+    MlflowClient(job.tracking_uri).set_terminated(run_id, "FINISHED")
+    return TrainResult(run_id, model, version, checkpoints)
+
+
+def _run_root(job: TrainJobConfig) -> str:
+    return f"{job.storage_url}/{job.run_name}"
+
+
+def _start_run(job: TrainJobConfig) -> str:
+    """The MLflow run of ``job.run_name``: the unfinished one to resume, or a new one."""
+    client = MlflowClient(job.tracking_uri)
+    artifact_root = None
+    if job.tracking_uri.startswith("sqlite:"):
+        artifact_root = f"{job.storage_url}/mlflow-artifacts"
+        if artifact_root.startswith("/"):
+            artifact_root = f"file://{artifact_root}"
+    experiment_id = ensure_experiment(client, job.experiment, artifact_root)
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{RUN_NAME_TAG}` = '{job.run_name}' and attributes.status != 'FINISHED'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    manifest_bytes = storage.read_bytes(manifest_url(job.data_url.rstrip("/")))
+    run = client.create_run(experiment_id, run_name=job.run_name, tags={
+        RUN_NAME_TAG: job.run_name,
+        "data.manifest_url": manifest_url(job.data_url.rstrip("/")),
+        "data.manifest_sha256": _sha256(manifest_bytes),
+        "git.commit": git_commit(),
+        "ray.cluster_size": json.dumps(_cluster_size()),
+    })  # fmt: skip
+    params = flatten(job.model_dump(mode="json", exclude={"tracking_uri"}))
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def fit_stage(
+    job: TrainJobConfig, stage: StageName, data_url: str, run_id: str, **extra: Any
+) -> str:
+    """Run one stage as a TorchTrainer; returns the URI of its final checkpoint."""
+    stage_job = StageJob(stage=stage, job=job, data_url=data_url, run_id=run_id, **extra)
+    scaling = job.scaling
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config=stage_job.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=f"{job.run_name}-{stage}",
+            storage_path=job.storage_url,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the {stage} stage finished without a checkpoint")
+    path = result.checkpoint.path
+    return f"s3://{path.lstrip('/')}" if job.storage_url.startswith("s3://") else path
+
+
+def assemble_model(checkpoints: dict[str, str], config: LDMConfig) -> LatentDiffusion:
+    """The sampling model from the final checkpoints (EMA weights for the denoiser)."""
+    model = LatentDiffusion.build(config)
+    for stage in ("autoencoder", "denoiser", "classifier"):
+        state, _ = load_checkpoint_uri(checkpoints[stage])
+        weights = state.ema if stage == "denoiser" and state.ema is not None else state.model
+        getattr(model, stage).load_state_dict(weights)
+    return model.eval()
+
+
+def _cluster_size() -> dict[str, float]:
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return {"nodes": nodes, "CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0)}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m training.launch CONFIG_URL", file=sys.stderr)
+        return 2
+    job = TrainJobConfig.model_validate_json(storage.read_bytes(argv[0]))
+    result = run_training(job)
+    print(f"registered {result.model_version.name} version {result.model_version.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The Ray Train worker function: one stage of the pipeline on one rank.
+
+Each worker reads only its :class:`StageJob` argument. Ranks stream disjoint
+shards, DDP averages gradients, and rank 0 alone writes checkpoints and logs to
+MLflow. ``ray.train.report`` is a barrier, so every rank reports at the same steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import Tensor, nn
+
+from data.reader import build_loader
+from training.checkpoints import (
+    StageState,
+    load_checkpoint,
+    load_checkpoint_uri,
+    save_checkpoint,
+)
+from training.config import LDMConfig
+from training.diffusion import GaussianDiffusion
+from training.images import make_grid, to_uint8
+from training.job import StageJob
+from training.models import EMA, Autoencoder, NoisyLatentClassifier, UNet
+from training.stages import (
+    autoencoder_losses,
+    classifier_losses,
+    denoiser_losses,
+    latent_std,
+    make_optimisation,
+)
+from training.tracking import RunTracker
+
+SCALE_ESTIMATE_BATCHES = 20
+WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
+GRID_SAMPLES_PER_CLASS = 4
+
+
+def build_network(stage: str, config: LDMConfig) -> nn.Module:
+    if stage == "autoencoder":
+        return Autoencoder(config.autoencoder)
+    if stage == "denoiser":
+        return UNet(config.denoiser)
+    return NoisyLatentClassifier(config.classifier)
+
+
+def _losses(
+    stage: str,
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    diffusion: GaussianDiffusion,
+    config: LDMConfig,
+) -> dict[str, Tensor]:
+    if stage == "autoencoder":
+        return autoencoder_losses(net, x, config.autoencoder.kl_weight)
+    if stage == "denoiser":
+        return denoiser_losses(net, diffusion, x, y, config.diffusion, config.num_classes)
+    return classifier_losses(net, diffusion, x, y)
+
+
+def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: train ``job.stage`` until its step budget is spent."""
+    job = StageJob.model_validate(job_json)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    config, training = job.job.model, job.training
+    torch.set_num_threads(job.job.scaling.torch_threads)
+    torch.manual_seed(config.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+    diffusion = config.diffusion.build()
+
+    net = build_network(job.stage, config).to(device)
+    optimisation = make_optimisation(net, training)
+    ema = EMA(net, training.ema_decay) if job.stage == "denoiser" else None
+    step, epoch, into_epoch = _restore(net, optimisation, ema)
+    model = ray.train.torch.prepare_model(net)
+    tracker = RunTracker(job.job.tracking_uri, job.run_id) if rank == 0 else None
+    if tracker and step > 0:
+        tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
+
+    while step < training.steps:
+        loader = build_loader(
+            job.data_url, "train", rank, world, training.batch_size, config.seed, epoch,
+            num_workers=job.job.loader_workers,
+        )  # fmt: skip
+        started = time.perf_counter()
+        for x, y in itertools.islice(loader, into_epoch, None):
+            x, y = x.to(device), y.to(device)
+            model.train()
+            losses = _losses(job.stage, model, x, y, diffusion, config)
+            grad_norm = optimisation.step(losses["loss"], model)
+            if ema is not None:
+                ema.update(model)
+            step, into_epoch = step + 1, into_epoch + 1
+            if tracker and step % training.log_every == 0:
+                elapsed, started = time.perf_counter() - started, time.perf_counter()
+                rate = training.log_every * training.batch_size * world / elapsed
+                metrics = {k: float(v.detach()) for k, v in losses.items()}
+                metrics |= {"grad_norm": grad_norm, "images_per_s": rate, "epoch": epoch,
+                            "learning_rate": optimisation.learning_rate}  # fmt: skip
+                tracker.log_metrics({f"{job.stage}/{k}": v for k, v in metrics.items()}, step)
+            if tracker and ema and job.job.sample_every and step % job.job.sample_every == 0:
+                _log_grid(tracker, job, ema.model, step)
+            if step % job.job.checkpoint_every == 0 or step == training.steps:
+                final = step == training.steps
+                _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader)
+            if step == training.steps:
+                break
+        else:
+            epoch, into_epoch = epoch + 1, 0
+    every = job.job.sample_every
+    if tracker and ema is not None and (every == 0 or step % every):
+        _log_grid(tracker, job, ema.model, step)
+    return {"rank": rank, "step": step, "epoch": epoch}
+
+
+def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, int]:
+    """Load the latest checkpoint of this run (after a restart or a re-run), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, 0
+    with checkpoint.as_directory() as folder:
+        state, _ = load_checkpoint(folder)
+    net.load_state_dict(state.model)
+    optimisation.optimizer.load_state_dict(state.optimizer)
+    optimisation.scheduler.load_state_dict(state.scheduler)
+    if ema is not None and state.ema is not None:
+        ema.load_state_dict(state.ema)
+    return state.step, state.epoch, state.batches_into_epoch
+
+
+def _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader) -> None:
+    config = job.job.model
+    if final and job.stage == "autoencoder" and rank == 0:
+        config = _with_latent_scale(config, net, loader)
+    metrics = {"step": step, "epoch": epoch, "final": final}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if final:  # every rank signs the final checkpoint: which node trained what
+            _write_worker_record(Path(tmp), rank, step)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        if rank == 0:
+            state = StageState(
+                stage=job.stage, step=step, epoch=epoch, batches_into_epoch=into_epoch,
+                model=net.state_dict(), optimizer=optimisation.optimizer.state_dict(),
+                scheduler=optimisation.scheduler.state_dict(),
+                ema=ema.state_dict() if ema is not None else None,
+            )  # fmt: skip
+            save_checkpoint(tmp, state, config)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _write_worker_record(folder: Path, rank: int, step: int) -> None:
+    record = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "steps": step,
+    }
+    (folder / WORKERS_FOLDER).mkdir(exist_ok=True)
+    (folder / WORKERS_FOLDER / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def _with_latent_scale(config: LDMConfig, autoencoder: Autoencoder, loader) -> LDMConfig:
+    """The config with scale_factor = 1/std of this rank's training latents."""
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    pixels = (x.to(device) for x, _ in itertools.islice(loader, SCALE_ESTIMATE_BATCHES))
+    scale = 1.0 / latent_std(autoencoder, pixels)
+    autoencoder.train()
+    updated = config.autoencoder.model_copy(update={"scale_factor": scale})
+    return config.model_copy(update={"autoencoder": updated})
+
+
+@torch.no_grad()
+def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int) -> None:
+    """A class-conditional grid (one row per class) decoded to pixels, as a run artifact."""
+    if job.autoencoder_checkpoint is None:
+        return
+    state, ae_config = load_checkpoint_uri(job.autoencoder_checkpoint)
+    device = next(denoiser.parameters()).device
+    autoencoder = Autoencoder(ae_config.autoencoder)
+    autoencoder.load_state_dict(state.model)
+    autoencoder.to(device).eval()
+    config = job.job.model
+    y = torch.arange(config.num_classes).repeat_interleave(GRID_SAMPLES_PER_CLASS)
+    z0 = config.diffusion.build().sample(
+        denoiser, (len(y), *config.latent_shape), y=y.to(device),
+        guidance_scale=2.0, sampler="ddim", steps=min(50, config.diffusion.num_timesteps),
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+    grid = make_grid(to_uint8(autoencoder.decode_latents(z0)), ncols=GRID_SAMPLES_PER_CLASS)
+    tracker.log_image(grid, f"samples/denoiser_step_{step:07d}.png")

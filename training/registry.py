@@ -1,0 +1,60 @@
+"""Logging a trained model to MLflow, registering it, and loading it back.
+
+A model version holds the weights as safetensors and their config as JSON under
+the artifact ``weights/`` and a pyfunc entry logged as code; nothing in it is
+unpickled when it is loaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from training.mlflow_pyfunc import DEFAULT_PARAMS
+from training.pipeline import LatentDiffusion
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+WEIGHTS_ARTIFACT = "weights"
+PIP_REQUIREMENTS = ["torch", "safetensors", "pydantic>=2", "numpy", "pandas"]
+
+
+def log_model_version(
+    model: LatentDiffusion,
+    tracking_uri: str,
+    run_id: str,
+    model_name: str,
+    alias: str = "candidate",
+) -> ModelVersion:
+    """Log ``model`` to the run, register a new version of ``model_name`` and point
+    ``alias`` at it. Returns the registered version."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    example = pd.DataFrame({"label": [0], "seed": [0]})
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        weights = model.save(Path(tmp) / WEIGHTS_ARTIFACT)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={WEIGHTS_ARTIFACT: str(weights)},
+            signature=mlflow.models.infer_signature(example, params=DEFAULT_PARAMS),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+    version = mlflow.register_model(info.model_uri, model_name)
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return client.get_model_version(model_name, version.version)
+
+
+def load_model_version(model_uri: str, tracking_uri: str, device: str = "cpu") -> LatentDiffusion:
+    """Rebuild a :class:`LatentDiffusion` from ``models:/NAME@ALIAS`` or ``models:/NAME/V``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{WEIGHTS_ARTIFACT}",
+            dst_path=tmp,
+            tracking_uri=tracking_uri,
+        )
+        return LatentDiffusion.load(local, device=device)

@@ -69,8 +69,8 @@ def run_training(job: TrainJobConfig) -> TrainResult:
     Re-running a job with the same ``run_name`` and storage resumes each stage from
     its latest checkpoint and logs into the same MLflow run.
     """
+    manifest = load_manifest(job.data_url)  # a wrong data URL fails before Ray starts
     connect_ray()
-    manifest = load_manifest(job.data_url)
     config = job.model.for_data(
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
     )

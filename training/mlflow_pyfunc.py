@@ -14,13 +14,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-DEFAULT_PARAMS = {
-    "guidance_scale": 0.0,
-    "classifier_scale": 0.0,
-    "sampler": "ddim",
-    "steps": 50,
-    "eta": 0.0,
-}
+from training.registry import DEFAULT_PARAMS
 
 
 class LatentDiffusionSampler(PythonModel):

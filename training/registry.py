@@ -15,12 +15,19 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from training.mlflow_pyfunc import DEFAULT_PARAMS
 from training.pipeline import LatentDiffusion
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 WEIGHTS_ARTIFACT = "weights"
 PIP_REQUIREMENTS = ["torch", "safetensors", "pydantic>=2", "numpy", "pandas"]
+# Sampling settings of the pyfunc entry when the caller passes none.
+DEFAULT_PARAMS = {
+    "guidance_scale": 0.0,
+    "classifier_scale": 0.0,
+    "sampler": "ddim",
+    "steps": 50,
+    "eta": 0.0,
+}
 
 
 def log_model_version(

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from data import storage
 from data.manifest import ShardOptions
 from data.shard import shard_dataset
+from training.checkpoints import load_checkpoint_uri
 from training.job import ScalingSettings, TrainJobConfig
 from training.launch import fit_stage, run_training
 from training.presets import get_preset
@@ -153,8 +154,34 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     killer.join()
     assert killed, "no worker was killed"
     resumed = client.get_metric_history(run_id, "autoencoder/resumed_from_step")
-    assert resumed and 20 <= resumed[0].value < 300
+    assert len(resumed) == 1 and 20 <= resumed[0].value < 300
     assert all(r["steps"] == 300 for r in _worker_records(uri))
+
+    # Running the same run name again resumes from its final checkpoint: no more steps.
+    again = fit_stage(job, "autoencoder", mnist_url, run_id)
+    resumed = client.get_metric_history(run_id, "autoencoder/resumed_from_step")
+    assert sorted(m.value for m in resumed)[-1] == 300
+    assert again == uri
+
+
+def test_one_node_run_matches_the_two_node_run(trained, mlflow_server, mnist_url):
+    """The same stage on one worker: same parameter shapes, and both runs converge."""
+    job, result = trained
+    single = _job(mnist_url, mlflow_server, "single", scaling=ScalingSettings(num_workers=1))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("integration")
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    uri = fit_stage(single, "autoencoder", mnist_url, run_id)
+    records = _worker_records(uri)
+    assert [r["rank"] for r in records] == [0]
+    one_node, _ = load_checkpoint_uri(uri)
+    two_nodes, _ = load_checkpoint_uri(result.checkpoints["autoencoder"])
+    assert {k: v.shape for k, v in one_node.model.items()} == {
+        k: v.shape for k, v in two_nodes.model.items()
+    }
+    for run in (run_id, result.run_id):
+        losses = [m.value for m in client.get_metric_history(run, "autoencoder/loss")]
+        assert losses[-1] < 0.8 * losses[0], losses
 
 
 def _kill_a_worker_after_first_checkpoint(storage_dir: Path, killed: list[int]) -> None:

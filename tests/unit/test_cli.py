@@ -37,3 +37,10 @@ def test_demo_with_tiny_preset_writes_a_grid_and_a_model(tmp_path):
     # 10 rows (digits) × 8 columns of 32×32 images with 2-pixel padding.
     assert grid.shape == (10 * 34 + 2, 8 * 34 + 2)
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_train_without_a_dataset_says_which_url_is_missing(tmp_path):
+    result = _ldm("train", str(tmp_path / "nothing-here"), "--preset", "tiny")
+    assert result.returncode == 1
+    assert "ldm train: error" in result.stderr
+    assert str(tmp_path / "nothing-here") in result.stderr

@@ -7,14 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows.cli_registry import add_registry_commands
 from flows.cli_shard import add_shard_command
 from flows.cli_train import add_train_command
 
 # Commands of the pipeline that this release does not ship yet, with what they will do.
 PLANNED = {
-    "evaluate": "measure a registered model (class consistency, Fréchet distance)",
-    "promote": "move the registry alias @champion to a better candidate",
-    "rollback": "move @champion back to the previous version",
     "serve": "deploy the Ray Serve sampling application",
     "sample": "request samples from a running sampling endpoint",
     "retrain": "run the whole retraining flow (shard, train, evaluate, promote)",
@@ -87,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     add_shard_command(commands)
     add_train_command(commands)
+    add_registry_commands(commands)
 
     for name, purpose in PLANNED.items():
         planned = commands.add_parser(name, help=f"(not available yet) {purpose}")

@@ -65,3 +65,17 @@ def load_model_version(model_uri: str, tracking_uri: str, device: str = "cpu") -
             tracking_uri=tracking_uri,
         )
         return LatentDiffusion.load(local, device=device)
+
+
+def resolve_model_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` → (name, version)."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
+    ref = model_uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
+    name, _, version = ref.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
+    return name, version

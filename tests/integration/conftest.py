@@ -189,6 +189,17 @@ def s3_session(s3_server: S3Server) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
+def mnist_url(s3_session: S3Server) -> str:
+    """The built-in MNIST digits sharded to the S3 server (1 channel, shards of 600)."""
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+
+    url = "s3://ldm-data/mnist-32"
+    shard_dataset("mnist", url, ShardOptions(channels=1, shard_max_samples=600), progress=False)
+    return url
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(s3_session: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` (sqlite backend, artifacts on the S3 server); its URI."""
     from tests.integration.services import start_mlflow_server, stop_process_group

@@ -19,8 +19,6 @@ import torch
 from mlflow import MlflowClient
 
 from data import storage
-from data.manifest import ShardOptions
-from data.shard import shard_dataset
 from training.checkpoints import load_checkpoint_uri
 from training.job import ScalingSettings, TrainJobConfig
 from training.launch import fit_stage, run_training
@@ -31,13 +29,6 @@ from training.registry import load_model_version
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL_NAME = "ldm-it"
-
-
-@pytest.fixture(scope="module")
-def mnist_url(s3_session) -> str:
-    url = "s3://ldm-data/mnist-32"
-    shard_dataset("mnist", url, ShardOptions(channels=1, shard_max_samples=600), progress=False)
-    return url
 
 
 def _job(mnist_url: str, tracking_uri: str, run_name: str, **changes) -> TrainJobConfig:

@@ -1,0 +1,124 @@
+"""Evaluation and promotion against a real MLflow server (sqlite, artifacts on S3)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from data.mnist import MNIST_CLASS_NAMES, load_mnist
+from training.evaluation.evaluate import EvaluationSettings
+from training.evaluation.evaluator import get_evaluator
+from training.evaluation.promotion import alias_version, promote, rollback
+from training.local import train_in_process
+from training.models import UNet
+from training.pipeline import LatentDiffusion
+from training.presets import get_preset
+from training.registry import log_model_version
+
+pytestmark = pytest.mark.integration
+
+EVALUATORS = "s3://ldm-runs/evaluators"
+FAST = EvaluationSettings(samples_per_class=10, sampler="ddim", steps=10)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LatentDiffusion]:
+    """``good``: the tiny preset trained a little longer on MNIST; ``bad``: the same
+    autoencoder with an untrained denoiser."""
+    config = get_preset("tiny").for_data(32, 1, 10, MNIST_CLASS_NAMES)
+    longer = {
+        "autoencoder_training": config.autoencoder_training.model_copy(update={"steps": 300}),
+        "denoiser_training": config.denoiser_training.model_copy(
+            update={"steps": 400, "batch_size": 64, "ema_decay": 0.99}
+        ),
+    }
+    images, labels = load_mnist()
+    good = train_in_process(
+        config.model_copy(update=longer), images, labels, progress=False, log=lambda _: None
+    )
+    torch.manual_seed(1)
+    bad = LatentDiffusion(
+        good.config, good.autoencoder, UNet(good.config.denoiser), good.classifier
+    )
+    return {"good": good, "bad": bad.eval()}
+
+
+def _register(uri: str, data_url: str, name: str, model: LatentDiffusion) -> str:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(
+        client.create_experiment("promotion")
+    )
+    run = client.create_run(experiment.experiment_id, tags={"data.manifest_url": data_url})
+    return log_model_version(model, uri, run.info.run_id, name).version
+
+
+def test_evaluator_is_accurate_on_held_out_digits_and_cached(mnist_url):
+    evaluator = get_evaluator(mnist_url, EVALUATORS)
+    assert evaluator.heldout_accuracy > 0.95
+    started = time.perf_counter()
+    again = get_evaluator(mnist_url, EVALUATORS)
+    assert time.perf_counter() - started < 5
+    assert again.heldout_accuracy == evaluator.heldout_accuracy
+    assert again.manifest_sha256 == evaluator.manifest_sha256
+
+
+def test_promotion_lifecycle(mlflow_server, mnist_url, models):
+    name, client = "lifecycle", MlflowClient(mlflow_server)
+
+    bad = _register(mlflow_server, mnist_url, name, models["bad"])
+    first = promote(name, mlflow_server, EVALUATORS, settings=FAST)
+    assert first.promoted and "no @champion" in first.reason
+    assert alias_version(client, name, "champion") == bad
+    version = client.get_model_version(name, bad)
+    assert version.tags["promotion.decision"] == "promoted"
+    for key in ("eval.fd", "eval.class_consistency", "eval.psnr", "eval.seconds_per_image"):
+        assert key in version.tags
+
+    good = _register(mlflow_server, mnist_url, name, models["good"])
+    better = promote(name, mlflow_server, EVALUATORS, settings=FAST)
+    assert better.promoted, better.reason
+    assert better.metrics[good]["fd"] < better.metrics[bad]["fd"]
+    assert alias_version(client, name, "champion") == good
+    assert alias_version(client, name, "previous") == bad
+    assert client.get_model_version(name, bad).tags["promotion.decision"] == "replaced"
+
+    worse = _register(mlflow_server, mnist_url, name, models["bad"])
+    refused = promote(name, mlflow_server, EVALUATORS, settings=FAST)
+    assert not refused.promoted and refused.reason.startswith("not better: fd")
+    assert alias_version(client, name, "champion") == good
+    tags = client.get_model_version(name, worse).tags
+    assert tags["promotion.decision"] == "kept" and "not better" in tags["promotion.reason"]
+    assert "kept against candidate" in client.get_model_version(name, good).tags["promotion.reason"]
+
+    before, after = rollback(name, mlflow_server)
+    assert (before, after) == (good, bad)
+    assert alias_version(client, name, "champion") == bad
+    assert alias_version(client, name, "previous") is None
+    with pytest.raises(ValueError, match="no @previous version"):
+        rollback(name, mlflow_server)
+
+
+def test_racing_promotions_end_with_one_winner(mlflow_server, mnist_url, models):
+    name, client = "race", MlflowClient(mlflow_server)
+    versions = [_register(mlflow_server, mnist_url, name, models["good"]) for _ in range(2)]
+    results = {}
+
+    def run(version: str) -> None:
+        results[version] = promote(name, mlflow_server, EVALUATORS, version=version, settings=FAST)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [v for v, r in results.items() if r.promoted]
+    losers = [r for r in results.values() if not r.promoted]
+    assert len(winners) == 1 and len(losers) == 1
+    assert losers[0].lost_race and "lost a race" in losers[0].reason
+    assert alias_version(client, name, "champion") == winners[0]
+    assert alias_version(client, name, "previous") is None
+    assert client.search_registered_models(f"name = '{name}.promotion-lock'") == []

@@ -1,0 +1,1 @@
+"""Measuring a trained model: the pixel-space evaluator, metrics, and promotion."""

@@ -1,0 +1,120 @@
+"""Evaluate a trained model against its dataset, with a fixed seed.
+
+Metrics: class consistency (the evaluator's accuracy on class-conditional samples),
+per-class accuracy, the Fréchet distance between evaluator features of the held-out
+(val) images and of the samples, the autoencoder's reconstruction PSNR on the val
+split, and the sampling time per image.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from pydantic import Field
+
+from training.evaluation.evaluator import Evaluator, iter_split
+from training.evaluation.metrics import frechet_distance, psnr
+from training.images import make_grid, to_uint8
+from training.models.configs import FrozenConfig
+from training.pipeline import LatentDiffusion
+from training.tracking import RunTracker
+
+GRID_PER_CLASS = 8
+
+
+class EvaluationSettings(FrozenConfig):
+    samples_per_class: int = Field(20, ge=2)
+    guidance_scale: float = Field(2.0, ge=0.0)
+    classifier_scale: float = Field(0.0, ge=0.0)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    batch_size: int = Field(100, ge=1)
+
+
+@dataclass
+class EvaluationReport:
+    metrics: dict[str, float]
+    grid: np.ndarray  # uint8 [H, W, C]: one row per class
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: LatentDiffusion, data_url: str, evaluator: Evaluator, settings: EvaluationSettings
+) -> EvaluationReport:
+    """Sample ``samples_per_class`` images of every class and measure them."""
+    classes = model.config.num_classes
+    labels = torch.arange(classes).repeat_interleave(settings.samples_per_class)
+    started = time.perf_counter()
+    pixels = torch.cat(
+        [
+            model.sample(
+                labels[i : i + settings.batch_size],
+                guidance_scale=settings.guidance_scale,
+                classifier_scale=settings.classifier_scale,
+                sampler=settings.sampler,
+                steps=settings.steps,
+                eta=settings.eta,
+                generator=[
+                    torch.Generator().manual_seed(settings.seed * 1_000_003 + j)
+                    for j in range(i, min(i + settings.batch_size, len(labels)))
+                ],
+            )
+            for i in range(0, len(labels), settings.batch_size)
+        ]
+    )
+    seconds_per_image = (time.perf_counter() - started) / len(labels)
+    predicted, sample_features = evaluator.predict(pixels)
+    correct = predicted == labels
+    metrics = {
+        "class_consistency": correct.float().mean().item(),
+        "fd": frechet_distance(_real_features(evaluator, data_url), sample_features.numpy()),
+        "psnr": _reconstruction_psnr(model, data_url),
+        "seconds_per_image": seconds_per_image,
+        "evaluator_accuracy": evaluator.heldout_accuracy,
+    }
+    for k in range(classes):
+        metrics[f"accuracy_class_{k}"] = correct[labels == k].float().mean().item()
+    per_class = pixels.reshape(classes, settings.samples_per_class, *pixels.shape[1:])
+    shown = per_class[:, :GRID_PER_CLASS].reshape(-1, *pixels.shape[1:])
+    grid = make_grid(to_uint8(shown), ncols=min(GRID_PER_CLASS, settings.samples_per_class))
+    return EvaluationReport(metrics, grid)
+
+
+def _real_features(evaluator: Evaluator, data_url: str) -> np.ndarray:
+    return np.concatenate([evaluator.predict(x)[1].numpy() for x, _ in iter_split(data_url, "val")])
+
+
+def _reconstruction_psnr(model: LatentDiffusion, data_url: str) -> float:
+    originals, reconstructions = [], []
+    for x, _ in iter_split(data_url, "val"):
+        originals.append(x)
+        reconstructions.append(model.autoencoder.decode(model.autoencoder.encode(x)[0]))
+    return psnr(torch.cat(originals), torch.cat(reconstructions))
+
+
+def log_evaluation(
+    report: EvaluationReport,
+    settings: EvaluationSettings,
+    tracking_uri: str,
+    model_name: str,
+    version: str,
+) -> None:
+    """Metrics (``eval/…``) and the grid to the version's run; metrics and settings as
+    tags (``eval.…``) on the model version."""
+    client = MlflowClient(tracking_uri)
+    model_version = client.get_model_version(model_name, version)
+    if model_version.run_id:
+        tracker = RunTracker(tracking_uri, model_version.run_id)
+        tracker.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=0)
+        tracker.log_image(report.grid, f"eval/samples_v{version}.png")
+    tags = {f"eval.{k}": f"{v:.6g}" for k, v in report.metrics.items()}
+    tags["eval.settings"] = settings.model_dump_json()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)

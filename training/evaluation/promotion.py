@@ -1,0 +1,206 @@
+"""Promotion through registry aliases: ``@candidate`` → ``@champion`` only when better.
+
+The candidate and the current champion are evaluated with the same evaluator, data
+and seed. Moving the aliases happens under a registry-wide lock (a registered model
+named ``<NAME>.promotion-lock``, whose creation the registry database makes atomic),
+and only if ``@champion`` still points where it pointed when the evaluation began;
+a promotion that loses either race says so and changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from training.evaluation.evaluate import (
+    EvaluationSettings,
+    evaluate_model,
+    log_evaluation,
+)
+from training.evaluation.evaluator import get_evaluator
+from training.registry import load_model_version
+
+Metric = Literal["fd", "class_consistency"]
+LOWER_IS_BETTER = {"fd": True, "class_consistency": False}
+STALE_LOCK_SECONDS = 600
+
+
+class PromotionConflict(RuntimeError):
+    """Another promotion of the same model holds the lock or moved the champion."""
+
+
+@dataclass
+class PromotionResult:
+    promoted: bool
+    candidate: str
+    champion_before: str | None
+    reason: str
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # version → metrics
+    lost_race: bool = False  # another promotion held the lock or moved @champion first
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def promote(
+    name: str,
+    tracking_uri: str,
+    evaluator_cache: str,
+    version: str | None = None,
+    metric: Metric = "fd",
+    min_improvement: float = 0.0,
+    force: bool = False,
+    data_url: str | None = None,
+    settings: EvaluationSettings | None = None,
+) -> PromotionResult:
+    """Evaluate ``version`` (default: ``@candidate``) and ``@champion``; move
+    ``@champion`` to the candidate when its ``metric`` is better by more than
+    ``min_improvement`` (or there is no champion, or ``force``)."""
+    client = MlflowClient(tracking_uri)
+    settings = settings or EvaluationSettings()
+    candidate = version or alias_version(client, name, "candidate")
+    if candidate is None:
+        raise ValueError(f"model {name!r} has no @candidate version; pass --version")
+    champion = alias_version(client, name, "champion")
+    if champion == candidate:
+        reason = f"version {candidate} is already @champion"
+        return PromotionResult(False, candidate, champion, reason)
+    data_url = data_url or _training_data(client, name, candidate)
+    evaluator = get_evaluator(data_url, evaluator_cache)
+    metrics = {}
+    for v in filter(None, (candidate, champion)):
+        report = evaluate_model(
+            load_model_version(f"models:/{name}/{v}", tracking_uri), data_url, evaluator, settings
+        )
+        log_evaluation(report, settings, tracking_uri, name, v)
+        metrics[v] = report.metrics
+    promoted, reason = _decide(metrics, candidate, champion, metric, min_improvement, force)
+    result = PromotionResult(promoted, candidate, champion, reason, metrics)
+    if promoted:
+        try:
+            with _RegistryLock(client, name):
+                _move_aliases(client, name, candidate, champion)
+        except PromotionConflict as lost:
+            result.promoted, result.lost_race = False, True
+            result.reason = f"lost a race with another promotion: {lost}"
+    _tag_decision(client, name, result)
+    return result
+
+
+def rollback(name: str, tracking_uri: str) -> tuple[str, str]:
+    """Point ``@champion`` back at ``@previous``; returns (from_version, to_version)."""
+    client = MlflowClient(tracking_uri)
+    with _RegistryLock(client, name):
+        previous = alias_version(client, name, "previous")
+        champion = alias_version(client, name, "champion")
+        if previous is None:
+            raise ValueError(f"model {name!r} has no @previous version to roll back to")
+        client.set_registered_model_alias(name, "champion", previous)
+        client.delete_registered_model_alias(name, "previous")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if champion is not None:
+        client.set_model_version_tag(name, champion, "promotion.rolled_back_at", now)
+    client.set_model_version_tag(
+        name, previous, "promotion.reason", f"restored as @champion by rollback from v{champion}"
+    )
+    return str(champion), previous
+
+
+def _decide(metrics, candidate, champion, metric, min_improvement, force) -> tuple[bool, str]:
+    if force:
+        return True, "forced promotion (--force)"
+    if champion is None:
+        return True, "first model: there was no @champion"
+    ours, theirs = metrics[candidate][metric], metrics[champion][metric]
+    gain = theirs - ours if LOWER_IS_BETTER[metric] else ours - theirs
+    better = gain > min_improvement
+    comparison = (
+        f"{metric} {ours:.4g} vs champion v{champion} {theirs:.4g} "
+        f"(improvement {gain:+.4g}, required > {min_improvement:g})"
+    )
+    return better, ("better: " if better else "not better: ") + comparison
+
+
+def _move_aliases(client: MlflowClient, name: str, candidate: str, expected: str | None) -> None:
+    current = alias_version(client, name, "champion")
+    if current != expected:
+        raise PromotionConflict(
+            f"@champion moved to v{current} while v{candidate} was being evaluated against "
+            f"v{expected}; run promote again to compare with the new champion"
+        )
+    if expected is not None:
+        client.set_registered_model_alias(name, "previous", expected)
+    client.set_registered_model_alias(name, "champion", candidate)
+
+
+def _tag_decision(client: MlflowClient, name: str, result: PromotionResult) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    decision = "promoted" if result.promoted else "kept"
+    client.set_model_version_tag(name, result.candidate, "promotion.decision", decision)
+    client.set_model_version_tag(name, result.candidate, "promotion.reason", result.reason)
+    client.set_model_version_tag(name, result.candidate, "promotion.decided_at", now)
+    if result.champion_before is not None:
+        verdict = "replaced" if result.promoted else "kept"
+        note = f"{verdict} against candidate v{result.candidate}: {result.reason}"
+        client.set_model_version_tag(name, result.champion_before, "promotion.decision", verdict)
+        client.set_model_version_tag(name, result.champion_before, "promotion.reason", note)
+
+
+def _training_data(client: MlflowClient, name: str, version: str) -> str:
+    run_id = client.get_model_version(name, version).run_id
+    url = client.get_run(run_id).data.tags.get("data.manifest_url") if run_id else None
+    if not url:
+        raise ValueError(
+            f"cannot tell which dataset trained {name} v{version} (no data.manifest_url tag "
+            "on its run); pass --data"
+        )
+    return url
+
+
+class _RegistryLock:
+    """A mutex per registered model: creating ``<name>.promotion-lock`` either succeeds
+    or fails with RESOURCE_ALREADY_EXISTS, atomically, in the registry's database."""
+
+    def __init__(self, client: MlflowClient, name: str):
+        self.client, self.lock_name = client, f"{name}.promotion-lock"
+        self.token = uuid.uuid4().hex
+
+    def __enter__(self) -> _RegistryLock:
+        for _ in range(2):
+            try:
+                self.client.create_registered_model(
+                    self.lock_name,
+                    tags={"holder": self.token, "since": str(time.time())},
+                    description="Held while a promotion moves aliases; deleted after.",
+                )
+                return self
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                if not self._break_if_stale():
+                    raise PromotionConflict(
+                        "another promotion of this model is moving its aliases right now"
+                    ) from None
+        raise PromotionConflict("could not take the promotion lock")
+
+    def _break_if_stale(self) -> bool:
+        try:
+            held = self.client.get_registered_model(self.lock_name)
+        except MlflowException:
+            return True  # released meanwhile: try again
+        if time.time() - float(held.tags.get("since", "0")) > STALE_LOCK_SECONDS:
+            self.client.delete_registered_model(self.lock_name)
+            return True
+        return False
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.delete_registered_model(self.lock_name)

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 from flows.cli_registry import add_registry_commands
+from flows.cli_serve import add_serve_commands
 from flows.cli_shard import add_shard_command
 from flows.cli_train import add_train_command
 
 # Commands of the pipeline that this release does not ship yet, with what they will do.
 PLANNED = {
-    "serve": "deploy the Ray Serve sampling application",
-    "sample": "request samples from a running sampling endpoint",
     "retrain": "run the whole retraining flow (shard, train, evaluate, promote)",
     "schedule": "run the retraining flow on a cron schedule",
     "up": "start a local stack: S3 server, MLflow server and Ray",
@@ -85,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     add_shard_command(commands)
     add_train_command(commands)
+    add_serve_commands(commands)
     add_registry_commands(commands)
 
     for name, purpose in PLANNED.items():

@@ -57,10 +57,17 @@ def log_model_version(
 
 
 def load_model_version(model_uri: str, tracking_uri: str, device: str = "cpu") -> LatentDiffusion:
-    """Rebuild a :class:`LatentDiffusion` from ``models:/NAME@ALIAS`` or ``models:/NAME/V``."""
+    """Rebuild a :class:`LatentDiffusion` from ``models:/NAME@ALIAS`` or ``models:/NAME/V``.
+
+    The version is resolved with a client of ``tracking_uri`` and its artifacts are read
+    from their storage location: MLflow's own ``models:/`` download resolves names in
+    the process-wide default registry, which a Serve replica or a Ray worker never set.
+    """
+    name, version = resolve_model_version(model_uri, tracking_uri)
+    location = MlflowClient(tracking_uri).get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{WEIGHTS_ARTIFACT}",
+            artifact_uri=f"{location.rstrip('/')}/artifacts/{WEIGHTS_ARTIFACT}",
             dst_path=tmp,
             tracking_uri=tracking_uri,
         )

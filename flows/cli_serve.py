@@ -1,0 +1,202 @@
+"""``ldm serve``: deploy the sampling app on Ray Serve; ``ldm sample``: ask it for images."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# Environment the replicas need to reach MLflow and its artifact store; passed to
+# them through the runtime environment, never into a config or a log.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)  # fmt: skip
+
+
+def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConfig
+    """The AppConfig for ``ldm serve`` options; pydantic.ValidationError if one is invalid."""
+    from serving.config import AppConfig
+
+    values = dict(
+        model_uri=args.model_uri,
+        tracking_uri=args.tracking_uri,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_images_per_request=args.max_images_per_request,
+        max_steps=args.max_steps,
+        reload_interval_s=args.reload_interval_s,
+    )
+    if args.autoscale:
+        low, _, high = args.autoscale.partition(":")
+        values["autoscaling_config"] = {"min_replicas": low, "max_replicas": high or low}
+    else:
+        values["num_replicas"] = args.replicas
+    return AppConfig.model_validate(values)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = app_config_from_args(args)
+    except ValidationError as error:
+        for problem in error.errors(include_url=False):
+            where = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "options"
+            print(f"ldm serve: error: {where}: {problem['msg']}", file=sys.stderr)
+        return 1
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(build_app(config), name=args.name, route_prefix="/", blocking=False)
+    except Exception as error:  # a replica failed to start: say why and stop
+        print(f"ldm serve: error: the app did not start: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"Serving {config.model_uri} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop = Ctrl-C
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.delete(args.name)
+        print(f"stopped application '{args.name}'", flush=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from serving.client import SampleError, parse_label, request_samples
+
+    payload: dict = {
+        "guidance_scale": args.guidance_scale,
+        "classifier_scale": args.classifier_scale,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "format": args.format,
+    }
+    if args.labels:
+        payload["labels"] = [parse_label(x) for x in args.labels.split(",")]
+    else:
+        payload |= {"label": parse_label(args.label), "num_samples": args.num_samples}
+    for key in ("steps", "seed"):
+        if getattr(args, key) is not None:
+            payload[key] = getattr(args, key)
+    try:
+        reply = request_samples(args.url, payload, timeout=args.timeout)
+    except SampleError as error:
+        print(f"ldm sample: error: {error}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(reply.body)
+    print(f"{reply.summary}; wrote {out}")
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="deploy the Ray Serve sampling app for a registered model",
+        description="Deploy the sampling app (POST /v1/samples, GET /v1/model, GET /healthz "
+        "and a page at /) on the Ray cluster at --address or RAY_ADDRESS, or on a local Ray. "
+        "Replicas load the model version the alias points at and switch when the alias "
+        "moves. Blocks until Ctrl-C, which deletes the app.",
+    )
+    serve.add_argument(
+        "--model-uri",
+        default="models:/ldm@champion",
+        help="models:/NAME@ALIAS (followed on reload) or models:/NAME/VERSION "
+        "(default: models:/ldm@champion)",
+    )
+    serve.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite)"
+    )
+    serve.add_argument(
+        "--address",
+        help="Ray cluster to deploy on: ray://HOST:PORT or HOST:PORT, 'auto' for the one "
+        "running here, 'local' to start a new local Ray (default: RAY_ADDRESS, else the "
+        "running local Ray, else a new one)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--name", default="ldm", help="Serve application name (default: ldm)")
+    scaling = serve.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=int, default=1, help="fixed replicas (default: 1)")
+    scaling.add_argument(
+        "--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas"
+    )
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests per batch, 1: off (default: 16)"
+    )
+    serve.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=0.02,
+        help="how long a batch waits to fill (default: 0.02)",
+    )
+    serve.add_argument(
+        "--max-images-per-request", type=int, default=64, help="request limit (default: 64)"
+    )
+    serve.add_argument("--max-steps", type=int, default=1000, help="request limit (default 1000)")
+    serve.add_argument(
+        "--reload-interval-s",
+        type=float,
+        default=30.0,
+        help="seconds between alias checks, 0: never reload (default: 30)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
+def _add_sample(commands: argparse._SubParsersAction) -> None:
+    sample = commands.add_parser(
+        "sample",
+        help="request images from a running sampling app",
+        description="POST a request to URL/v1/samples and write the answer (a PNG grid by "
+        "default) to --out. A label that is a number is a class id; anything else "
+        "is a class name.",
+    )
+    sample.add_argument("--url", default="http://127.0.0.1:8000", help="app URL (default: "
+                        "http://127.0.0.1:8000)")  # fmt: skip
+    which = sample.add_mutually_exclusive_group(required=True)
+    which.add_argument("--label", help="one class id or name for every image")
+    which.add_argument("--labels", help="comma-separated class ids or names, one per image")
+    sample.add_argument("--num-samples", type=int, default=8, help="images with --label (8)")
+    sample.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free w>=0")
+    sample.add_argument("--classifier-scale", type=float, default=0.0, help="classifier s>=0")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: the app's)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    sample.add_argument("--seed", type=int, help="seed; image i uses seed+i (default: random)")
+    sample.add_argument("--format", choices=("png", "json", "npy"), default="png")
+    sample.add_argument("-o", "--out", default="samples.png", help="output file")
+    sample.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
+    sample.set_defaults(handler=_sample)
+
+
+def add_serve_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``ldm serve`` and ``ldm sample``."""
+    _add_serve(commands)
+    _add_sample(commands)

@@ -1,0 +1,174 @@
+"""The typed arguments of the sampling app (``serve run serving.app:build_app k=v …``,
+the ``args`` of ``infra/serve/serve_config.yaml``, or ``build_app({...})`` in Python).
+
+Values given on the ``serve run`` command line arrive as strings; they are parsed
+here (``num_replicas=2``, ``autoscaling_config='{"max_replicas": 4}'``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MODEL_URI = "models:/ldm@champion"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model named by alias (followed on reload) or by fixed version."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else self.version_uri(self.version)
+
+    def version_uri(self, version: str | None) -> str:
+        return f"models:/{self.name}/{version}"
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → :class:`ModelRef`."""
+    match = _MODEL_URI.match(uri.strip())
+    if match is None:
+        raise ValueError(
+            f"model_uri must look like models:/NAME@ALIAS (e.g. models:/ldm@champion) "
+            f"or models:/NAME/VERSION (e.g. models:/ldm/3), got {uri!r}"
+        )
+    return ModelRef(match["name"], match["alias"], match["version"])
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AutoscalingSettings(_Args):
+    """Ray Serve autoscaling of the sampling deployment (replicas follow the load)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Requests in flight per replica that Serve aims for; with batching, about the
+    # batch size that keeps one replica busy.
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class AppConfig(_Args):
+    """Where the model comes from, how many replicas hold it, what each may use, and
+    the limits a request must respect."""
+
+    model_uri: str = DEFAULT_MODEL_URI
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else the sqlite "
+        "file of 'ldm train' under LDM_HOME (or ./outputs)"
+    )  # fmt: skip
+    # ----------------------------------------------------------- replicas and resources
+    num_replicas: int | Literal["auto"] | None = Field(
+        None, description="fixed replica count; None: 1 unless autoscaling_config is set"
+    )
+    autoscaling_config: AutoscalingSettings | None = None
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when num_gpus > 0
+    torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
+    # ----------------------------------------------------------- batching
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per batch; 1: off")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default 2·max_batch_size")
+    max_queued_requests: int = Field(-1, ge=-1, description="beyond it: 503; -1: no limit")
+    # ----------------------------------------------------------- request limits
+    max_images_per_request: int = Field(64, ge=1, le=4096)
+    max_steps: int = Field(1000, ge=1)
+    default_steps: int | None = Field(
+        None, ge=1, description="steps of a request that gives none; default min(50, max_steps)"
+    )
+    max_guidance_scale: float = Field(50.0, ge=0)
+    max_classifier_scale: float = Field(100.0, ge=0)
+    # ----------------------------------------------------------- hot reload
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="seconds between alias checks; 0 turns reload off"
+    )
+
+    @field_validator("model_uri")
+    @classmethod
+    def _check_model_uri(cls, uri: str) -> str:
+        parse_model_uri(uri)
+        return uri.strip()
+
+    @field_validator("autoscaling_config", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"autoscaling_config is not valid JSON: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1 or 'auto', got {self.num_replicas}")
+        if self.default_steps is not None and self.default_steps > self.max_steps:
+            raise ValueError(
+                f"default_steps ({self.default_steps}) must not exceed max_steps ({self.max_steps})"
+            )
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device='cuda' needs num_gpus > 0 (Serve must place it on a GPU)")
+        return self
+
+    @property
+    def model_ref(self) -> ModelRef:
+        return parse_model_uri(self.model_uri)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if self.num_gpus > 0 else "cpu"
+        return self.device
+
+    @property
+    def resolved_torch_threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+    @property
+    def resolved_default_steps(self) -> int:
+        return self.default_steps or min(50, self.max_steps)
+
+    @property
+    def resolved_max_ongoing_requests(self) -> int:
+        # A replica must accept a whole batch while it samples the previous one.
+        return self.max_ongoing_requests or max(8, 2 * self.max_batch_size)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for these settings."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.resolved_max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options

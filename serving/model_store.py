@@ -1,0 +1,132 @@
+"""The model a replica serves: resolved from the registry, loaded, and swapped when
+the alias moves.
+
+:class:`ModelStore` resolves ``models:/NAME@ALIAS`` to a version number first and
+then loads that exact version (``models:/NAME/V``), so the version it reports is
+the one whose weights it holds even if the alias moves during the download.
+:class:`AliasWatcher` polls the alias in a daemon thread; a new version is loaded
+completely before one reference assignment makes it current, so requests already
+validated against the old :class:`LoadedModel` finish on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+
+from serving.config import ModelRef
+from training.pipeline import LatentDiffusion
+from training.registry import load_model_version
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One registered version, ready to sample."""
+
+    model: LatentDiffusion
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    loaded_at: float  # time.time() when loading finished
+
+
+class ModelStore:
+    """Resolves and loads versions of one registered model."""
+
+    def __init__(self, ref: ModelRef, tracking_uri: str, device: str = "cpu"):
+        self.ref = ref
+        self.tracking_uri = tracking_uri
+        self.device = device
+        self.client = MlflowClient(tracking_uri)
+
+    def resolve_version(self) -> str:
+        """The version the alias points at now (the fixed version if there is no alias)."""
+        if self.ref.alias is None:
+            return str(self.ref.version)
+        try:
+            found = self.client.get_model_version_by_alias(self.ref.name, self.ref.alias)
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot resolve {self.ref.uri} at MLflow {self.tracking_uri}: {error}. "
+                f"Check that the tracking server is reachable and that model "
+                f"'{self.ref.name}' has alias @{self.ref.alias} (e.g. 'ldm promote')."
+            ) from error
+        return str(found.version)
+
+    def load(self, version: str) -> LoadedModel:
+        """Download and rebuild ``version`` in eval mode on this store's device."""
+        uri = self.ref.version_uri(version)
+        try:
+            run_id = self.client.get_model_version(self.ref.name, version).run_id
+            model = load_model_version(uri, self.tracking_uri, device=self.device)
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot load {uri} from MLflow {self.tracking_uri}: {error}"
+            ) from error
+        return LoadedModel(model, self.ref.name, version, self.ref.alias, run_id, time.time())
+
+    def load_current(self) -> LoadedModel:
+        return self.load(self.resolve_version())
+
+
+class AliasWatcher:
+    """Every ``interval_s``, resolve the alias; when the version changed, load it and
+    hand it to ``on_new``. Failures are logged and kept in :attr:`last_error`; the
+    current model keeps serving."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        current_version: Callable[[], str],
+        on_new: Callable[[LoadedModel], None],
+        interval_s: float,
+    ):
+        self.store = store
+        self.current_version = current_version
+        self.on_new = on_new
+        self.interval_s = interval_s
+        self.last_error: str | None = None
+        self.last_check: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+
+    def start(self) -> AliasWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def poll_once(self) -> bool:
+        """One check; True when a new version was loaded and handed over."""
+        try:
+            version = self.store.resolve_version()
+            if version == self.current_version():
+                self.last_error = None
+                return False
+            loaded = self.store.load(version)
+        except Exception as error:  # keep serving the current version
+            self.last_error = str(error)
+            logger.warning("model reload failed, still serving the current version: %s", error)
+            return False
+        finally:
+            self.last_check = time.time()
+        self.on_new(loaded)
+        self.last_error = None
+        logger.info("now serving %s version %s", loaded.name, loaded.version)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll_once()

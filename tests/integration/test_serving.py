@@ -1,0 +1,261 @@
+"""The sampling app over real HTTP: ``serve.run`` on the two-node test cluster, a tiny
+model registered in the real MLflow server, requests good and bad, batching under
+concurrency, seeds, the page, and the switch when @champion moves."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from ray import serve
+
+from flows.cli import main as ldm
+from serving.app import build_app
+from serving.encoding import decode_png
+from tests.integration.services import free_port
+from training.pipeline import LatentDiffusion
+from training.presets import get_preset
+from training.registry import log_model_version
+
+pytestmark = [pytest.mark.integration]
+
+MODEL_NAME = "ldm-serve-it"
+APP_ARGS = {
+    "num_cpus": 0.5,
+    "torch_threads": 1,
+    "max_batch_size": 16,
+    "batch_wait_timeout_s": 0.2,  # wide, so concurrent test requests meet in one batch
+    "max_images_per_request": 8,
+    "max_steps": 20,
+    "reload_interval_s": 1.0,
+}
+
+
+def _tiny_model(seed: int) -> LatentDiffusion:
+    torch.manual_seed(seed)
+    config = get_preset("tiny").for_data(32, 1, 10, class_names=tuple("0123456789"))
+    model = LatentDiffusion.build(config)
+    with torch.no_grad():  # a fresh UNet predicts ε = 0; make the weights matter
+        model.denoiser.conv_out.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+def _register(tracking_uri: str, seed: int) -> str:
+    """A new version of MODEL_NAME made @champion; its version number."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("serving-it")
+    if experiment is None:
+        experiment_id = client.create_experiment("serving-it")
+    else:
+        experiment_id = experiment.experiment_id
+    run_id = client.create_run(experiment_id).info.run_id
+    version = log_model_version(_tiny_model(seed), tracking_uri, run_id, MODEL_NAME, "champion")
+    client.set_terminated(run_id)
+    return version.version
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, mlflow_server) -> Iterator[str]:
+    assert _register(mlflow_server, seed=0) == "1"
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_uri": f"models:/{MODEL_NAME}@champion", "tracking_uri": mlflow_server}
+    serve.run(build_app(args | APP_ARGS), name="ldm-it", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def _post(url: str, body: dict | bytes, timeout: float = 120) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/v1/samples", content=content, timeout=timeout)
+
+
+def _images(response: httpx.Response) -> np.ndarray:
+    """uint8 [N, H, W, C] from a format=json answer."""
+    assert response.status_code == 200, response.text
+    pngs = response.json()["images"]
+    return np.stack([decode_png(base64.b64decode(p)) for p in pngs])
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to ±2 levels on at most 1% of the pixels (see serving.sampler)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return a.shape == b.shape and diff.max() <= 2 and (diff > 0).mean() <= 0.01
+
+
+def test_health_model_and_page(app_url):
+    assert httpx.get(f"{app_url}/healthz").json() == {
+        "status": "ok", "model": MODEL_NAME, "version": "1",
+    }  # fmt: skip
+    info = httpx.get(f"{app_url}/v1/model").json()
+    assert (info["name"], info["version"], info["alias"]) == (MODEL_NAME, "1", "champion")
+    assert info["class_names"] == list("0123456789")
+    assert (info["image_size"], info["image_channels"], info["num_timesteps"]) == (32, 1, 100)
+    assert info["config"]["denoiser"]["model_channels"] == 16
+    assert info["limits"]["max_steps"] == 20 and info["limits"]["max_images_per_request"] == 8
+    page = httpx.get(f"{app_url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for element in ('id="class"', 'id="guidance"', 'id="sampler"', "v1/samples", "v1/model"):
+        assert element in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no external assets
+
+
+def test_formats_carry_the_same_images_and_the_model_version(app_url):
+    request = {"labels": [3, "7", 1], "guidance_scale": 2, "steps": 6, "seed": 11}
+    as_json = _post(app_url, request | {"format": "json"})
+    body = as_json.json()
+    assert body["model"] == {"name": MODEL_NAME, "version": "1", "alias": "champion"}
+    assert (body["labels"], body["class_names"], body["seed"]) == ([3, 7, 1], ["3", "7", "1"], 11)
+    assert body["image_shape"] == [32, 32, 1] and body["elapsed_s"] > 0
+    images = _images(as_json)
+    assert images.std() > 5  # not a constant image
+
+    as_npy = _post(app_url, request | {"format": "npy"})
+    assert as_npy.headers["content-type"] == "application/x-npy"
+    assert as_npy.headers["x-model-version"] == "1" and as_npy.headers["x-seed"] == "11"
+    assert _close(np.load(io.BytesIO(as_npy.content)), images)
+
+    grid = decode_png(_post(app_url, request).content)  # png is the default
+    assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 1)  # 3 images in a 2×2 grid, padded
+    assert _close(grid[2:34, 36:68][None], images[1:2])
+
+
+BAD_REQUESTS = [
+    ("unknown class name", {"label": "cat"}, 422, "unknown class name 'cat'"),
+    ("class id out of range", {"labels": [3, 10]}, 422, "class id 10 is out of range 0 to 9"),
+    ("negative guidance", {"label": 3, "guidance_scale": -1}, 422, "-1 is outside 0 to 50"),
+    ("negative classifier scale", {"label": 3, "classifier_scale": -2}, 422, "outside 0 to 100"),
+    ("zero steps", {"label": 3, "steps": 0}, 422, "0 is outside 1 to 20"),
+    ("too many steps", {"label": 3, "steps": 21}, 422, "21 is outside 1 to 20"),
+    ("too many images", {"label": 3, "num_samples": 9}, 422, "9 images asked for, allowed 1 to 8"),
+    ("too many labels", {"labels": [1] * 9}, 422, "9 labels asked for, allowed 1 to 8"),
+    ("unknown sampler", {"label": 3, "sampler": "euler"}, 422, "'ddpm' or 'ddim'"),
+    ("eta above 1", {"label": 3, "eta": 1.5}, 422, "1.5 is outside 0 to 1"),
+    ("labels as a string", {"labels": "3"}, 422, "valid array"),
+    ("steps as a string", {"label": 3, "steps": "5"}, 422, "valid integer"),
+    ("unknown field", {"label": 3, "guidance": 2}, 422, "unknown field 'guidance'"),
+    ("no label", {"steps": 5}, 422, "give either 'labels'"),
+    ("unknown format", {"label": 3, "format": "gif"}, 422, "'png', 'json' or 'npy'"),
+    ("malformed JSON", b'{"label": 3,', 400, "not valid JSON"),
+    ("empty body", b"", 400, "not valid JSON"),
+    ("JSON array", b"[3]", 422, "object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_requests_get_a_4xx_that_says_what_is_allowed(app_url, body, status, message):
+    response = _post(app_url, body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert message in detail
+    if status == 422:
+        assert "allowed:" in detail
+
+
+def test_bad_requests_do_not_disturb_good_ones(app_url):
+    good = {"label": 5, "num_samples": 2, "steps": 10, "seed": 3, "format": "json"}
+    alone = _images(_post(app_url, good))
+    with ThreadPoolExecutor(len(BAD_REQUESTS) + 1) as pool:
+        pending = pool.submit(_post, app_url, good)
+        bad = list(pool.map(lambda case: _post(app_url, case[1]), BAD_REQUESTS))
+        assert all(400 <= r.status_code < 500 for r in bad)
+        assert _close(_images(pending.result()), alone)
+    assert httpx.get(f"{app_url}/v1/model").json()["stats"]["failed"] == 0
+    assert httpx.get(f"{app_url}/wrong").status_code == 404
+    assert httpx.get(f"{app_url}/v1/samples").status_code == 405
+
+
+def _concurrent_requests() -> list[dict]:
+    compatible = [
+        {"labels": [i, (i + 1) % 10], "guidance_scale": float(i % 3), "seed": 100 + i}
+        for i in range(6)
+    ]
+    compatible[1]["classifier_scale"] = 1.0  # per-image scales share the chain
+    others = [
+        {"label": 4, "seed": 200, "sampler": "ddpm"},  # a different sampler
+        {"label": 4, "seed": 201, "steps": 8},  # a different step count
+    ]
+    defaults = {"sampler": "ddim", "steps": 6, "format": "json"}
+    return [defaults | r for r in compatible + others]
+
+
+def _all_at_once(url: str, requests: list[dict]) -> list[httpx.Response]:
+    start = threading.Barrier(len(requests))
+
+    def fire(request: dict) -> httpx.Response:
+        start.wait()
+        return _post(url, request)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(fire, requests))
+
+
+def test_concurrent_compatible_requests_share_a_batch_and_match_their_solo_images(app_url):
+    requests = _concurrent_requests()
+    alone = [_images(_post(app_url, r)) for r in requests]
+    for _ in range(3):  # batches depend on arrival times; three rounds leave no doubt
+        responses = _all_at_once(app_url, requests)
+        batches = [r.json()["batch"] for r in responses]
+        for request, batch, response, solo in zip(requests, batches, responses, alone, strict=True):
+            assert (batch["sampler"], batch["steps"]) == (request["sampler"], request["steps"])
+            assert _close(_images(response), solo)  # same seed, same images, batched or not
+        assert all(b["group_requests"] <= 6 for b in batches[:6])
+        assert batches[6]["group_requests"] == 1 and batches[7]["group_requests"] == 1
+        if max(b["group_requests"] for b in batches) > 1:
+            break
+    assert max(b["group_requests"] for b in batches) > 1, batches
+    assert httpx.get(f"{app_url}/v1/model").json()["stats"]["max_group_requests"] > 1
+
+
+def test_ldm_sample_writes_the_grid(app_url, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    options = ["--num-samples", "4", "--guidance-scale", "3", "--steps", "5", "--seed", "1"]
+    code = ldm(["sample", "--url", app_url, "--label", "3", *options, "-o", str(out)])
+    assert code == 0
+    assert decode_png(out.read_bytes()).shape == (70, 70, 1)
+    assert f"4 images from {MODEL_NAME} version 1, seed 1" in capsys.readouterr().out
+
+
+def test_ldm_serve_deploys_until_ctrl_c(ray_cluster, mlflow_server, tmp_path):
+    """``ldm serve`` in its own process and its own local Ray (``--address local``)."""
+    port = free_port()
+    options = ["--address", "local", "--port", str(port), "--model-uri",
+               f"models:/{MODEL_NAME}/1", "--tracking-uri", mlflow_server,
+               "--num-cpus", "0.5", "--max-steps", "20"]  # fmt: skip
+    command = [sys.executable, "-m", "flows.cli", "serve", *options]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Serving models:/" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/model").json()["version"] == "1"
+        assert _post(url, {"label": 1, "steps": 3}).headers["x-model-version"] == "1"
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(60)
+    assert code == 0, log.read_text()[-3000:]
+    assert "stopped application 'ldm'" in log.read_text()

@@ -1,0 +1,93 @@
+"""``ldm sample`` against a stand-in HTTP server: the request it sends, the file it
+writes, and the messages it prints when the server refuses or is not there."""
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from serving.client import parse_label
+from serving.encoding import decode_png, grid_png
+
+
+class _Handler(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.received.append({"path": self.path, "body": body})
+        if body.get("label") == "cat":
+            self._send(422, "application/json", b'{"detail": "label: unknown class name"}')
+            return
+        png = grid_png(np.full((2, 4, 4, 1), 200, np.uint8))
+        self._send(200, "image/png", png, {"X-Model-Name": "ldm", "X-Model-Version": "3",
+                                            "X-Seed": "7", "X-Labels": "3,3",
+                                            "X-Elapsed-S": "0.25"})  # fmt: skip
+
+    def _send(self, status: int, kind: str, body: bytes, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    _Handler.received = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_labels_that_are_numbers_are_ids():
+    assert parse_label("3") == 3 and parse_label("cat") == "cat"
+
+
+def test_sample_posts_the_request_and_writes_the_grid(server, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = main(["sample", "--url", server, "--label", "3", "--num-samples", "2",
+                 "--guidance-scale", "3", "--seed", "7", "-o", str(out)])  # fmt: skip
+    assert code == 0
+    sent = _Handler.received[0]
+    assert sent["path"] == "/v1/samples"
+    assert sent["body"] == {
+        "label": 3, "num_samples": 2, "guidance_scale": 3.0, "classifier_scale": 0.0,
+        "sampler": "ddim", "eta": 0.0, "format": "png", "seed": 7,
+    }  # fmt: skip
+    assert decode_png(out.read_bytes()).shape == (8, 14, 1)  # 1 row × 2 columns, padded
+    assert "2 images from ldm version 3, seed 7, 0.25 s" in capsys.readouterr().out
+
+
+def test_sample_shows_the_servers_refusal(server, tmp_path, capsys):
+    code = main(["sample", "--url", server, "--label", "cat", "-o", str(tmp_path / "x.png")])
+    assert code == 1
+    assert "answered 422: label: unknown class name" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_says_when_nothing_listens(tmp_path, capsys):
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    assert main(["sample", "--url", url, "--labels", "1,2", "-o", str(tmp_path / "x.png")]) == 1
+    assert "Is 'ldm serve' running there?" in capsys.readouterr().err
+
+
+def test_serve_rejects_bad_options_before_starting_ray(capsys):
+    assert main(["serve", "--model-uri", "runs:/x", "--max-batch-size", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--model-uri" in err and "--max-batch-size" in err

@@ -1,0 +1,122 @@
+"""The Serve app's arguments: parsing, defaults, errors, deployment options; and the
+serving package loading without Prefect or Ray Train."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serving.config import AppConfig, ModelRef, parse_model_uri
+
+
+def test_model_uris_by_alias_or_version():
+    assert parse_model_uri("models:/ldm@champion") == ModelRef("ldm", alias="champion")
+    assert parse_model_uri("models:/ldm/3") == ModelRef("ldm", version="3")
+    assert ModelRef("ldm", alias="champion").uri == "models:/ldm@champion"
+    assert ModelRef("ldm", alias="champion").version_uri("4") == "models:/ldm/4"
+    for bad in ("runs:/abc/model", "models:/ldm", "models:/ldm/latest", "ldm@champion"):
+        with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
+            parse_model_uri(bad)
+
+
+def test_defaults_give_one_cpu_replica_following_the_champion():
+    config = AppConfig()
+    assert config.model_uri == "models:/ldm@champion"
+    options = config.deployment_options()
+    assert options == {
+        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
+        "max_ongoing_requests": 32,
+        "max_queued_requests": -1,
+        "num_replicas": 1,
+    }
+    assert (config.resolved_device, config.resolved_torch_threads) == ("cpu", 1)
+    assert config.resolved_default_steps == 50
+
+
+def test_serve_run_strings_are_parsed():
+    config = AppConfig.model_validate(
+        {
+            "model_uri": "models:/digits/2",
+            "autoscaling_config": '{"min_replicas": 1, "max_replicas": 3}',
+            "num_gpus": "0.5",
+            "max_batch_size": "32",
+            "max_steps": "20",
+        }
+    )
+    options = config.deployment_options()
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in options
+    assert options["max_ongoing_requests"] == 64
+    assert options["ray_actor_options"]["num_gpus"] == 0.5
+    assert config.resolved_device == "cuda"
+    assert config.resolved_default_steps == 20
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model_uri": "runs:/x/model"}, "models:/NAME@ALIAS"),
+        ({"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}, "not both"),
+        ({"num_replicas": 0}, "num_replicas must be >= 1"),
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "must not exceed"),
+        ({"autoscaling_config": "{max"}, "not valid JSON"),
+        ({"max_steps": 10, "default_steps": 20}, "default_steps (20) must not exceed"),
+        ({"device": "cuda"}, "needs num_gpus > 0"),
+        ({"max_batch_size": 0}, "greater than or equal to 1"),
+        ({"max_batch": 8}, "Extra inputs"),
+    ],
+)
+def test_bad_arguments_say_what_to_fix(values, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AppConfig.model_validate(values)
+
+
+def test_serving_imports_without_prefect_or_ray_train():
+    code = (
+        "import sys\n"
+        "import serving\n"
+        "assert 'torch' not in sys.modules, 'import serving must stay light'\n"
+        "import serving.app, serving.client, serving.schemas\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'"
+        " or m == 'ray.train' or m.startswith('ray.train.'))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_serve_config_file_is_valid_for_serve_and_the_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[2] / "infra" / "serve" / "serve_config.yaml"
+    document = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    config = AppConfig.model_validate(app.args)
+    assert config.model_uri == "models:/ldm@champion"
+    assert config.autoscaling_config is not None and config.resolved_max_ongoing_requests == 64
+
+
+def test_serve_run_builds_the_app_from_string_arguments():
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from serving.app import build_app
+
+    args = {"model_uri": "models:/digits@champion", "tracking_uri": "sqlite:////tmp/x.db",
+            "num_replicas": "2", "max_batch_size": "8", "num_cpus": "0.5"}  # fmt: skip
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 2
+    assert deployment.ray_actor_options["num_cpus"] == 0.5
+    assert deployment.max_ongoing_requests == 16
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"max_batch_size": "zero"})

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 run: install
-	$(BIN)/ldm demo --out outputs/demo
+	$(BIN)/ldm retrain
 
 lint: install
 	$(BIN)/ruff check .

@@ -119,8 +119,7 @@ def shard_dataset(
             publisher.close()
     if not entries:
         raise ValueError(f"none of the inputs of '{source}' could be used{_reasons(skipped)}")
-    fingerprint = hashlib.sha256(f"{FORMAT_VERSION}\n{options.model_dump_json()}\n".encode())
-    fingerprint.update(("\n".join(src.class_names) + "\n" + content).encode())
+    fingerprint = _fingerprint(options, src.class_names, content)
     manifest = Manifest(
         image_size=options.image_size,
         channels=options.channels,
@@ -129,7 +128,7 @@ def shard_dataset(
         shards=tuple(entries),
         source=described,
         options=options,
-        fingerprint=fingerprint.hexdigest(),
+        fingerprint=fingerprint,
         skipped=tuple(skipped),
     )
     storage.write_bytes(manifest_url(out_url), manifest.to_json())
@@ -154,7 +153,7 @@ def _write_splits(
         write = _SplitWriter(split, Path(scratch), options, publisher)
         items = (src.inputs[i] for i in order)
         for item, result in _ordered_map(partial(_convert, src, options), items, workers):
-            content.update(f"{split}\t{item.ref}\t{item.label}\t{result.digest}\n".encode())
+            content.update(_content_line(split, item, result.digest))
             bar.update(1)
             if result.png is None:
                 skipped.append(SkippedInput(input=item.ref, reason=result.reason or ""))
@@ -162,6 +161,45 @@ def _write_splits(
                 write(item, result.png)
         entries += write.close()
     return entries, skipped, content.hexdigest()
+
+
+def existing_dataset(source: str, out_url: str, options: ShardOptions) -> Manifest | None:
+    """The manifest at ``out_url`` if it was written from exactly the current content of
+    ``source`` with ``options`` (same fingerprint), else None. Reads every input once but
+    decodes nothing, so it is much cheaper than sharding again."""
+    try:
+        previous = load_manifest(out_url)
+    except (FileNotFoundError, ValueError):
+        return None
+    if previous.options != options or previous.source != _describe(source):
+        return None
+    src = open_source(source)
+    content = hashlib.sha256()
+    for split, order in zip(SPLITS, split_order(len(src.inputs), options), strict=True):
+        for item in (src.inputs[i] for i in order):
+            try:
+                digest = _input_digest(src.read(item))
+            except OSError:
+                digest = ""
+            content.update(_content_line(split, item, digest))
+    fingerprint = _fingerprint(options, src.class_names, content.hexdigest())
+    return previous if fingerprint == previous.fingerprint else None
+
+
+def _input_digest(raw: bytes | np.ndarray) -> str:
+    if isinstance(raw, np.ndarray):
+        return hashlib.sha256(str(raw.shape).encode() + raw.tobytes()).hexdigest()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _content_line(split: str, item: Input, digest: str) -> bytes:
+    return f"{split}\t{item.ref}\t{item.label}\t{digest}\n".encode()
+
+
+def _fingerprint(options: ShardOptions, class_names: tuple[str, ...], content: str) -> str:
+    fingerprint = hashlib.sha256(f"{FORMAT_VERSION}\n{options.model_dump_json()}\n".encode())
+    fingerprint.update(("\n".join(class_names) + "\n" + content).encode())
+    return fingerprint.hexdigest()
 
 
 def split_order(num_inputs: int, options: ShardOptions) -> tuple[list[int], list[int]]:
@@ -233,10 +271,7 @@ def _convert(src: Source, options: ShardOptions, item: Input) -> _Converted:
         return _Converted(digest="", reason="disappeared while sharding")
     except OSError as error:  # local permission problems and the like
         return _Converted(digest="", reason=f"cannot be read ({error})")
-    if isinstance(raw, np.ndarray):
-        digest = hashlib.sha256(str(raw.shape).encode() + raw.tobytes()).hexdigest()
-    else:
-        digest = hashlib.sha256(raw).hexdigest()
+    digest = _input_digest(raw)
     try:
         image = array_to_image(raw) if isinstance(raw, np.ndarray) else decode(raw)
         pixels = prepare(image, options.image_size, options.channels)

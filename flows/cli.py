@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from flows.cli_registry import add_registry_commands
+from flows.cli_retrain import add_retrain_command
 from flows.cli_serve import add_serve_commands
 from flows.cli_shard import add_shard_command
 from flows.cli_train import add_train_command
 
 # Commands of the pipeline that this release does not ship yet, with what they will do.
 PLANNED = {
-    "retrain": "run the whole retraining flow (shard, train, evaluate, promote)",
     "schedule": "run the retraining flow on a cron schedule",
     "up": "start a local stack: S3 server, MLflow server and Ray",
     "down": "stop the local stack started by 'ldm up'",
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_serve_commands(commands)
     add_registry_commands(commands)
+    add_retrain_command(commands)
 
     for name, purpose in PLANNED.items():
         planned = commands.add_parser(name, help=f"(not available yet) {purpose}")

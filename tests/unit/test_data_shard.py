@@ -194,3 +194,21 @@ def test_output_inside_the_source_folder_is_refused(tmp_path):
     source = _folder(tmp_path / "src", 6)
     with pytest.raises(ValueError, match="is inside SOURCE"):
         shard_dataset(source, str(tmp_path / "src" / "shards"), OPTIONS, progress=False)
+
+
+def test_existing_dataset_is_found_only_for_the_same_content_and_options(tmp_path):
+    from data.shard import existing_dataset
+
+    source = tmp_path / "digits.npz"
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (40, 16, 16), dtype=np.uint8)
+    np.savez(source, images=images, labels=np.arange(40) % 4)
+    options = ShardOptions(image_size=16, channels=1, shard_max_samples=16)
+    out = str(tmp_path / "out")
+    written = shard_dataset(str(source), out, options, progress=False).manifest
+    assert existing_dataset(str(source), out, options) == written
+    assert existing_dataset(str(source), out, options.model_copy(update={"seed": 1})) is None
+    images[0, 0, 0] ^= 0xFF
+    np.savez(source, images=images, labels=np.arange(40) % 4)
+    assert existing_dataset(str(source), out, options) is None
+    assert existing_dataset(str(source), str(tmp_path / "elsewhere"), options) is None

@@ -1,0 +1,245 @@
+"""The retraining pipeline as Prefect flows: shard → train → evaluate and promote →
+deploy → sample, with ``retrain`` running them in order.
+
+Tasks that talk to storage, MLflow or Ray retry with backoff; a ValueError (a bad
+config or unusable data) fails at once, since trying again cannot help.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from data.manifest import ShardOptions
+from training.evaluation.evaluate import EvaluationSettings
+from training.job import ScalingSettings, TrainJobConfig, default_local_store
+from training.models.configs import FrozenConfig
+from training.presets import get_preset
+from training.tracking import resolve_tracking_uri
+
+BACKOFF = [2, 10, 30]
+
+
+class RetrainConfig(FrozenConfig):
+    """Everything ``ldm retrain`` does, with embedded defaults for a laptop."""
+
+    source: str = Field("mnist", description="'mnist', an image folder or an .npz, or s3://")
+    dataset_url: str | None = Field(None, description="default: LDM_HOME/data/<name>")
+    shard: ShardOptions = ShardOptions(channels=1)
+    preset: Literal["tiny", "demo", "base"] = "demo"
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(2.0, gt=0)
+    use_gpu: bool = False
+    storage_url: str | None = Field(None, description="default: LDM_HOME/runs")
+    run_name: str | None = Field(None, description="default: retrain-<preset>-<time>")
+    experiment: str = "ldm"
+    model_name: str = "ldm"
+    tracking_uri: str | None = None
+    evaluator_cache: str | None = Field(None, description="default: LDM_HOME/evaluators")
+    evaluation: EvaluationSettings = EvaluationSettings()
+    promote_metric: Literal["fd", "class_consistency"] = "fd"
+    min_improvement: float = Field(0.0, ge=0.0)
+    serve: bool = True
+    port: int = Field(8000, ge=1, le=65535)
+    out_dir: str | None = Field(None, description="default: LDM_HOME/retrain")
+
+
+DEFAULTS = RetrainConfig()
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry I/O failures; not a ValueError, which says the input itself is wrong."""
+    return not isinstance(state.data, ValueError)
+
+
+io_task = task(
+    retries=3, retry_delay_seconds=BACKOFF, retry_condition_fn=_is_transient, cache_policy=NO_CACHE
+)
+
+
+@io_task
+def shard(source: str, dataset_url: str, options: ShardOptions) -> dict[str, Any]:
+    """The dataset at ``dataset_url``; re-sharding is skipped when a manifest of the
+    same source content and options is already there."""
+    from data.shard import existing_dataset, shard_dataset
+
+    log = get_run_logger()
+    manifest = existing_dataset(source, dataset_url, options)
+    if manifest is not None:
+        log.info("dataset %s is up to date with %s: re-sharding skipped", dataset_url, source)
+        return {
+            "url": dataset_url,
+            "counts": manifest.counts,
+            "resharded": False,
+            "num_classes": manifest.num_classes,
+        }
+    report = shard_dataset(source, dataset_url, options, progress=False)
+    log.info(report.summary())
+    return {
+        "url": dataset_url,
+        "counts": report.manifest.counts,
+        "resharded": True,
+        "num_classes": report.manifest.num_classes,
+    }
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
+def train(job: TrainJobConfig) -> dict[str, Any]:
+    """All three stages on Ray. A retry resumes from the checkpoints (same run name)."""
+    from training.launch import run_training
+
+    result = run_training(job)
+    return {
+        "run_id": result.run_id,
+        "version": result.model_version.version,
+        "checkpoints": result.checkpoints,
+    }
+
+
+@io_task
+def evaluate_and_promote(config: RetrainConfig, tracking_uri: str, version: str) -> dict:
+    from training.evaluation.promotion import promote
+
+    cache = config.evaluator_cache or str(default_local_store() / "evaluators")
+    result = promote(
+        config.model_name,
+        tracking_uri,
+        cache,
+        version=version,
+        metric=config.promote_metric,
+        min_improvement=config.min_improvement,
+        settings=config.evaluation,
+    )
+    get_run_logger().info(
+        "v%s %s: %s", version, "promoted" if result.promoted else "kept", result.reason
+    )
+    return {
+        "promoted": result.promoted,
+        "reason": result.reason,
+        "metrics": result.metrics,
+        "champion_before": result.champion_before,
+    }
+
+
+@io_task
+def deploy(model_name: str, tracking_uri: str, port: int) -> str:
+    """Deploy (or update) the Serve app following ``@champion``; returns its URL."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import AppConfig
+    from training.launch import connect_ray
+
+    connect_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = AppConfig(
+        model_uri=f"models:/{model_name}@champion",
+        tracking_uri=tracking_uri,
+        num_cpus=0.5,
+        reload_interval_s=5.0,
+    )
+    serve.run(build_app(config), name=model_name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@io_task
+def sample_grid(url: str, num_classes: int, out_path: str) -> str:
+    """One sample of every class over HTTP, written as a PNG grid."""
+    from serving.client import request_samples
+
+    reply = request_samples(
+        url,
+        {
+            "labels": list(range(num_classes)),
+            "guidance_scale": 2.0,
+            "seed": 0,
+            "sampler": "ddpm",
+            "steps": 100,
+            "format": "png",
+        },
+    )
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(reply.body)
+    return str(path)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config: RetrainConfig = DEFAULTS) -> dict[str, Any]:
+    """Shard the source, train on Ray, evaluate and promote, deploy the endpoint and
+    sample every class through it. Leaves a markdown report as a Prefect artifact."""
+    store = default_local_store()
+    tracking_uri = resolve_tracking_uri(store, config.tracking_uri)
+    dataset_url = config.dataset_url or str(store / "data" / _dataset_name(config.source))
+    run_name = config.run_name or f"retrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data = shard(config.source, dataset_url, config.shard)
+    job = TrainJobConfig(
+        data_url=dataset_url,
+        model=get_preset(config.preset),
+        scaling=ScalingSettings(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            cpus_per_worker=config.cpus_per_worker,
+            torch_threads=max(1, int(config.cpus_per_worker)),
+        ),
+        storage_url=config.storage_url or str(store / "runs"),
+        run_name=run_name,
+        experiment=config.experiment,
+        model_name=config.model_name,
+        tracking_uri=tracking_uri,
+    )
+    trained = train(job)
+    decision = evaluate_and_promote(config, tracking_uri, trained["version"])
+    report = {
+        "dataset": data,
+        "training": trained,
+        "promotion": decision,
+        "tracking_uri": tracking_uri,
+        "model_name": config.model_name,
+        "endpoint": None,
+        "grid": None,
+    }
+    if config.serve:
+        report["endpoint"] = deploy(config.model_name, tracking_uri, config.port)
+        out_dir = Path(config.out_dir) if config.out_dir else store / "retrain"
+        report["grid"] = sample_grid(
+            report["endpoint"], data["num_classes"], str(out_dir / f"{run_name}-samples.png")
+        )
+    create_markdown_artifact(key="retrain-report", markdown=report_markdown(report))
+    return report
+
+
+def _dataset_name(source: str) -> str:
+    return Path(source.rstrip("/")).name.removesuffix(".npz") or "dataset"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The run as a page: dataset, MLflow run, metrics, the decision, the endpoint."""
+    training, promotion = report["training"], report["promotion"]
+    version = training["version"]
+    lines = [
+        f"# Retrain: {report['model_name']} v{version}",
+        "",
+        f"- **Dataset**: `{report['dataset']['url']}` ({report['dataset']['counts']}; "
+        f"{'re-sharded' if report['dataset']['resharded'] else 're-sharding skipped'})",
+        f"- **MLflow run**: `{training['run_id']}` at `{report['tracking_uri']}`",
+        f"- **Decision**: {'promoted to @champion' if promotion['promoted'] else 'kept'} "
+        f"— {promotion['reason']}",
+        f"- **Endpoint**: {report['endpoint'] or 'not deployed'}",
+        f"- **Sample grid**: `{report['grid'] or 'none'}`",
+        "",
+        "| version | class consistency | fd | psnr | s / image |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v, m in promotion["metrics"].items():
+        lines.append(
+            f"| v{v} | {m['class_consistency']:.3f} | {m['fd']:.3f} | {m['psnr']:.2f} | "
+            f"{m['seconds_per_image']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"

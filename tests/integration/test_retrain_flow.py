@@ -1,0 +1,127 @@
+"""The ``retrain`` Prefect flow end to end on the tiny preset, against the S3 server,
+a real MLflow server, the two-node Ray cluster and Prefect's test harness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from data import storage
+from data.manifest import ShardOptions, load_manifest
+from data.reader import build_loader
+from flows.retrain import RetrainConfig, retrain, shard
+from tests.integration.services import free_port
+from training.evaluation.evaluate import EvaluationSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def config(ray_cluster, mlflow_server, s3_session, tmp_path_factory) -> RetrainConfig:
+    return RetrainConfig(
+        source="mnist",
+        dataset_url="s3://ldm-data/retrain-mnist",
+        shard=ShardOptions(channels=1, shard_max_samples=600),
+        preset="tiny",
+        cpus_per_worker=1,
+        storage_url="s3://ldm-runs/retrain",
+        model_name="retrain-it",
+        tracking_uri=mlflow_server,
+        evaluator_cache="s3://ldm-runs/evaluators",
+        evaluation=EvaluationSettings(samples_per_class=10, steps=10),
+        port=free_port(),
+        out_dir=str(tmp_path_factory.mktemp("retrain")),
+    )
+
+
+@pytest.fixture(scope="module")
+def first_report(prefect_harness, config):
+    from ray import serve
+
+    report = retrain(config)
+    yield report
+    serve.shutdown()  # Serve is cluster-wide: leave none behind for later modules
+
+
+async def _artifact_markdown() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-report"]))
+        )
+    return found[-1].data if found else ""
+
+
+def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, config):
+    report = first_report
+    assert report["dataset"]["resharded"] and report["dataset"]["counts"]["train"] == 4500
+    assert report["promotion"]["promoted"]
+    assert "no @champion" in report["promotion"]["reason"]
+    grid = np.asarray(Image.open(report["grid"]))
+    rows, cols = (grid.shape[0] - 2) // 34, (grid.shape[1] - 2) // 34  # 32×32 cells, 2 px apart
+    assert (rows - 1) * cols < 10 <= rows * cols  # one sample of every class
+    with urllib.request.urlopen(f"{report['endpoint']}/v1/model", timeout=30) as response:
+        info = json.loads(response.read())
+    assert info["name"] == config.model_name
+    assert str(info["version"]) == report["training"]["version"]
+    markdown = asyncio.run(_artifact_markdown())
+    assert "promoted to @champion" in markdown and report["training"]["run_id"] in markdown
+
+
+def test_second_retrain_reuses_the_dataset_and_explains_its_decision(first_report, config):
+    second = retrain(config.model_copy(update={"serve": False}))
+    assert not second["dataset"]["resharded"]
+    decision = second["promotion"]
+    assert decision["reason"].startswith(("better: fd", "not better: fd"))
+    assert set(decision["metrics"]) == {
+        first_report["training"]["version"],
+        second["training"]["version"],
+    }
+    markdown = asyncio.run(_artifact_markdown())
+    assert decision["reason"] in markdown
+
+
+def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
+    prefect_harness, s3_session, monkeypatch
+):
+    real_put, calls = storage.put_file, []
+
+    def flaky_put(local, url, metadata=None):
+        calls.append(url)
+        if len(calls) == 3:
+            raise storage.StorageError(f"simulated S3 outage while uploading {url}")
+        return real_put(local, url, metadata)
+
+    monkeypatch.setattr(storage, "put_file", flaky_put)
+    url = "s3://ldm-data/flaky-mnist"
+
+    @flow
+    def only_shard() -> dict:
+        return shard("mnist", url, ShardOptions(channels=1, shard_max_samples=600))
+
+    result = only_shard()
+    assert len(calls) > 9  # 9 shards, one of them sent twice after the retry
+    manifest = load_manifest(url)
+    assert result["counts"] == manifest.counts == {"train": 4500, "val": 500}
+    read = sum(
+        len(y) for y in (b[1] for b in build_loader(url, "train", 0, 1, 4500, 0, 0, num_workers=0))
+    )
+    assert read == 4500

@@ -67,7 +67,7 @@ async def _artifact_markdown() -> str:
         found = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-report"]))
         )
-    return found[-1].data if found else ""
+    return max(found, key=lambda artifact: artifact.created).data if found else ""
 
 
 def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, config):

@@ -259,3 +259,40 @@ def test_ldm_serve_deploys_until_ctrl_c(ray_cluster, mlflow_server, tmp_path):
         code = process.wait(60)
     assert code == 0, log.read_text()[-3000:]
     assert "stopped application 'ldm'" in log.read_text()
+
+
+def _hammer(url: str, stop: threading.Event, seen: list[tuple[int, str]]) -> None:
+    """Small requests until ``stop``, recording (status, model version) of each answer."""
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set():
+            response = client.post(f"{url}/v1/samples", json={"label": 1, "steps": 3})
+            seen.append((response.status_code, response.headers.get("x-model-version", "")))
+
+
+def test_moving_the_alias_switches_replicas_without_failing_requests(app_url, mlflow_server):
+    request = {"label": 2, "num_samples": 2, "steps": 10, "seed": 5, "format": "json"}
+    before = _images(_post(app_url, request))
+    stop, seen = threading.Event(), []
+    workers = [threading.Thread(target=_hammer, args=(app_url, stop, seen)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        assert _register(mlflow_server, seed=1) == "2"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{app_url}/v1/model").json()["version"] != "2":
+            assert time.monotonic() < deadline, "the replica did not switch to version 2 in 60 s"
+            time.sleep(0.5)
+        time.sleep(1.0)  # requests keep flowing after the switch
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+    assert seen and all(status == 200 for status, _ in seen), seen
+    versions = [v for _, v in seen]
+    assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+    after = _post(app_url, request)
+    assert after.json()["model"]["version"] == "2"
+    assert not _close(_images(after), before)  # new weights, same seed: new images
+    info = httpx.get(f"{app_url}/v1/model").json()
+    run_id = MlflowClient(mlflow_server).get_model_version(MODEL_NAME, "2").run_id
+    assert info["run_id"] == run_id and info["reload"]["last_error"] is None

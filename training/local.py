@@ -60,7 +60,8 @@ def _run_stage(
         grad_norm = optimisation.step(losses["loss"], model)
         if ema is not None:
             ema.update(model)
-        metrics = {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": grad_norm}
+        metrics = {k: float(v.detach()) for k, v in losses.items()}
+        metrics["grad_norm"] = float(grad_norm)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
     model.eval()
     return metrics

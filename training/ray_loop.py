@@ -111,7 +111,7 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
                 rate = (step - logged_step) * training.batch_size * world / (now - logged_at)
                 logged_at, logged_step = now, step
                 metrics = {k: float(v.detach()) for k, v in losses.items()}
-                metrics |= {"grad_norm": grad_norm, "images_per_s": rate, "epoch": epoch,
+                metrics |= {"grad_norm": float(grad_norm), "images_per_s": rate, "epoch": epoch,
                             "learning_rate": optimisation.learning_rate}  # fmt: skip
                 tracker.log_metrics({f"{job.stage}/{k}": v for k, v in metrics.items()}, step)
             if tracker and ema and job.job.sample_every and step % job.job.sample_every == 0:

@@ -27,14 +27,15 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_clip: float
 
-    def step(self, loss: Tensor, model: nn.Module) -> float:
-        """Backpropagate ``loss``, clip, update; returns the pre-clip gradient norm."""
+    def step(self, loss: Tensor, model: nn.Module) -> Tensor:
+        """Backpropagate ``loss``, clip, update; returns the pre-clip gradient norm as a
+        0-d tensor, so that a GPU loop only waits for it on the steps that log it."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return float(grad_norm)
+        return grad_norm.detach()
 
     @property
     def learning_rate(self) -> float:

@@ -25,8 +25,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         source = _unwrap(model)
-        for shadow, param in zip(self.model.parameters(), source.parameters(), strict=True):
-            shadow.lerp_(param.detach(), 1.0 - self.decay)
+        shadows, params = list(self.model.parameters()), list(source.parameters())
+        if len(shadows) != len(params):
+            raise ValueError(f"EMA holds {len(shadows)} parameters, the model {len(params)}")
+        # One fused kernel per dtype/device group instead of one per parameter.
+        torch._foreach_lerp_(shadows, [p.detach() for p in params], 1.0 - self.decay)
         for shadow, buf in zip(self.model.buffers(), source.buffers(), strict=True):
             shadow.copy_(buf)
 

@@ -15,7 +15,6 @@ from flows.cli_train import add_train_command
 
 # Commands of the pipeline that this release does not ship yet, with what they will do.
 PLANNED = {
-    "schedule": "run the retraining flow on a cron schedule",
     "up": "start a local stack: S3 server, MLflow server and Ray",
     "down": "stop the local stack started by 'ldm up'",
 }

@@ -1,4 +1,5 @@
-"""``ldm retrain``: the whole pipeline as one Prefect flow run."""
+"""``ldm retrain``: the whole pipeline as one Prefect flow run; ``ldm schedule``: the
+same flow served as a Prefect deployment on a cron schedule and on new datasets."""
 
 from __future__ import annotations
 
@@ -7,32 +8,64 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
+
+# Options shared by retrain and schedule → RetrainConfig field, for those given.
+_FIELDS = {
+    "source": "source", "dataset_url": "dataset_url", "preset": "preset",
+    "workers": "workers", "cpus_per_worker": "cpus_per_worker", "storage": "storage_url",
+    "ray_address": "ray_address", "run_name": "run_name", "model_name": "model_name",
+    "tracking_uri": "tracking_uri", "port": "port", "out": "out_dir",
+}  # fmt: skip
+
+
+def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.RetrainConfig
+    """``--config FILE`` (JSON or YAML of RetrainConfig), or the embedded defaults, with
+    the options given on the command line on top. ValueError/ValidationError if invalid."""
+    from flows.retrain import RetrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = _read_config_file(Path(args.config))
+    for option, field in _FIELDS.items():
+        if getattr(args, option) is not None:
+            values[field] = getattr(args, option)
+    if args.image_size is not None or args.channels is not None:
+        shard = dict(values.get("shard") or {"channels": 1})
+        if args.image_size is not None:
+            shard["image_size"] = args.image_size
+        if args.channels is not None:
+            shard["channels"] = args.channels
+        values["shard"] = shard
+    if args.no_serve:
+        values["serve"] = False
+    return RetrainConfig.model_validate(values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of RetrainConfig fields")
+    return data
 
 
 def _retrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pydantic import ValidationError
 
-    from data.manifest import ShardOptions
-    from flows.retrain import RetrainConfig, retrain
+    from flows.retrain import retrain
 
     try:
-        config = RetrainConfig(
-            source=args.source,
-            dataset_url=args.dataset_url,
-            shard=ShardOptions(image_size=args.image_size, channels=args.channels),
-            preset=args.preset,
-            workers=args.workers,
-            cpus_per_worker=args.cpus_per_worker,
-            storage_url=args.storage,
-            run_name=args.run_name,
-            model_name=args.model_name,
-            tracking_uri=args.tracking_uri,
-            serve=not args.no_serve,
-            port=args.port,
-            out_dir=args.out,
-        )
-        report = retrain(config)
+        report = retrain(retrain_config_from_args(args))
     except (ValidationError, ValueError) as error:
         print(f"ldm retrain: error: {error}", file=sys.stderr)
         return 1
@@ -44,6 +77,34 @@ def _retrain(args: argparse.Namespace) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pydantic import ValidationError
+
+    from flows.schedule import retrain_deployment, serve_deployments
+
+    try:
+        config = retrain_config_from_args(args)
+        deployment = retrain_deployment(
+            config, name=args.name, cron=args.cron, timezone=args.timezone,
+            on_new_dataset=args.on_new_dataset,
+        )  # fmt: skip
+    except (ValidationError, ValueError) as error:
+        print(f"ldm schedule: error: {error}", file=sys.stderr)
+        return 1
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "ldm schedule: PREFECT_API_URL is not set: the schedule lives in a temporary "
+            "Prefect server for as long as this command runs",
+            file=sys.stderr,
+        )
+    when = [f"cron '{args.cron}' ({args.timezone})"] if args.cron else []
+    when += ["each new dataset manifest"] if args.on_new_dataset else []
+    print(f"Serving deployment retrain/{args.name} on {' and '.join(when)} (Ctrl-C to stop).")
+    serve_deployments(deployment)
     return 0
 
 
@@ -64,6 +125,31 @@ def _print_summary(report: dict) -> None:
     print("Prefect UI: prefect server start   (then http://127.0.0.1:4200, flow 'retrain')")
 
 
+def add_retrain_options(parser: argparse.ArgumentParser) -> None:
+    """The RetrainConfig options; each one given overrides --config and the defaults."""
+    add = parser.add_argument
+    add("--config", help="RetrainConfig as a JSON or YAML file (options below override it)")
+    add("--source", help="'mnist', an image folder or an .npz, local or s3:// (default: mnist)")
+    add("--dataset-url", help="where the shards go (default: LDM_HOME/data/NAME)")
+    add("--image-size", type=int, help="image side (default: 32)")
+    add("--channels", type=int, choices=(1, 3), help="1 grayscale or 3 RGB (default: 1)")
+    add("--preset", choices=("tiny", "demo", "base"), help="model preset (default: demo)")
+    add("--workers", type=int, help="Ray Train workers (default: 1)")
+    add("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 2)")
+    add("--storage", help="checkpoints folder or s3:// (default: LDM_HOME/runs)")
+    add(
+        "--ray-address",
+        help="default: RAY_ADDRESS, else a local Ray; a dashboard URL (http://head:8265) "
+        "submits training as a Ray Job and deploys through the Serve REST API",
+    )
+    add("--run-name", help="training run name; the same name resumes")
+    add("--model-name", help="registered model (default: ldm)")
+    add("--tracking-uri", help="MLflow tracking URI (default: sqlite under LDM_HOME)")
+    add("--no-serve", action="store_true", help="skip deploying and sampling")
+    add("--port", type=int, help="HTTP port of the endpoint (default: 8000)")
+    add("--out", help="folder for the sample grid (default: LDM_HOME/retrain)")
+
+
 def add_retrain_command(commands: argparse._SubParsersAction) -> None:
     retrain = commands.add_parser(
         "retrain",
@@ -75,39 +161,31 @@ def add_retrain_command(commands: argparse._SubParsersAction) -> None:
         "LDM_HOME (default ./outputs), sqlite MLflow, a local Ray and Prefect's ephemeral "
         "server.",
     )
-    retrain.add_argument(
-        "--source",
-        default="mnist",
-        help="'mnist', an image folder or an .npz, local or s3:// (default: mnist)",
-    )
-    retrain.add_argument("--dataset-url", help="where the shards go (default: LDM_HOME/data/NAME)")
-    retrain.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
-    retrain.add_argument(
-        "--channels", type=int, choices=(1, 3), default=1, help="1 grayscale or 3 RGB (default: 1)"
-    )
-    retrain.add_argument(
-        "--preset",
-        choices=("tiny", "demo", "base"),
-        default="demo",
-        help="model preset (default: demo)",
-    )
-    retrain.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
-    retrain.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=2.0,
-        help="CPUs (and torch threads) per worker (default: 2)",
-    )
-    retrain.add_argument("--storage", help="checkpoints folder or s3:// (default: LDM_HOME/runs)")
-    retrain.add_argument("--run-name", help="training run name; the same name resumes")
-    retrain.add_argument("--model-name", default="ldm", help="registered model (default: ldm)")
-    retrain.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite)")
-    retrain.add_argument("--no-serve", action="store_true", help="skip deploying and sampling")
+    add_retrain_options(retrain)
     retrain.add_argument(
         "--keep-serving",
         action="store_true",
         help="leave the endpoint up after the flow (Ctrl-C stops it)",
     )
-    retrain.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint")
-    retrain.add_argument("--out", help="folder for the sample grid (default: LDM_HOME/retrain)")
     retrain.set_defaults(handler=_retrain)
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="serve the retraining flow as a Prefect deployment on a cron schedule "
+        "and/or on each new dataset",
+        description="Register the deployment retrain/NAME with the Prefect server at "
+        "PREFECT_API_URL and run its flow runs from this process until Ctrl-C: on the cron "
+        "schedule, and with --on-new-dataset whenever 'ldm shard' publishes a dataset "
+        "(event ldm.dataset.sharded), training on that dataset as it is. For a work pool "
+        "instead of this process, see infra/prefect/prefect.yaml.",
+    )
+    schedule.add_argument("--cron", help="e.g. '0 3 * * 1' (Mondays 03:00)")
+    schedule.add_argument("--timezone", default="UTC", help="of the cron schedule (default: UTC)")
+    schedule.add_argument(
+        "--on-new-dataset", action="store_true", help="also run on each new dataset manifest"
+    )
+    schedule.add_argument(
+        "--name", default="scheduled", help="deployment name (default: scheduled)"
+    )
+    add_retrain_options(schedule)
+    schedule.set_defaults(handler=_schedule)

@@ -34,6 +34,10 @@ def _shard(args: argparse.Namespace) -> int:
         print(f"ldm shard: error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
+    from flows.schedule import emit_dataset_event
+
+    if emit_dataset_event(args.out_url, report.manifest):
+        print("announced to Prefect as event ldm.dataset.sharded")
     return 0
 
 

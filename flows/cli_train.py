@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ def _train(args: argparse.Namespace) -> int:
     from data.storage import StorageError
     from training.config import LDMConfig
     from training.job import ScalingSettings, TrainJobConfig, default_local_store
-    from training.launch import run_training
+    from training.launch import result_record, run_training
     from training.presets import get_preset
+    from training.submit import is_job_address, submit_training
     from training.tracking import resolve_tracking_uri
 
     store = default_local_store()
@@ -42,15 +44,18 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             max_failures=args.max_failures,
         )
-        result = run_training(job)
-    except (ValidationError, ValueError, StorageError, OSError) as error:
+        address = os.environ.get("RAY_ADDRESS")
+        if is_job_address(address):  # a dashboard URL: run the driver as a Ray Job there
+            result = submit_training(job, address)
+        else:
+            result = result_record(run_training(job))
+    except (ValidationError, ValueError, StorageError, OSError, RuntimeError) as error:
         print(f"ldm train: error: {error}", file=sys.stderr)
         return 1
-    version = result.model_version
     print(
-        f"Trained run '{job.run_name}' (MLflow run {result.run_id} at {job.tracking_uri}); "
-        f"registered {version.name} version {version.version} as @candidate. "
-        f"Checkpoints: {', '.join(f'{k}: {v}' for k, v in result.checkpoints.items())}."
+        f"Trained run '{job.run_name}' (MLflow run {result['run_id']} at {job.tracking_uri}); "
+        f"registered {result['model_name']} version {result['version']} as @candidate. "
+        f"Checkpoints: {', '.join(f'{k}: {v}' for k, v in result['checkpoints'].items())}."
     )
     return 0
 

@@ -7,6 +7,7 @@ config or unusable data) fails at once, since trying again cannot help.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,12 @@ class RetrainConfig(FrozenConfig):
     cpus_per_worker: float = Field(2.0, gt=0)
     use_gpu: bool = False
     storage_url: str | None = Field(None, description="default: LDM_HOME/runs")
+    ray_address: str | None = Field(
+        None,
+        description="default: RAY_ADDRESS, else a local Ray. A dashboard URL "
+        "(http://head:8265) submits training as a Ray Job and deploys through the Serve "
+        "REST API; a GCS address (head:6379) is joined from this process",
+    )
     run_name: str | None = Field(None, description="default: retrain-<preset>-<time>")
     experiment: str = "ldm"
     model_name: str = "ldm"
@@ -89,17 +96,34 @@ def shard(source: str, dataset_url: str, options: ShardOptions) -> dict[str, Any
     }
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
-def train(job: TrainJobConfig) -> dict[str, Any]:
-    """All three stages on Ray. A retry resumes from the checkpoints (same run name)."""
-    from training.launch import run_training
+@io_task
+def use_dataset(dataset_url: str) -> dict[str, Any]:
+    """A dataset published elsewhere (``ldm shard``), taken as it is."""
+    from data.manifest import load_manifest
 
-    result = run_training(job)
+    try:
+        manifest = load_manifest(dataset_url)
+    except FileNotFoundError as error:  # nothing to wait for: fail without retries
+        raise ValueError(str(error)) from error
+    get_run_logger().info("training on the published dataset %s", dataset_url)
     return {
-        "run_id": result.run_id,
-        "version": result.model_version.version,
-        "checkpoints": result.checkpoints,
+        "url": dataset_url,
+        "counts": manifest.counts,
+        "resharded": False,
+        "num_classes": manifest.num_classes,
     }
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
+def train(job: TrainJobConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """All three stages on Ray: a Ray Job when ``ray_address`` is a dashboard URL, else
+    in this process. A retry resumes from the checkpoints (same run name)."""
+    from training.launch import result_record, run_training
+    from training.submit import is_job_address, submit_training
+
+    if is_job_address(ray_address):
+        return submit_training(job, ray_address, log=get_run_logger().info)
+    return result_record(run_training(job, ray_address))
 
 
 @io_task
@@ -128,24 +152,18 @@ def evaluate_and_promote(config: RetrainConfig, tracking_uri: str, version: str)
 
 
 @io_task
-def deploy(model_name: str, tracking_uri: str, port: int) -> str:
+def deploy(model_name: str, tracking_uri: str, port: int, ray_address: str | None = None) -> str:
     """Deploy (or update) the Serve app following ``@champion``; returns its URL."""
-    from ray import serve
-
-    from serving.app import build_app
     from serving.config import AppConfig
-    from training.launch import connect_ray
+    from serving.deploy import deploy_app
 
-    connect_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(
         model_uri=f"models:/{model_name}@champion",
         tracking_uri=tracking_uri,
         num_cpus=0.5,
         reload_interval_s=5.0,
     )
-    serve.run(build_app(config), name=model_name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return deploy_app(config, model_name, port, ray_address)
 
 
 @io_task
@@ -171,14 +189,24 @@ def sample_grid(url: str, num_classes: int, out_path: str) -> str:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config: RetrainConfig = DEFAULTS) -> dict[str, Any]:
+def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) -> dict[str, Any]:
     """Shard the source, train on Ray, evaluate and promote, deploy the endpoint and
-    sample every class through it. Leaves a markdown report as a Prefect artifact."""
+    sample every class through it. Leaves a markdown report as a Prefect artifact.
+
+    ``new_dataset``: a dataset URL published elsewhere (the new-dataset trigger passes
+    it); training uses it as it is instead of sharding ``config.source``.
+    """
     store = default_local_store()
     tracking_uri = resolve_tracking_uri(store, config.tracking_uri)
-    dataset_url = config.dataset_url or str(store / "data" / _dataset_name(config.source))
+    dataset_url = (
+        new_dataset or config.dataset_url or str(store / "data" / _dataset_name(config.source))
+    )
     run_name = config.run_name or f"retrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = shard(config.source, dataset_url, config.shard)
+    ray_address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if new_dataset:
+        data = use_dataset(new_dataset)
+    else:
+        data = shard(config.source, dataset_url, config.shard)
     job = TrainJobConfig(
         data_url=dataset_url,
         model=get_preset(config.preset),
@@ -194,7 +222,7 @@ def retrain(config: RetrainConfig = DEFAULTS) -> dict[str, Any]:
         model_name=config.model_name,
         tracking_uri=tracking_uri,
     )
-    trained = train(job)
+    trained = train(job, ray_address)
     decision = evaluate_and_promote(config, tracking_uri, trained["version"])
     report = {
         "dataset": data,
@@ -206,7 +234,7 @@ def retrain(config: RetrainConfig = DEFAULTS) -> dict[str, Any]:
         "grid": None,
     }
     if config.serve:
-        report["endpoint"] = deploy(config.model_name, tracking_uri, config.port)
+        report["endpoint"] = deploy(config.model_name, tracking_uri, config.port, ray_address)
         out_dir = Path(config.out_dir) if config.out_dir else store / "retrain"
         report["grid"] = sample_grid(
             report["endpoint"], data["num_classes"], str(out_dir / f"{run_name}-samples.png")

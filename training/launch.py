@@ -7,6 +7,7 @@ latents in between, and logs and registers the result in MLflow.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ FORWARDED_ENV = (
     "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
 )  # fmt: skip
 RUN_NAME_TAG = "ldm.run_name"
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
 
 
 @dataclass
@@ -47,30 +49,34 @@ class TrainResult:
     checkpoints: dict[str, str]
 
 
-def connect_ray() -> None:
-    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray, unless already connected.
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (default: ``RAY_ADDRESS``), or start a local Ray,
+    unless already connected.
 
     The driver's S3 settings (endpoint, credentials from the environment) are passed
-    to the workers' environment, never into a config or a log.
+    to the workers' environment, never into a config or a log. A submitted Ray Job's
+    driver passes none: its workers get the job's runtime env and the nodes' own.
     """
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if JOB_CONFIG_ENV in os.environ:  # a Ray Job's driver: the job's runtime env applies
+        env = {}
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
+        address=address or os.environ.get("RAY_ADDRESS") or None,
         include_dashboard=False,
         runtime_env={"env_vars": env} if env else None,
     )
 
 
-def run_training(job: TrainJobConfig) -> TrainResult:
+def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainResult:
     """Autoencoder → latent cache → denoiser → classifier → registered model version.
 
     Re-running a job with the same ``run_name`` and storage resumes each stage from
     its latest checkpoint and logs into the same MLflow run.
     """
     manifest = load_manifest(job.data_url)  # a wrong data URL fails before Ray starts
-    connect_ray()
+    connect_ray(ray_address)
     config = job.model.for_data(
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
     )
@@ -177,13 +183,28 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def result_record(result: TrainResult) -> dict[str, Any]:
+    """What a submitter reads back from a finished job (see ``training.submit``)."""
+    return {
+        "run_id": result.run_id,
+        "model_name": result.model_version.name,
+        "version": str(result.model_version.version),
+        "checkpoints": result.checkpoints,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m training.launch CONFIG_URL", file=sys.stderr)
-        return 2
-    job = TrainJobConfig.model_validate_json(storage.read_bytes(argv[0]))
+    parser = argparse.ArgumentParser(
+        prog="python -m training.launch",
+        description="Run a training job from its JSON TrainJobConfig (local path or s3://).",
+    )
+    parser.add_argument("config_url")
+    parser.add_argument("--result", help="also write the run id and model version here")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    job = TrainJobConfig.model_validate_json(storage.read_bytes(args.config_url))
     result = run_training(job)
+    if args.result:
+        storage.write_bytes(args.result, json.dumps(result_record(result)).encode())
     print(f"registered {result.model_version.name} version {result.model_version.version}")
     return 0
 

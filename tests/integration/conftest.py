@@ -212,20 +212,39 @@ def mlflow_server(s3_session: S3Server, tmp_path_factory: pytest.TempPathFactory
         stop_process_group(process)
 
 
+@dataclass(frozen=True)
+class RayTestCluster:
+    address: str  # GCS address, joined in-process
+    dashboard_url: str  # Ray Jobs and the Serve REST API
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_session: S3Server) -> Iterator[object]:
-    """One Ray cluster of two nodes (2 CPUs each) on this machine, shared by the session."""
+def ray_cluster(s3_session: S3Server) -> Iterator[RayTestCluster]:
+    """One Ray cluster of two nodes (2 CPUs each) on this machine, shared by the session,
+    with its dashboard on 127.0.0.1. Its processes find this interpreter's ``python``
+    first on PATH, as the nodes of a cluster image do, so Ray Jobs can run the package."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from tests.integration.services import free_port
+
+    saved_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved_path}"
+    port = free_port()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+        },
     )
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     try:
-        yield cluster
+        yield RayTestCluster(cluster.address, f"http://127.0.0.1:{port}")
     finally:
         ray.shutdown()
         cluster.shutdown()
+        os.environ["PATH"] = saved_path

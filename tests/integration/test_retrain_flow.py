@@ -86,9 +86,30 @@ def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, c
     assert "promoted to @champion" in markdown and report["training"]["run_id"] in markdown
 
 
-def test_second_retrain_reuses_the_dataset_and_explains_its_decision(first_report, config):
-    second = retrain(config.model_copy(update={"serve": False}))
+def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_itself(
+    first_report, config, ray_cluster
+):
+    """The second run goes through the cluster's dashboard: training as a Ray Job,
+    the endpoint updated by a config-file deploy through the Serve REST API."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    second = retrain(config.model_copy(update={"ray_address": ray_cluster.dashboard_url}))
+    jobs = [
+        job
+        for job in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+        if (job.metadata or {}).get("ldm.model_name") == config.model_name
+    ]
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
+    assert "training.launch" in jobs[0].entrypoint
     assert not second["dataset"]["resharded"]
+    with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
+        app = json.loads(r.read())["applications"][config.model_name]
+    assert app["source"] == "declarative" and app["status"] == "RUNNING"
+    with urllib.request.urlopen(f"{second['endpoint']}/v1/model", timeout=30) as response:
+        info = json.loads(response.read())
+    champion = second["training"]["version"] if second["promotion"]["promoted"] else None
+    assert str(info["version"]) == (champion or first_report["training"]["version"])
+    assert Image.open(second["grid"]).size == Image.open(first_report["grid"]).size
     decision = second["promotion"]
     assert decision["reason"].startswith(("better: fd", "not better: fd"))
     assert set(decision["metrics"]) == {
@@ -125,3 +146,81 @@ def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
         len(y) for y in (b[1] for b in build_loader(url, "train", 0, 1, 4500, 0, 0, num_workers=0))
     )
     assert read == 4500
+
+
+async def _deployment(name: str, timeout: float):
+    from prefect.client.orchestration import get_client
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with get_client() as client:
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(1)
+
+
+async def _finished_runs(deployment_id, timeout: float) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with get_client() as client:
+        while asyncio.get_running_loop().time() < deadline:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+            if runs and all(run.state and run.state.is_final() for run in runs):
+                return runs
+            await asyncio.sleep(2)
+    raise TimeoutError(f"no finished flow run of deployment {deployment_id} in {timeout:.0f} s")
+
+
+def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
+    prefect_harness, config, ray_cluster, mlflow_server, tmp_path
+):
+    """``ldm schedule`` registers retrain/NAME with its cron schedule; ``ldm shard``
+    to a new URL announces the dataset; the trigger runs a retrain on it as it is."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.integration.services import stop_process_group
+
+    settings = config.model_copy(update={"serve": False, "ray_address": ray_cluster.dashboard_url})
+    (tmp_path / "retrain.json").write_text(settings.model_dump_json())
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    ldm = [sys.executable, "-m", "flows.cli"]
+    log = tmp_path / "schedule.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [*ldm, "schedule", "--cron", "0 3 * * 1", "--on-new-dataset", "--name", "it",
+             "--config", str(tmp_path / "retrain.json")],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deployment = asyncio.run(_deployment("retrain/it", timeout=120))
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
+        before = MlflowClient(mlflow_server).search_model_versions(f"name='{config.model_name}'")
+
+        url = "s3://ldm-data/published-mnist"
+        shard = subprocess.run(
+            [*ldm, "shard", "mnist", url, "--shard-max-samples", "600", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert shard.returncode == 0, shard.stderr
+        assert "announced to Prefect" in shard.stdout
+
+        (run,) = asyncio.run(_finished_runs(deployment.id, timeout=420))
+        assert run.state.is_completed(), log.read_text()[-4000:]
+        assert run.parameters["new_dataset"] == url
+        after = MlflowClient(mlflow_server).search_model_versions(f"name='{config.model_name}'")
+        assert len(after) == len(before) + 1
+        assert f"`{url}`" in asyncio.run(_artifact_markdown())
+    finally:
+        stop_process_group(server)

@@ -23,7 +23,7 @@ def test_help_lists_every_command():
 
 
 def test_commands_not_yet_shipped_fail_and_say_so():
-    result = _ldm("schedule", "config.yaml")
+    result = _ldm("up", "stack.yaml")
     assert result.returncode == 2
     assert "not available in this release" in result.stderr
 

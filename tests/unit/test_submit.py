@@ -1,0 +1,40 @@
+"""Which addresses submit a Ray Job, and what a remote cluster cannot reach."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.job import TrainJobConfig
+from training.presets import get_preset
+from training.submit import check_reachable_from_cluster, is_job_address
+
+
+def _job(**values) -> TrainJobConfig:
+    base = dict(
+        data_url="s3://data/mnist", model=get_preset("tiny"), storage_url="s3://runs",
+        run_name="r1", tracking_uri="http://mlflow:5000",
+    )  # fmt: skip
+    return TrainJobConfig(**(base | values))
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("http://head:8265", True), ("https://ray.example.com", True), ("head:6379", False),
+     ("auto", False), ("ray://head:10001", False), (None, False), ("", False)],
+)  # fmt: skip
+def test_only_dashboard_urls_submit_jobs(address, expected):
+    assert is_job_address(address) is expected
+
+
+def test_a_remote_cluster_needs_shared_storage_and_an_mlflow_server():
+    check_reachable_from_cluster(_job(), "http://head:8265")
+    with pytest.raises(ValueError, match="storage, data and MLflow tracking URI"):
+        check_reachable_from_cluster(
+            _job(data_url="/data/mnist", storage_url="/runs", tracking_uri="sqlite:////x.db"),
+            "http://head:8265",
+        )
+
+
+def test_a_cluster_on_this_machine_may_use_local_folders():
+    local = _job(data_url="/data/mnist", storage_url="/runs", tracking_uri="sqlite:////x.db")
+    check_reachable_from_cluster(local, "http://127.0.0.1:8265")

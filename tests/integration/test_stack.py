@@ -1,0 +1,95 @@
+"""``ldm up`` starts every service of the local stack, ``ldm retrain --preset tiny``
+runs against it unchanged (training as a Ray Job, the endpoint deployed through the
+Serve REST API, the flow run on its Prefect server), and ``ldm down`` leaves no
+process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.stack import ENV_FILE, Stack, stack_folder
+from tests.integration.services import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LDM = [sys.executable, "-m", "flows.cli"]
+OUTSIDE = ("AWS_", "MLFLOW_", "RAY_ADDRESS", "PREFECT_API_URL")
+
+
+def _exports(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("export ")]
+    return dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines)
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    leader = psutil.Process(pid)
+    return [leader, *leader.children(recursive=True)]
+
+
+def _get(url: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_up_retrain_down(tmp_path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OUTSIDE)}
+    env |= {"LDM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    folder, family = stack_folder(home), []
+    try:
+        up = subprocess.run([*LDM, "up", "--with-prefect"], env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+        assert up.returncode == 0, up.stdout + up.stderr
+        stack = Stack.load(folder)
+        names = [s.name for s in stack.services]
+        assert names == ["s3", "mlflow", "ray-head", "ray-worker", "prefect"]
+        assert [s.name for s in stack.running()] == names
+        env_file = folder / ENV_FILE
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        exported = _exports(env_file)
+        assert exported["RAY_ADDRESS"].startswith("http://127.0.0.1:")
+        assert f"source {env_file}" in up.stdout
+        assert exported["AWS_SECRET_ACCESS_KEY"] not in up.stdout  # the key stays in the file
+
+        port = free_port()
+        retrain = subprocess.run(
+            [*LDM, "retrain", "--preset", "tiny", "--cpus-per-worker", "1", "--port", str(port)],
+            env=env | exported, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr[-5000:]
+        assert "promoted to @champion" in retrain.stdout
+        dashboard = exported["RAY_ADDRESS"]
+        jobs = _get(f"{dashboard}/api/jobs/")
+        assert [job["status"] for job in jobs if "training.launch" in job["entrypoint"]] == [
+            "SUCCEEDED"
+        ]
+        apps = _get(f"{dashboard}/api/serve/applications/")["applications"]
+        assert apps["ldm"]["status"] == "RUNNING" and apps["ldm"]["source"] == "declarative"
+        model = _get(f"http://127.0.0.1:{port}/v1/model")
+        assert str(model["version"]) == "1"
+        runs = _get(f"{exported['PREFECT_API_URL']}/flow_runs/filter", {})
+        assert [run["state_type"] for run in runs] == ["COMPLETED"]
+        family = [p for s in stack.services for p in _family(s.pid)]
+        assert len(family) > len(names)  # Ray's raylet, GCS, workers; gunicorn; …
+    finally:
+        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "stopped: prefect, ray-worker, ray-head, mlflow, s3"
+    left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == []
+    assert not (folder / ENV_FILE).exists()
+    again = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == "no local stack is running"

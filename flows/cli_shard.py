@@ -36,7 +36,8 @@ def _shard(args: argparse.Namespace) -> int:
     print(report.summary())
     from flows.schedule import emit_dataset_event
 
-    if emit_dataset_event(args.out_url, report.manifest):
+    manifest = report.manifest
+    if emit_dataset_event(args.out_url, manifest.fingerprint, manifest.counts):
         print("announced to Prefect as event ldm.dataset.sharded")
     return 0
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from data.manifest import ShardOptions
+from data.manifest import Manifest, ShardOptions
 from training.evaluation.evaluate import EvaluationSettings
 from training.job import ScalingSettings, TrainJobConfig, default_local_store
 from training.models.configs import FrozenConfig
@@ -80,19 +80,19 @@ def shard(source: str, dataset_url: str, options: ShardOptions) -> dict[str, Any
     manifest = existing_dataset(source, dataset_url, options)
     if manifest is not None:
         log.info("dataset %s is up to date with %s: re-sharding skipped", dataset_url, source)
-        return {
-            "url": dataset_url,
-            "counts": manifest.counts,
-            "resharded": False,
-            "num_classes": manifest.num_classes,
-        }
+        return _dataset_summary(dataset_url, manifest, resharded=False)
     report = shard_dataset(source, dataset_url, options, progress=False)
     log.info(report.summary())
+    return _dataset_summary(dataset_url, report.manifest, resharded=True)
+
+
+def _dataset_summary(url: str, manifest: Manifest, resharded: bool) -> dict[str, Any]:
     return {
-        "url": dataset_url,
-        "counts": report.manifest.counts,
-        "resharded": True,
-        "num_classes": report.manifest.num_classes,
+        "url": url,
+        "counts": manifest.counts,
+        "resharded": resharded,
+        "num_classes": manifest.num_classes,
+        "fingerprint": manifest.fingerprint,
     }
 
 
@@ -106,12 +106,7 @@ def use_dataset(dataset_url: str) -> dict[str, Any]:
     except FileNotFoundError as error:  # nothing to wait for: fail without retries
         raise ValueError(str(error)) from error
     get_run_logger().info("training on the published dataset %s", dataset_url)
-    return {
-        "url": dataset_url,
-        "counts": manifest.counts,
-        "resharded": False,
-        "num_classes": manifest.num_classes,
-    }
+    return _dataset_summary(dataset_url, manifest, resharded=False)
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
@@ -188,6 +183,51 @@ def sample_grid(url: str, num_classes: int, out_path: str) -> str:
     return str(path)
 
 
+# Each stage is a flow of its own: runnable and deployable alone, and a child run of
+# `retrain` in the Prefect UI. The retries live on the tasks inside.
+
+
+@flow(name="shard-dataset")
+def shard_stage(
+    source: str, dataset_url: str, options: ShardOptions = DEFAULTS.shard, announce: bool = True
+) -> dict[str, Any]:
+    """Shard ``source`` to ``dataset_url`` unless it is up to date. With ``announce``,
+    new shards are published as the event ``ldm.dataset.sharded``, which starts the
+    deployments that have the new-dataset trigger (``retrain`` passes False)."""
+    from flows.schedule import emit_dataset_event
+
+    data = shard(source, dataset_url, options)
+    if announce and data["resharded"]:
+        emit_dataset_event(dataset_url, data["fingerprint"], data["counts"])
+    return data
+
+
+@flow(name="train-model")
+def train_stage(job: TrainJobConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """All three training stages on Ray; registers the version as @candidate."""
+    return train(job, ray_address)
+
+
+@flow(name="evaluate-and-promote")
+def promote_stage(config: RetrainConfig, tracking_uri: str, version: str) -> dict[str, Any]:
+    """Evaluate ``version`` next to @champion and move the alias if it is better."""
+    return evaluate_and_promote(config, tracking_uri, version)
+
+
+@flow(name="deploy-endpoint")
+def deploy_stage(
+    model_name: str,
+    tracking_uri: str,
+    port: int,
+    num_classes: int,
+    grid_path: str,
+    ray_address: str | None = None,
+) -> dict[str, str]:
+    """Deploy or update the endpoint following @champion and sample every class."""
+    endpoint = deploy(model_name, tracking_uri, port, ray_address)
+    return {"endpoint": endpoint, "grid": sample_grid(endpoint, num_classes, grid_path)}
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) -> dict[str, Any]:
     """Shard the source, train on Ray, evaluate and promote, deploy the endpoint and
@@ -206,7 +246,7 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
     if new_dataset:
         data = use_dataset(new_dataset)
     else:
-        data = shard(config.source, dataset_url, config.shard)
+        data = shard_stage(config.source, dataset_url, config.shard, announce=False)
     job = TrainJobConfig(
         data_url=dataset_url,
         model=get_preset(config.preset),
@@ -222,8 +262,8 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         model_name=config.model_name,
         tracking_uri=tracking_uri,
     )
-    trained = train(job, ray_address)
-    decision = evaluate_and_promote(config, tracking_uri, trained["version"])
+    trained = train_stage(job, ray_address)
+    decision = promote_stage(config, tracking_uri, trained["version"])
     report = {
         "dataset": data,
         "training": trained,
@@ -234,11 +274,11 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         "grid": None,
     }
     if config.serve:
-        report["endpoint"] = deploy(config.model_name, tracking_uri, config.port, ray_address)
         out_dir = Path(config.out_dir) if config.out_dir else store / "retrain"
-        report["grid"] = sample_grid(
-            report["endpoint"], data["num_classes"], str(out_dir / f"{run_name}-samples.png")
-        )
+        report |= deploy_stage(
+            config.model_name, tracking_uri, config.port, data["num_classes"],
+            str(out_dir / f"{run_name}-samples.png"), ray_address,
+        )  # fmt: skip
     create_markdown_artifact(key="retrain-report", markdown=report_markdown(report))
     return report
 

@@ -1,18 +1,16 @@
 """The ``retrain`` flow as a Prefect deployment: on a cron schedule, and on an event
 that says a dataset was published.
 
-``ldm shard`` emits ``ldm.dataset.sharded`` (resource ``ldm.dataset.<url>``, payload
-``dataset_url``, ``fingerprint``, ``counts``) whenever a Prefect server is configured;
-a deployment with the dataset trigger then retrains on that dataset as it is. The
-retrain flow's own sharding emits nothing, so a triggered run cannot trigger itself.
+``ldm shard`` and the ``shard-dataset`` flow emit ``ldm.dataset.sharded`` (resource
+``ldm.dataset.<url>``, payload ``dataset_url``, ``fingerprint``, ``counts``) whenever a
+Prefect server is configured; a deployment with the dataset trigger then retrains on
+that dataset as it is. The retrain flow's own sharding emits nothing, so a triggered
+run cannot trigger itself.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-from data.manifest import Manifest
 
 DATASET_EVENT = "ldm.dataset.sharded"
 DATASET_RESOURCE = "ldm.dataset."
@@ -22,10 +20,12 @@ def dataset_resource_id(dataset_url: str) -> str:
     return DATASET_RESOURCE + dataset_url.rstrip("/")
 
 
-def emit_dataset_event(dataset_url: str, manifest: Manifest) -> bool:
-    """Tell the Prefect server at PREFECT_API_URL that ``dataset_url`` holds a new
-    manifest; does nothing (False) when no server is configured."""
-    if not os.environ.get("PREFECT_API_URL"):
+def emit_dataset_event(dataset_url: str, fingerprint: str, counts: dict[str, int]) -> bool:
+    """Tell the Prefect server that ``dataset_url`` holds a new manifest; does nothing
+    (False) when no server is configured (PREFECT_API_URL, or a flow run's server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
         return False
     from prefect.events import emit_event
 
@@ -35,11 +35,7 @@ def emit_dataset_event(dataset_url: str, manifest: Manifest) -> bool:
             "prefect.resource.id": dataset_resource_id(dataset_url),
             "prefect.resource.name": dataset_url,
         },
-        payload={
-            "dataset_url": dataset_url,
-            "fingerprint": manifest.fingerprint,
-            "counts": manifest.counts,
-        },
+        payload={"dataset_url": dataset_url, "fingerprint": fingerprint, "counts": counts},
     )
     return event is not None
 

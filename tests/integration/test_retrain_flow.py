@@ -16,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader
-from flows.retrain import RetrainConfig, retrain, shard
+from flows.retrain import RetrainConfig, retrain, shard, shard_stage
 from tests.integration.services import free_port
 from training.evaluation.evaluate import EvaluationSettings
 
@@ -146,6 +146,38 @@ def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
         len(y) for y in (b[1] for b in build_loader(url, "train", 0, 1, 4500, 0, 0, num_workers=0))
     )
     assert read == 4500
+
+
+def _dataset_events(url: str) -> list[dict]:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.schedule import DATASET_EVENT, dataset_resource_id
+
+    body = {"filter": {"event": {"name": [DATASET_EVENT]},
+                       "resource": {"id": [dataset_resource_id(url)]}}, "limit": 50}  # fmt: skip
+    request = urllib.request.Request(
+        f"{PREFECT_API_URL.value()}/events/filter", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["events"]
+
+
+def test_the_shard_flow_announces_new_shards_only(prefect_harness, s3_session):
+    import time
+
+    url, options = "s3://ldm-data/announced-mnist", ShardOptions(channels=1, shard_max_samples=600)
+    first = shard_stage("mnist", url, options)
+    second = shard_stage("mnist", url, options)  # up to date: nothing new to announce
+    assert first["resharded"] and not second["resharded"]
+    deadline = time.monotonic() + 30
+    while not _dataset_events(url) and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(3)  # a second event, if one were sent, would have arrived by now
+    (event,) = _dataset_events(url)
+    assert event["payload"]["dataset_url"] == url
+    assert event["payload"]["fingerprint"] == first["fingerprint"]
+    assert event["payload"]["counts"] == {"train": 4500, "val": 500}
 
 
 async def _deployment(name: str, timeout: float):

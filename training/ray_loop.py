@@ -7,6 +7,7 @@ MLflow. ``ray.train.report`` is a barrier, so every rank reports at the same ste
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -190,15 +191,21 @@ def _with_latent_scale(config: LDMConfig, autoencoder: Autoencoder, loader) -> L
 
 
 @torch.no_grad()
+@functools.lru_cache(maxsize=1)
+def _autoencoder(checkpoint_uri: str) -> Autoencoder:
+    """The stage's decoder for sample grids, read once per worker process."""
+    state, config = load_checkpoint_uri(checkpoint_uri)
+    autoencoder = Autoencoder(config.autoencoder)
+    autoencoder.load_state_dict(state.model)
+    return autoencoder.eval()
+
+
 def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int) -> None:
     """A class-conditional grid (one row per class) decoded to pixels, as a run artifact."""
     if job.autoencoder_checkpoint is None:
         return
-    state, ae_config = load_checkpoint_uri(job.autoencoder_checkpoint)
     device = next(denoiser.parameters()).device
-    autoencoder = Autoencoder(ae_config.autoencoder)
-    autoencoder.load_state_dict(state.model)
-    autoencoder.to(device).eval()
+    autoencoder = _autoencoder(job.autoencoder_checkpoint).to(device)
     config = job.job.model
     y = torch.arange(config.num_classes).repeat_interleave(GRID_SAMPLES_PER_CLASS)
     z0 = config.diffusion.build().sample(

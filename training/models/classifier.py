@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models.configs import ClassifierConfig
-from training.models.layers import Downsample, ResBlock, group_norm, timestep_embedding
+from training.models.layers import Downsample, ResBlock, TimeEmbedding, group_norm
 
 
 class NoisyLatentClassifier(nn.Module):
@@ -19,9 +19,7 @@ class NoisyLatentClassifier(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         mc, emb_dim = config.model_channels, 4 * config.model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = TimeEmbedding(mc, emb_dim)
         self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
         self.blocks = nn.ModuleList()
         ch = mc
@@ -35,7 +33,7 @@ class NoisyLatentClassifier(nn.Module):
         self.head = nn.Linear(ch, config.num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels))
+        emb = self.time_embed(t)
         h = self.conv_in(x)
         for block in self.blocks:
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)

@@ -28,6 +28,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     return emb
 
 
+class TimeEmbedding(nn.Sequential):
+    """t [B] → the sinusoidal embedding [B, dim] → Linear, SiLU, Linear → [B, emb_dim]."""
+
+    def __init__(self, dim: int, emb_dim: int):
+        super().__init__(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        return super().forward(timestep_embedding(t, self.dim))
+
+
 class ResBlock(nn.Module):
     """Two 3×3 convolutions with a residual path; ``emb_dim`` adds a per-channel shift
     from the time (and class) embedding between them, as in Ho et al. 2020."""

@@ -11,9 +11,9 @@ from training.models.layers import (
     AttentionBlock,
     Downsample,
     ResBlock,
+    TimeEmbedding,
     Upsample,
     group_norm,
-    timestep_embedding,
 )
 
 
@@ -42,9 +42,7 @@ class UNet(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         mc, emb_dim = config.model_channels, 4 * config.model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = TimeEmbedding(mc, emb_dim)
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
 
@@ -88,7 +86,7 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels))
+        emb = self.time_embed(t)
         emb = emb + self.class_embed(y)
 
         h = self.conv_in(x)

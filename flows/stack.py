@@ -123,7 +123,7 @@ def up(
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS"):
         base_env.pop(name, None)
     try:
-        s3 = _start_s3(folder, base_env, bin_dir)
+        s3 = start_s3(folder, base_env, bin_dir)
         stack.services.append(s3)
         stack.save()
         log(f"S3 (SeaweedFS)  {s3.url}  bucket {BUCKET}")
@@ -131,7 +131,7 @@ def up(
         stack.env.update(AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION,
                          RAY_AUTH_MODE="disabled")  # fmt: skip
 
-        mlflow = _start_mlflow(folder, env, bin_dir)
+        mlflow = start_mlflow(folder, env, bin_dir)
         stack.services.append(mlflow)
         stack.save()
         stack.env["MLFLOW_TRACKING_URI"] = mlflow.url
@@ -172,11 +172,18 @@ def stop(stack: Stack, timeout: float = 10.0) -> list[str]:
     is left after ``timeout``."""
     stopped = []
     for service in reversed(stack.services):
-        if _alive(service.pid):
-            _stop_tree(service.pid, timeout)
+        if stop_service(service, timeout):
             stopped.append(service.name)
-        _remove_weed_sockets(service.ports)
     return stopped
+
+
+def stop_service(service: Service, timeout: float = 10.0) -> bool:
+    """Stop one service's process tree; False if it was not running."""
+    running = _alive(service.pid)
+    if running:
+        _stop_tree(service.pid, timeout)
+    _remove_weed_sockets(service.ports)
+    return running
 
 
 def _remove_weed_sockets(ports: list[int]) -> None:
@@ -248,7 +255,8 @@ def _http_ok(url: str) -> bool:
         return response.status == 200
 
 
-def _start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+def start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+    """``weed mini`` with the S3 key of ``env``, bucket ``ldm``; returns when it answers."""
     weed = Path(bin_dir) / "weed"
     if not weed.is_file():
         raise StackError("the SeaweedFS 'weed' binary is not installed next to this Python: "
@@ -284,12 +292,15 @@ def _start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
     return Service("s3", pid, url, str(log), [master, volume, filer, s3, admin])
 
 
-def _start_mlflow(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+def start_mlflow(
+    folder: Path, env: dict[str, str], bin_dir: str, artifacts: str = f"s3://{BUCKET}/mlflow"
+) -> Service:
+    """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``)."""
     port = free_port()
     command = [
         str(Path(bin_dir) / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{BUCKET}/mlflow",
+        "--artifacts-destination", artifacts,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     pid, log = _spawn("mlflow", command, folder, env)

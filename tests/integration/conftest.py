@@ -8,12 +8,7 @@ test through the standard AWS environment variables and gives a fresh bucket.
 from __future__ import annotations
 
 import os
-import random
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,100 +29,22 @@ class S3Server:
     pid: int
 
 
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).parent / "weed"
-    if candidate.is_file():
-        return str(candidate)
-    pytest.fail("SeaweedFS 'weed' binary not found next to the Python interpreter: run make test")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(count: int) -> list[int]:
-    """HTTP ports whose gRPC twin (port + 10000) is free too; below 55536 for that."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 45000)
-        if port not in ports and _port_free(port) and _port_free(port + 10000):
-            ports.append(port)
-    return ports
-
-
-def _wait_ready(endpoint: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name=REGION,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            client.list_buckets()
-            return
-        except Exception:
-            time.sleep(0.2)
-    raise RuntimeError(
-        f"SeaweedFS did not answer at {endpoint} within {timeout:.0f} s "
-        f"(exit code {process.poll()}); its log:\n{log.read_text()[-4000:]}"
-    )
-
-
-def _stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout)
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = _weed_binary()
-    folder = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3, admin = _free_ports(5)
-    command = [
-        weed, f"-logdir={folder}", "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-        f"-s3.port={s3}", f"-admin.port={admin}", "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-    ]  # fmt: skip
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    log = folder / "weed.log"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder
+    """``weed mini`` as ``ldm up`` starts it, with the test key; stopped by PID."""
+    from flows.stack import start_s3, stop_service
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "weed").is_file():
+        pytest.fail(
+            "SeaweedFS 'weed' binary not found next to the Python interpreter: run make test"
         )
-    endpoint = f"http://127.0.0.1:{s3}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    service = start_s3(tmp_path_factory.mktemp("seaweedfs"), env, str(bin_dir))
     try:
-        _wait_ready(endpoint, process, log, timeout=30)
-        yield S3Server(endpoint, ACCESS_KEY, SECRET_KEY, process.pid)
+        yield S3Server(service.url, ACCESS_KEY, SECRET_KEY, service.pid)
     finally:
-        _stop(process)
-        _remove_sockets([master, volume, filer, s3, admin])
-
-
-def _remove_sockets(ports: list[int]) -> None:
-    """Unix sockets weed leaves in /tmp, named after a port or its gRPC twin (+10000)."""
-    for port in ports:
-        for name in (port, port + 10000):
-            for path in Path("/tmp").glob(f"seaweedfs-*-{name}.sock"):
-                path.unlink(missing_ok=True)
+        stop_service(service)
 
 
 @dataclass(frozen=True)
@@ -202,14 +119,15 @@ def mnist_url(s3_session: S3Server) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_session: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` (sqlite backend, artifacts on the S3 server); its URI."""
-    from tests.integration.services import start_mlflow_server, stop_process_group
+    from flows.stack import start_mlflow, stop_service
 
-    folder = tmp_path_factory.mktemp("mlflow")
-    process, uri = start_mlflow_server(folder, "s3://ldm-mlflow/artifacts", s3_session.endpoint)
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_session.endpoint}
+    folder, bin_dir = tmp_path_factory.mktemp("mlflow"), str(Path(sys.executable).parent)
+    service = start_mlflow(folder, env, bin_dir, artifacts="s3://ldm-mlflow/artifacts")
     try:
-        yield uri
+        yield service.url
     finally:
-        stop_process_group(process)
+        stop_service(service)
 
 
 @dataclass(frozen=True)

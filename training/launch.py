@@ -62,11 +62,11 @@ def connect_ray(address: str | None = None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if JOB_CONFIG_ENV in os.environ:  # a Ray Job's driver: the job's runtime env applies
         env = {}
-    ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        runtime_env={"env_vars": env} if env else None,
-    )
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # A local Ray gets its dashboard on 127.0.0.1 (8265, or a free port): Ray Train
+    # watches its controller through the state API the dashboard serves.
+    local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **local)
 
 
 def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainResult:

@@ -2,8 +2,11 @@
 
 The rules, applied in this order to every input:
 
-- decode (PNG, JPEG, WebP, BMP, GIF; the first frame of an animation) and apply the
-  EXIF orientation;
+- only PNG, JPEG, WebP, BMP and GIF are opened, whatever the file is called (no other
+  Pillow decoder ever sees the bytes); an image of more than ``max_pixels`` pixels
+  (default: Pillow's own limit) is refused as too large from its header, before any
+  pixel is decoded; then decode (the first frame of an animation) and apply the EXIF
+  orientation;
 - 16-bit and 32-bit integer images are scaled to 8 bits (v / 257, rounded), float
   images are clipped to [0, 255];
 - transparency (RGBA, LA, P with a transparent colour) is composited over black;
@@ -25,24 +28,42 @@ from PIL import Image, ImageOps
 
 # Fixed encoder settings: the same pixels always give the same PNG bytes.
 PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
+DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS
 
 
 class BadInput(Exception):
     """An input that cannot become a sample; ``str(error)`` is the reason."""
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode encoded image bytes fully (so truncated files fail here, not later)."""
     if not data:
         raise BadInput("empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=DECODERS)
+    except Image.DecompressionBombError as error:
+        raise BadInput(f"too large: {error}") from error
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise BadInput(
+            f"not a decodable image ({type(error).__name__}: {error}); only PNG, JPEG, WebP, "
+            "BMP and GIF files are read"
+        ) from error
+    check_pixels(*image.size, max_pixels)
+    try:
         image.load()
         return ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError as error:
-        raise BadInput(f"image too large to decode safely: {error}") from error
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
+    except Exception as error:
         raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from error
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """BadInput "too large" for an image of more than ``max_pixels`` pixels."""
+    if width * height > max_pixels:
+        raise BadInput(
+            f"too large: {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (--max-image-pixels)"
+        )
 
 
 def to_rgb_or_l(image: Image.Image) -> Image.Image:

@@ -3,6 +3,7 @@ its ``manifest.json`` does. Readers check shards against it (count, bytes, sha25
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,10 +15,12 @@ MANIFEST_NAME = "manifest.json"
 Split = Literal["train", "val"]
 Kind = Literal["images", "latents"]
 SPLITS: tuple[Split, ...] = ("train", "val")
+# The only names a shard can have: a plain file name in the dataset's own folder.
+SHARD_NAME = re.compile(r"^(?P<split>train|val)-[0-9]{6,}\.tar$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ShardOptions(_Frozen):
@@ -28,6 +31,11 @@ class ShardOptions(_Frozen):
     shard_max_samples: int = Field(1000, ge=1, description="samples per shard, at most")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of inputs for 'val'")
     seed: int = Field(0, ge=0, description="seed of the train/val split and sample order")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, le=178_956_970,
+        description="larger inputs are skipped as too large without being decoded "
+        "(default: Pillow's limit; at most twice it)",
+    )  # fmt: skip
 
 
 class ShardEntry(_Frozen):
@@ -38,6 +46,18 @@ class ShardEntry(_Frozen):
     num_samples: int = Field(ge=1)
     num_bytes: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _own_shard(self) -> ShardEntry:
+        """A name is used as a path inside the dataset's folder: nothing else passes."""
+        match = SHARD_NAME.match(self.name)
+        if match is None or match["split"] != self.split:
+            raise ValueError(
+                f"manifest entry {self.name!r} ({self.split}) is not a shard of this dataset "
+                f"(expected {self.split}-NNNNNN.tar in the manifest's own folder): the "
+                "manifest is damaged or was edited; re-run 'ldm shard'"
+            )
+        return self
 
 
 class SkippedInput(_Frozen):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from data import storage
-from data.convert import BadInput, array_to_image, decode, encode_png, prepare
+from data.convert import BadInput, array_to_image, check_pixels, decode, encode_png, prepare
 from data.manifest import (
     FORMAT_VERSION,
     SPLITS,
@@ -273,7 +273,11 @@ def _convert(src: Source, options: ShardOptions, item: Input) -> _Converted:
         return _Converted(digest="", reason=f"cannot be read ({error})")
     digest = _input_digest(raw)
     try:
-        image = array_to_image(raw) if isinstance(raw, np.ndarray) else decode(raw)
+        if isinstance(raw, np.ndarray):
+            check_pixels(raw.shape[1], raw.shape[0], options.max_image_pixels)
+            image = array_to_image(raw)
+        else:
+            image = decode(raw, options.max_image_pixels)
         pixels = prepare(image, options.image_size, options.channels)
     except BadInput as error:
         return _Converted(digest=digest, reason=str(error))

@@ -9,13 +9,21 @@ Folder layout: if any file sits in a sub-folder, ``ROOT/<class name>/…`` is re
 classes (ids from the sorted class names; files at the top level are skipped);
 otherwise the folder is one unconditional class. Unconditional sources have no class
 names and every label is 0. Paths with a part starting with ``.`` are skipped as hidden.
+
+Local folders, what is listed as skipped rather than read: a file name that is not
+valid UTF-8 (shown with its bytes escaped, ``\\xff``), anything that is not a regular
+file (a FIFO would block the reader), a broken symbolic link, and a symbolic link to a
+folder (never followed, so a link cannot make the listing loop or leave the source).
+A symbolic link to a file is read as the file it points to.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -78,7 +86,12 @@ def open_source(spec: str) -> Source:
 
 
 def _folder_source(url: str) -> Source:
-    files = list(storage.list_files(url))
+    loc = storage.parse(url)
+    unusable: list[Skipped] = []
+    if loc.is_s3:
+        files = list(storage.list_files(url))  # S3 keys are UTF-8 objects, never links
+    else:
+        files, unusable = list_local_folder(loc.path)
     in_folders = any("/" in f.name for f in files if not _hidden(f.name))
     class_names = _class_names(url, files) if in_folders else ()
     class_ids = {name: i for i, name in enumerate(class_names)}
@@ -101,6 +114,7 @@ def _folder_source(url: str) -> Source:
     for name in class_names:
         if class_ids[name] not in used:
             skipped.append(Skipped(f"{name}/", "class folder holds no images"))
+    skipped += unusable
     kind = f"{len(class_names)} class folders" if in_folders else "unconditional images"
     return Source(f"{url} ({kind})", class_names, inputs, sorted(skipped, key=lambda s: s.ref))
 
@@ -113,8 +127,67 @@ def _class_names(url: str, files: list[storage.Listed]) -> tuple[str, ...]:
     names = {PurePosixPath(f.name).parts[0] for f in files if "/" in f.name}
     loc = storage.parse(url)
     if not loc.is_s3:  # a local class folder may be empty; S3 has no empty folders
-        names |= {d.name for d in loc.path.iterdir() if d.is_dir()}
+        names |= {
+            d.name
+            for d in loc.path.iterdir()
+            if d.is_dir() and not d.is_symlink() and _utf8(d.name) is not None
+        }
     return tuple(sorted(n for n in names if not n.startswith(".")))
+
+
+def list_local_folder(root: Path) -> tuple[list[storage.Listed], list[Skipped]]:
+    """Regular files under ``root`` (recursively, sorted by relative name, links to
+    files followed) and the entries that cannot be inputs, with the reason."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    files: list[storage.Listed] = []
+    skipped: list[Skipped] = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        base = Path(folder)
+        for name in list(dirs):
+            if (base / name).is_symlink():
+                dirs.remove(name)
+                skipped.append(Skipped(_ref(root, base / name) + "/", "symbolic link to a "
+                                       "folder (links to folders are not followed)"))  # fmt: skip
+        dirs.sort()
+        for name in names:
+            path = base / name
+            ref = _ref(root, path)
+            reason = _unusable(path)
+            if reason is not None:
+                skipped.append(Skipped(ref, reason))
+            else:
+                files.append(storage.Listed(ref, str(path), path.stat().st_size))
+    files.sort(key=lambda f: f.name)
+    return files, skipped
+
+
+def _ref(root: Path, path: Path) -> str:
+    """The relative name as text, any non-UTF-8 bytes escaped (``\\xff``)."""
+    return os.fsencode(path.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> str | None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
+
+
+def _unusable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an input, or None."""
+    if _utf8(path.as_posix()) is None:
+        return "file name is not valid UTF-8: rename it to read it"
+    try:
+        mode = path.stat().st_mode  # follows a link
+    except FileNotFoundError:
+        return "broken symbolic link" if path.is_symlink() else "disappeared while listing"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
 
 
 def _npz_source(url: str) -> Source:

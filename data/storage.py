@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -20,27 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from data.environment import S3_CLIENT_ENV
+
 _T = TypeVar("_T")
 
 # Objects above this size go up as multipart uploads, in parts of this size.
 MULTIPART_BYTES = 64 * 1024 * 1024
-# Environment variables that change which S3 client a process should use.
-_CLIENT_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "SlowDown", "RequestTimeout"}
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
 
 
 class StorageError(RuntimeError):
     """A storage problem the user can fix; the message names what to fix."""
+
+
+class PermanentStorageError(StorageError):
+    """A storage error that retrying cannot fix (a missing bucket, refused or missing
+    credentials): orchestrators fail at once instead of retrying."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,20 @@ class Listed:
     size: int
 
 
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<rest>.*)$")
+# Schemes a user may type by mistake for one of ours; anything else with "://" is refused.
+_KNOWN_SCHEMES = {"s3", "s3a", "s3n", "file", "gs", "gcs", "az", "abfs", "abfss", "hdfs",
+                  "http", "https", "ftp", "sftp"}  # fmt: skip
+
+
 def parse(url: str) -> Location:
-    """``s3://bucket/key`` → bucket and key; ``file:///p`` or a plain path → local path."""
+    """``s3://bucket/key`` → bucket and key; ``file:///p`` or a plain path → local path.
+
+    A URL that is almost one of these (``s3:/bucket``, ``S3://bucket``, ``s3a://…``) or
+    names another scheme is a ValueError saying what was probably meant; it never
+    silently becomes a local folder."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"expected a local path, file:// or s3:// URL, got {url!r}")
     if url.startswith("s3://"):
         bucket, _, key = url[len("s3://") :].partition("/")
         if len(bucket) < 3:
@@ -75,9 +84,24 @@ def parse(url: str) -> Location:
         return Location(url=url, bucket=bucket, key=key.strip("/"))
     if url.startswith("file://"):
         return Location(url=url, path=Path(url[len("file://") :]))
-    if "://" in url:
-        raise ValueError(f"unsupported URL '{url}': use a local path, file:// or s3://")
+    match = _SCHEME.match(url)
+    if match and ("://" in url or match["scheme"].lower() in _KNOWN_SCHEMES):
+        raise ValueError(_malformed(url, match["scheme"], match["rest"]))
     return Location(url=url, path=Path(url))
+
+
+def _malformed(url: str, scheme: str, rest: str) -> str:
+    """The error for a URL we do not read, with the likely intended spelling."""
+    tail = rest.lstrip("/")
+    lower = scheme.lower()
+    if lower in ("s3", "s3a", "s3n"):
+        return f"'{url}' is not a valid S3 URL: did you mean 's3://{tail}'?"
+    if lower == "file":
+        return f"'{url}' is not a valid file URL: did you mean 'file:///{tail}' (or a plain path)?"
+    return (
+        f"unsupported URL '{url}': use a local path, file:///absolute/path or "
+        "s3://bucket/prefix (other stores are reachable through their S3 API)"
+    )
 
 
 def join(url: str, name: str) -> str:
@@ -87,7 +111,7 @@ def join(url: str, name: str) -> str:
 
 def s3_client() -> Any:
     """A boto3 S3 client for this process and the current AWS environment variables."""
-    return _cached_client(os.getpid(), tuple(os.environ.get(v) for v in _CLIENT_ENV))
+    return _cached_client(os.getpid(), tuple(os.environ.get(v) for v in S3_CLIENT_ENV))
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,7 +135,7 @@ def explain(error: Exception, url: str) -> Exception:
     endpoint = _endpoint()
     bucket = parse(url).bucket
     if isinstance(error, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return StorageError(
+        return PermanentStorageError(
             f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         )
@@ -124,11 +148,11 @@ def explain(error: Exception, url: str) -> Exception:
         return StorageError(f"S3 request for {url} at {endpoint} failed: {error}")
     code = str(error.response.get("Error", {}).get("Code", ""))
     if code == "NoSuchBucket":
-        return StorageError(
+        return PermanentStorageError(
             f"bucket '{bucket}' does not exist at {endpoint}: create it or fix the URL {url}"
         )
     if code in _AUTH_CODES:
-        return StorageError(
+        return PermanentStorageError(
             f"the S3 endpoint {endpoint} refused the credentials for {url} ({code}): check "
             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
         )

@@ -42,9 +42,14 @@ def cache_latents(
         f"{images.fingerprint}\n{autoencoder_checkpoint}\n{config.autoencoder.model_dump_json()}".encode()
     ).hexdigest()
     out_url = out_url.rstrip("/")
-    cached = storage.stat(manifest_url(out_url)) is not None
-    if cached and load_manifest(out_url).fingerprint == fingerprint:
-        return out_url
+    if storage.stat(manifest_url(out_url)) is not None:
+        try:
+            if load_manifest(out_url).fingerprint == fingerprint:
+                return out_url
+        except ValueError:
+            pass  # damaged or edited: rebuilt below
+        # Shards are about to be replaced: the old manifest must not describe them.
+        storage.delete(manifest_url(out_url))
     folder = source_url.rsplit("/", 1)[0]
     encode = ray.remote(num_cpus=1)(_encode_shard)
     pending = [

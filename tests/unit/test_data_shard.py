@@ -174,10 +174,10 @@ def test_cli_shards_mnist_and_prints_a_summary(tmp_path):
     assert manifest.class_names == tuple("0123456789")
 
 
-def test_cli_errors_go_to_stderr_with_exit_code_1(tmp_path):
+def test_cli_errors_go_to_stderr_bad_options_with_exit_code_2_others_1(tmp_path):
     result = _ldm("shard", "mnist", str(tmp_path), "--val-fraction", "1.5")
-    assert result.returncode == 1
-    assert "--val-fraction: Input should be less than 1" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "ldm shard: error: --val-fraction: Input should be less than 1\n"
     env_result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "shard", "mnist", "s3://bucket/ds"],
         capture_output=True,

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-
-# Environment the replicas need to reach MLflow and its artifact store; passed to
-# them through the runtime environment, never into a config or a log.
-FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)  # fmt: skip
 
 
 def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConfig
@@ -32,6 +22,9 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
+        max_evaluations_per_request=args.max_evaluations,
+        max_queued_requests=args.max_queued_requests,
+        request_timeout_s=args.request_timeout_s,
         reload_interval_s=args.reload_interval_s,
     )
     if args.autoscale:
@@ -43,35 +36,37 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from flows.cli_config import config_error
 
     try:
         config = app_config_from_args(args)
-    except ValidationError as error:
-        for problem in error.errors(include_url=False):
-            where = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "options"
-            print(f"ldm serve: error: {where}: {problem['msg']}", file=sys.stderr)
-        return 1
+    except ValueError as error:  # a ValidationError is a ValueError
+        return config_error("ldm serve", error, option_style=True)
 
-    import ray
     from ray import serve
 
     from serving.app import build_app
+    from training.ray_connection import RayUnavailable, connect_ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    try:
+        # A local Ray inherits this environment (credentials, LDM_API_TOKEN); a joined
+        # cluster's replicas use their nodes' own.
+        connect_ray(args.address)
+    except (RayUnavailable, ValueError) as error:
+        print(f"ldm serve: error: {error}", file=sys.stderr)
+        return 1
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(build_app(config), name=args.name, route_prefix="/", blocking=False)
     except Exception as error:  # a replica failed to start: say why and stop
         print(f"ldm serve: error: the app did not start: {error}", file=sys.stderr)
         return 1
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    _warn_if_token_missing(url)
     print(
         f"Serving {config.model_uri} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
         flush=True,
     )
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop = Ctrl-C
     try:
         while True:
             time.sleep(1)
@@ -81,8 +76,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _warn_if_token_missing(url: str) -> None:
+    """With LDM_API_TOKEN set here, the replicas must refuse a request without it; on a
+    joined cluster they only see the token if its nodes have it."""
+    import urllib.error
+    import urllib.request
+
+    from serving.admission import TOKEN_ENV
+
+    if not os.environ.get(TOKEN_ENV):
+        return
+    try:
+        with urllib.request.urlopen(f"{url}/v1/model", timeout=10):
+            required = False
+    except urllib.error.HTTPError as error:
+        required = error.code == 401
+    except OSError:
+        return  # not reachable from here; nothing to tell
+    if not required:
+        print(
+            f"ldm serve: warning: {TOKEN_ENV} is set here but the replicas do not require "
+            "it: set it in the environment of the cluster's nodes (e.g. from a Kubernetes "
+            "Secret)",
+            file=sys.stderr,
+        )
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -138,7 +155,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "running here, 'local' to start a new local Ray (default: RAY_ADDRESS, else the "
         "running local Ray, else a new one)",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="HTTP bind address (default: 127.0.0.1, this machine only; see the README's "
+        "'Security and limits' before exposing it)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--name", default="ldm", help="Serve application name (default: ldm)")
     scaling = serve.add_mutually_exclusive_group()
@@ -161,6 +183,25 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--max-images-per-request", type=int, default=64, help="request limit (default: 64)"
     )
     serve.add_argument("--max-steps", type=int, default=1000, help="request limit (default 1000)")
+    serve.add_argument(
+        "--max-evaluations",
+        type=int,
+        default=16_384,
+        help="work budget per request in network evaluations: images × steps × passes "
+        "(classifier-free guidance doubles, classifier guidance adds 2) (default: 16384)",
+    )
+    serve.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=64,
+        help="requests waiting for a replica; beyond it 503 with Retry-After (default: 64)",
+    )
+    serve.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=120.0,
+        help="a request not answered by then gets a 504 (default: 120)",
+    )
     serve.add_argument(
         "--reload-interval-s",
         type=float,

@@ -1,6 +1,10 @@
 """The Ray Serve sampling app: ``serve run serving.app:build_app model_uri=models:/ldm@champion``.
 
 Routes: ``POST /v1/samples``, ``GET /v1/model``, ``GET /healthz`` and a page at ``GET /``.
+With ``LDM_API_TOKEN`` set where the app runs, the ``/v1/*`` routes require it as a
+bearer token. A request passes :mod:`serving.admission` (token, media type, size,
+JSON, work budget) before it may wait for a batch, and waits at most
+``request_timeout_s``; Serve bounds the queue (503 with ``Retry-After`` beyond it).
 A request is validated against the model version current when it arrives and is
 sampled with that version, even if the alias moves meanwhile. Valid requests wait
 in ``@serve.batch``; each batch is split into compatible groups (see
@@ -12,9 +16,10 @@ accepting requests (and filling the next batch) while the network runs.
 # build_app's argument at run time to validate ``serve run`` arguments as AppConfig.
 
 import asyncio
-import json
 import logging
+import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +30,16 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
+from serving.admission import (
+    TOKEN_ENV,
+    Refusal,
+    check_budget,
+    check_media_type,
+    check_token,
+    error_response,
+    parse_json,
+    read_body,
+)
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
 from serving.model_store import AliasWatcher, LoadedModel, ModelStore
@@ -41,15 +56,12 @@ from serving.schemas import (
 from serving.stats import BatchStats
 
 logger = logging.getLogger(__name__)
-MAX_BODY_BYTES = 256 * 1024  # a maximal valid request is a few KiB
 
 api = FastAPI(title="ldm sampling", docs_url=None, redoc_url=None)
 
 
 # Helpers the deployment calls are defined above it: Serve serialises the class when
 # it is decorated, so names defined after it would be missing in the replica.
-def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status)
 
 
 def _respond(
@@ -102,6 +114,8 @@ class SamplerDeployment:
 
     def __init__(self, config: AppConfig):
         self.config = config
+        # Read where the app runs (a Secret, the node's environment); never logged.
+        self._token = os.environ.get(TOKEN_ENV) or None
         torch.set_num_threads(config.resolved_torch_threads)
         self.store = ModelStore(config.model_ref, str(config.tracking_uri), config.resolved_device)
         self.current: LoadedModel = self.store.load_current()
@@ -116,7 +130,12 @@ class SamplerDeployment:
             self.watcher = AliasWatcher(
                 self.store, lambda: self.current.version, self._swap, config.reload_interval_s
             ).start()
-        logger.info("serving %s version %s", self.current.name, self.current.version)
+        logger.info(
+            "serving %s version %s (token %s)",
+            self.current.name,
+            self.current.version,
+            "required" if self._token else "not required",
+        )
 
     def _swap(self, loaded: LoadedModel) -> None:
         self.current = loaded  # one reference assignment: requests keep what they captured
@@ -157,15 +176,22 @@ class SamplerDeployment:
         return {"status": "ok", "model": self.current.name, "version": self.current.version}
 
     @api.get("/v1/model")
-    async def model_info(self) -> dict[str, Any]:
-        loaded = self.current
-        config, limits = loaded.model.config, self.limits_for(loaded)
+    async def model_info(self, request: Request) -> Response:
+        try:
+            check_token(request.headers.get("authorization"), self._token)
+        except Refusal as refusal:
+            return refusal.response()
+        return JSONResponse(self._describe(self.current))
+
+    def _describe(self, loaded: LoadedModel) -> dict[str, Any]:
+        """The model and the rules of this endpoint (no tracking URIs, no error texts)."""
+        config, limits, c = loaded.model.config, self.limits_for(loaded), self.config
         watcher = self.watcher
         return {
             "name": loaded.name,
             "version": loaded.version,
             "alias": loaded.alias,
-            "model_uri": self.config.model_uri,
+            "model_uri": c.model_uri,
             "run_id": loaded.run_id,
             "loaded_at": loaded.loaded_at,
             "class_names": list(limits.class_names),
@@ -180,15 +206,20 @@ class SamplerDeployment:
                 "default_steps": limits.default_steps,
                 "max_guidance_scale": limits.max_guidance_scale,
                 "max_classifier_scale": limits.max_classifier_scale,
+                "max_evaluations_per_request": c.max_evaluations_per_request,
+                "request_timeout_s": c.request_timeout_s,
+                "token_required": self._token is not None,
             },
             "batching": {
-                "max_batch_size": self.config.max_batch_size,
-                "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+                "max_batch_size": c.max_batch_size,
+                "batch_wait_timeout_s": c.batch_wait_timeout_s,
+                "max_ongoing_requests": c.resolved_max_ongoing_requests,
+                "max_queued_requests": c.max_queued_requests,
             },
             "reload": {
-                "interval_s": self.config.reload_interval_s if watcher else 0,
+                "interval_s": c.reload_interval_s if watcher else 0,
                 "last_check": watcher.last_check if watcher else None,
-                "last_error": watcher.last_error if watcher else None,
+                "last_failure": watcher.last_failure if watcher else None,
             },
             "stats": self.stats.as_dict(),
         }
@@ -198,33 +229,59 @@ class SamplerDeployment:
         arrived = time.perf_counter()
         loaded = self.current  # this request is validated against and sampled with it
         limits = self.limits_for(loaded)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            self.stats.rejected += 1
-            return _error(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
         try:
-            json.loads(body)
-        except ValueError as error:
+            parsed, job = await self._admit(request, limits)
+        except Refusal as refusal:
             self.stats.rejected += 1
-            return _error(400, f"request body is not valid JSON: {error}")
+            return refusal.response()
+        timeout = self.config.request_timeout_s
+        try:
+            outcome = await asyncio.wait_for(self._sample_batch((loaded, job)), timeout)
+        except TimeoutError:
+            self.stats.timed_out += 1
+            return error_response(
+                504,
+                f"the request did not finish within {timeout:g} s (this endpoint's "
+                "request_timeout_s): retry later, or ask for fewer images or steps",
+            )
+        if isinstance(outcome, SampleFailure):
+            request_id = uuid.uuid4().hex[:16]
+            logger.error("request %s failed: %s", request_id, outcome.message)
+            return error_response(
+                500,
+                f"sampling failed on the server (request id {request_id}); the replica's "
+                "log has the details",
+                request_id=request_id,
+            )
+        return _respond(parsed.format, loaded, job, outcome, time.perf_counter() - arrived)
+
+    async def _admit(
+        self, request: Request, limits: RequestLimits
+    ) -> tuple[SampleRequest, SampleJob]:
+        """Token, media type, size, JSON, fields, work budget: a request that passes
+        them all can be sampled."""
+        headers = request.headers
+        check_token(headers.get("authorization"), self._token)
+        check_media_type(headers.get("content-type"))
+        body = await read_body(headers.get("content-length"), request.stream())
+        parse_json(body)
         try:
             parsed = SampleRequest.model_validate_json(body, context=limits)
         except ValidationError as error:
-            self.stats.rejected += 1
             problems = describe_errors(error, limits)
             detail = "; ".join(f"{p['field']}: {p['message']} (allowed: {p['allowed']})"
                                for p in problems)  # fmt: skip
-            return _error(422, detail, problems)
+            raise Refusal(422, detail, problems) from None
         job = parsed.to_job(limits)
-        outcome = await self._sample_batch((loaded, job))
-        if isinstance(outcome, SampleFailure):
-            return _error(500, outcome.message)
-        return _respond(parsed.format, loaded, job, outcome, time.perf_counter() - arrived)
+        check_budget(job, self.config.max_evaluations_per_request)
+        return parsed, job
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _sample_batch(
         self, work: list[tuple[LoadedModel, SampleJob]]
     ) -> list[SampleResult | SampleFailure]:
+        # Requests whose client left, or that timed out while queued, were cancelled
+        # and are not in ``work``: Serve drops cancelled requests from a batch.
         pairs = [(loaded.model, job) for loaded, job in work]
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, sample_batch, pairs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -40,14 +41,19 @@ def parse_label(text: str) -> int | str:
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
-def request_samples(url: str, payload: dict[str, Any], timeout: float = 300.0) -> SampleReply:
-    """POST ``payload`` to ``URL/v1/samples``; :class:`SampleError` on a 4xx/5xx or no answer."""
+def request_samples(
+    url: str, payload: dict[str, Any], timeout: float = 300.0, token: str | None = None
+) -> SampleReply:
+    """POST ``payload`` to ``URL/v1/samples``; :class:`SampleError` on a 4xx/5xx or no answer.
+
+    ``token``: the endpoint's bearer token (default: ``LDM_API_TOKEN`` if set)."""
     endpoint = url.rstrip("/") + "/v1/samples"
+    headers = {"Content-Type": "application/json"}
+    token = token or os.environ.get("LDM_API_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        endpoint,
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        endpoint, data=json.dumps(payload).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

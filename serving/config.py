@@ -46,7 +46,7 @@ def parse_model_uri(uri: str) -> ModelRef:
 
 
 class _Args(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class AutoscalingSettings(_Args):
@@ -93,7 +93,14 @@ class AppConfig(_Args):
     max_batch_size: int = Field(16, ge=1, le=1024, description="requests per batch; 1: off")
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=10)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default 2·max_batch_size")
-    max_queued_requests: int = Field(-1, ge=-1, description="beyond it: 503; -1: no limit")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests waiting for a replica; beyond it 503 with Retry-After "
+        "(-1: no limit)"
+    )  # fmt: skip
+    retry_after_s: int = Field(2, ge=0, description="the Retry-After of a 503 for a full queue")
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="a request not answered by then gets a 504"
+    )
     # ----------------------------------------------------------- request limits
     max_images_per_request: int = Field(64, ge=1, le=4096)
     max_steps: int = Field(1000, ge=1)
@@ -102,6 +109,10 @@ class AppConfig(_Args):
     )
     max_guidance_scale: float = Field(50.0, ge=0)
     max_classifier_scale: float = Field(100.0, ge=0)
+    max_evaluations_per_request: int = Field(
+        16_384, ge=1, description="work budget: images × steps × passes (classifier-free "
+        "guidance doubles, classifier guidance adds 2); a costlier request gets a 422"
+    )  # fmt: skip
     # ----------------------------------------------------------- hot reload
     reload_interval_s: float = Field(
         30.0, ge=0, description="seconds between alias checks; 0 turns reload off"
@@ -166,6 +177,7 @@ class AppConfig(_Args):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.resolved_max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)

@@ -11,20 +11,18 @@ Two ways, picked by the address:
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 from urllib.parse import urlparse
 
+from data.environment import settings_env
 from serving.config import AppConfig
-from training.submit import JOB_ENV, LOCAL_HOSTS, is_job_address
+from training.submit import LOCAL_HOSTS, is_job_address
 
 APPLICATIONS = "/api/serve/applications/"
 IMPORT_PATH = "serving.app:build_app"
-# Settings the replicas need to find S3 (not secrets: those come from the nodes).
-REPLICA_ENV = (*JOB_ENV, "MLFLOW_S3_ENDPOINT_URL")
 
 
 class DeployError(RuntimeError):
@@ -37,19 +35,26 @@ def deploy_app(
     port: int,
     address: str | None = None,
     timeout_s: float = 300.0,
+    host: str = "127.0.0.1",
 ) -> str:
-    """Deploy ``config`` as application ``name`` on route ``/``; returns its base URL."""
+    """Deploy ``config`` as application ``name`` on route ``/``, its HTTP proxy bound to
+    ``host`` (this machine only unless told otherwise); returns its base URL."""
     if is_job_address(address):
-        return deploy_through_dashboard(config, name, address, port, timeout_s)
+        return deploy_through_dashboard(config, name, address, port, timeout_s, host)
     from ray import serve
 
     from serving.app import build_app
-    from training.launch import connect_ray
+    from training.ray_connection import connect_ray
 
-    connect_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    connect_ray(address)
+    serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return f"http://{_reachable(host, '127.0.0.1')}:{port}"
+
+
+def _reachable(bind: str, machine: str) -> str:
+    """The address to call an HTTP proxy bound to ``bind`` on ``machine``."""
+    return machine if bind in ("0.0.0.0", "::", "127.0.0.1", "localhost") else bind
 
 
 def application_entry(config: AppConfig, name: str) -> dict[str, Any]:
@@ -60,19 +65,30 @@ def application_entry(config: AppConfig, name: str) -> dict[str, Any]:
         "import_path": IMPORT_PATH,
         "args": config.model_dump(mode="json", exclude_none=True),
     }
-    env = {key: os.environ[key] for key in REPLICA_ENV if os.environ.get(key)}
+    env = settings_env()  # where S3 is; never credentials: replicas use their nodes'
     if env:
         entry["runtime_env"] = {"env_vars": env}
     return entry
 
 
 def deploy_through_dashboard(
-    config: AppConfig, name: str, address: str, port: int, timeout_s: float = 300.0
+    config: AppConfig,
+    name: str,
+    address: str,
+    port: int,
+    timeout_s: float = 300.0,
+    bind: str = "127.0.0.1",
 ) -> str:
     """PUT the cluster's Serve config with this app added or replaced, then wait until
     Serve reports it RUNNING with these args."""
     base = address.rstrip("/")
     host = urlparse(base).hostname or "127.0.0.1"
+    if host not in LOCAL_HOSTS and bind in ("127.0.0.1", "localhost"):
+        raise ValueError(
+            f"the Ray cluster at {address} is on another machine and the endpoint would "
+            "bind 127.0.0.1 there, out of reach from here: give a bind host (serve_host / "
+            "--host 0.0.0.0, behind your proxy or firewall; see 'Security and limits')"
+        )
     current = _call("GET", base + APPLICATIONS)
     kept = [
         details["deployed_app_config"]
@@ -81,7 +97,6 @@ def deploy_through_dashboard(
         and details.get("deployed_app_config")
     ]  # fmt: skip
     entry = application_entry(config, name)
-    bind = "127.0.0.1" if host in LOCAL_HOSTS else "0.0.0.0"
     body = {"http_options": {"host": bind, "port": port}, "applications": [*kept, entry]}
     _call("PUT", base + APPLICATIONS, body)
 
@@ -92,7 +107,7 @@ def deploy_through_dashboard(
         deployed = (app.get("deployed_app_config") or {}).get("args")
         if app.get("status") == "RUNNING" and deployed == entry["args"]:
             served_port = (details.get("http_options") or {}).get("port") or port
-            return f"http://{host}:{served_port}"
+            return f"http://{_reachable(bind, host)}:{served_port}"
         if app.get("status") == "DEPLOY_FAILED" and deployed == entry["args"]:
             raise DeployError(f"Serve could not deploy '{name}': {app.get('message', '')}")
         if time.monotonic() > deadline:

@@ -79,8 +79,8 @@ class ModelStore:
 
 class AliasWatcher:
     """Every ``interval_s``, resolve the alias; when the version changed, load it and
-    hand it to ``on_new``. Failures are logged and kept in :attr:`last_error`; the
-    current model keeps serving."""
+    hand it to ``on_new``. Failures are logged (with the reason) and their time kept
+    in :attr:`last_failure`; the current model keeps serving."""
 
     def __init__(
         self,
@@ -93,7 +93,7 @@ class AliasWatcher:
         self.current_version = current_version
         self.on_new = on_new
         self.interval_s = interval_s
-        self.last_error: str | None = None
+        self.last_failure: float | None = None  # time.time() of the last failed check
         self.last_check: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
@@ -113,17 +113,17 @@ class AliasWatcher:
         try:
             version = self.store.resolve_version()
             if version == self.current_version():
-                self.last_error = None
+                self.last_failure = None
                 return False
             loaded = self.store.load(version)
         except Exception as error:  # keep serving the current version
-            self.last_error = str(error)
+            self.last_failure = time.time()
             logger.warning("model reload failed, still serving the current version: %s", error)
             return False
         finally:
             self.last_check = time.time()
         self.on_new(loaded)
-        self.last_error = None
+        self.last_failure = None
         logger.info("now serving %s version %s", loaded.name, loaded.version)
         return True
 

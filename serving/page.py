@@ -1,7 +1,9 @@
 """The page served at ``GET /``: pick a class, a guidance scale and a sampler, see the
 images. One self-contained HTML document (no external scripts, styles or fonts); it
 calls ``v1/model`` and ``v1/samples`` relative to where it is served. Open it with
-``?autorun=1`` to sample once on load (handy for screenshots)."""
+``?autorun=1`` to sample once on load (handy for screenshots). When the endpoint
+requires a token, paste it into the token field; it is sent as a bearer header and
+kept only in this tab (sessionStorage)."""
 
 PAGE_HTML = """<!doctype html>
 <html lang="en">
@@ -17,7 +19,8 @@ PAGE_HTML = """<!doctype html>
   input[type=number], select { width: 8rem; }
   button { grid-column: 2; width: 8rem; padding: .35rem; }
   #status { margin: 1rem 0; min-height: 1.2rem; }
-  #status.error { color: #b00020; }
+  #status.error, #cost.error { color: #b00020; }
+  #cost { color: #666; font-size: .9em; }
   #images { display: flex; flex-wrap: wrap; gap: 6px; }
   #images img { width: 96px; height: 96px; image-rendering: pixelated; background: #000; }
 </style>
@@ -35,6 +38,9 @@ PAGE_HTML = """<!doctype html>
   </select>
   <label for="steps">steps</label><input id="steps" type="number" min="1" value="50">
   <label for="seed">seed (empty: random)</label><input id="seed" type="number" min="0">
+  <label for="token">API token (if required)</label>
+  <input id="token" type="password" autocomplete="off">
+  <span></span><span id="cost"></span>
   <button id="go" type="submit">Sample</button>
 </form>
 <div id="status"></div>
@@ -45,9 +51,33 @@ const $ = (id) => document.getElementById(id);
 function show(text, isError) {
   $("status").textContent = text; $("status").className = isError ? "error" : "";
 }
-$("guidance").oninput = () => { $("guidance-value").textContent = $("guidance").value; };
+let budget = null;
+function headers() {
+  const token = $("token").value.trim();
+  sessionStorage.setItem("ldm-token", token);
+  return token ? { "Authorization": "Bearer " + token } : {};
+}
+async function readJson(response) {
+  try { return await response.json(); } catch (e) { return { detail: response.statusText }; }
+}
+function showCost() {
+  if (budget === null) return;
+  const cost = Number($("count").value) * Number($("steps").value) *
+    (Number($("guidance").value) > 0 ? 2 : 1);
+  $("cost").textContent = `cost ${cost} of ${budget} network evaluations per request`;
+  $("cost").className = cost > budget ? "error" : "";
+}
+$("guidance").oninput = () => {
+  $("guidance-value").textContent = $("guidance").value; showCost();
+};
+$("count").oninput = showCost; $("steps").oninput = showCost;
+$("token").value = sessionStorage.getItem("ldm-token") || "";
 async function loadModel() {
-  const info = await (await fetch(base + "v1/model")).json();
+  const response = await fetch(base + "v1/model", { headers: headers() });
+  const info = await readJson(response);
+  if (!response.ok) {
+    show(`${response.status}: ${info.detail} (enter the token, then sample)`, true); return;
+  }
   $("model").textContent = `${info.name} version ${info.version}` +
     (info.alias ? ` (@${info.alias})` : "") + `, ${info.image_size}×${info.image_size} images`;
   info.class_names.forEach((name, id) => $("class").add(new Option(`${id}: ${name}`, id)));
@@ -55,6 +85,8 @@ async function loadModel() {
   $("steps").max = info.limits.max_steps;
   $("steps").value = info.limits.default_steps;
   $("guidance").max = Math.min(info.limits.max_guidance_scale, 20);
+  budget = info.limits.max_evaluations_per_request;
+  showCost();
 }
 async function sample(event) {
   if (event) event.preventDefault();
@@ -63,9 +95,10 @@ async function sample(event) {
     steps: Number($("steps").value), format: "json" };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   show("sampling…", false);
+  if (budget === null) await loadModel();
   const response = await fetch(base + "v1/samples", { method: "POST",
-    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-  const result = await response.json();
+    headers: { "Content-Type": "application/json", ...headers() }, body: JSON.stringify(body) });
+  const result = await readJson(response);
   if (!response.ok) { show(`${response.status}: ${result.detail}`, true); return; }
   $("images").replaceChildren(...result.images.map((png) => {
     const img = new Image(); img.src = "data:image/png;base64," + png; img.alt = "sample";

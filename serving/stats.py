@@ -20,6 +20,7 @@ class BatchStats:
     images: int = 0
     failed: int = 0  # requests whose group failed on the server
     rejected: int = 0  # requests refused with a 4xx before sampling
+    timed_out: int = 0  # requests answered 504 after request_timeout_s
     group_requests: Counter = field(default_factory=Counter)  # group size → how many groups
 
     def record(self, results: Sequence[SampleResult | SampleFailure]) -> None:
@@ -44,6 +45,7 @@ class BatchStats:
             "images": self.images,
             "failed": self.failed,
             "rejected": self.rejected,
+            "timed_out": self.timed_out,
             "max_group_requests": max(self.group_requests, default=0),
             "groups_by_size": {str(k): v for k, v in sorted(self.group_requests.items())},
         }

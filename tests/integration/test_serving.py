@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,8 +41,10 @@ APP_ARGS = {
     "batch_wait_timeout_s": 0.2,  # wide, so concurrent test requests meet in one batch
     "max_images_per_request": 8,
     "max_steps": 20,
+    "max_evaluations_per_request": 400,
     "reload_interval_s": 1.0,
 }
+JSON = {"Content-Type": "application/json"}
 
 
 def _tiny_model(seed: int) -> LatentDiffusion:
@@ -80,9 +83,13 @@ def app_url(ray_cluster, mlflow_server) -> Iterator[str]:
         serve.shutdown()
 
 
-def _post(url: str, body: dict | bytes, timeout: float = 120) -> httpx.Response:
+def _post(
+    url: str, body: dict | bytes, timeout: float = 120, headers: dict | None = None
+) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}/v1/samples", content=content, timeout=timeout)
+    return httpx.post(
+        f"{url}/v1/samples", content=content, timeout=timeout, headers=JSON | (headers or {})
+    )
 
 
 def _images(response: httpx.Response) -> np.ndarray:
@@ -154,7 +161,14 @@ BAD_REQUESTS = [
     ("malformed JSON", b'{"label": 3,', 400, "not valid JSON"),
     ("empty body", b"", 400, "not valid JSON"),
     ("JSON array", b"[3]", 422, "object"),
-]
+    ("nesting bomb", b"[" * 200_000 + b"]" * 200_000, 413, "exceeds"),
+    ("deep nesting", b'{"labels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "too deeply"),
+    ("UTF-16 JSON", '{"label": 3}'.encode("utf-16"), 400, "UTF-8"),
+    ("NaN", b'{"label": 3, "guidance_scale": NaN}', 422, "finite number"),
+    ("huge integer", b'{"label": 3, "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("over the work budget", {"label": 3, "num_samples": 8, "steps": 20, "guidance_scale": 1,
+                              "classifier_scale": 1}, 422, "costs 640 network evaluations"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -167,8 +181,26 @@ def test_bad_requests_get_a_4xx_that_says_what_is_allowed(app_url, body, status,
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert message in detail
-    if status == 422:
+    if status == 422 and "budget" not in detail:
         assert "allowed:" in detail
+
+
+def test_only_json_is_accepted_and_sizes_are_checked_before_the_body_is_read(app_url):
+    form = httpx.post(f"{app_url}/v1/samples", content=b'{"label": 3}',
+                      headers={"Content-Type": "text/plain"}, timeout=30)  # fmt: skip
+    assert form.status_code == 415 and "application/json" in form.json()["detail"]
+    bare = httpx.post(f"{app_url}/v1/samples", content=b'{"label": 3}', timeout=30)
+    assert bare.status_code == 415
+
+    def chunked():  # no Content-Length: the replica stops reading past the limit
+        for _ in range(64):  # 4 MiB
+            yield b" " * 65_536
+
+    with httpx.Client(timeout=30) as client:
+        streamed = client.post(f"{app_url}/v1/samples", content=chunked(), headers=JSON)
+    assert streamed.status_code == 413 and "exceeds" in streamed.json()["detail"]
+    declared = _post(app_url, b" " * 1_000_000)  # with its Content-Length
+    assert declared.status_code == 413 and "1000000 bytes exceeds" in declared.json()["detail"]
 
 
 def test_bad_requests_do_not_disturb_good_ones(app_url):
@@ -177,7 +209,7 @@ def test_bad_requests_do_not_disturb_good_ones(app_url):
     with ThreadPoolExecutor(len(BAD_REQUESTS) + 1) as pool:
         pending = pool.submit(_post, app_url, good)
         bad = list(pool.map(lambda case: _post(app_url, case[1]), BAD_REQUESTS))
-        assert all(400 <= r.status_code < 500 for r in bad)
+        assert all(400 <= r.status_code < 500 for r in bad), [r.text for r in bad]
         assert _close(_images(pending.result()), alone)
     assert httpx.get(f"{app_url}/v1/model").json()["stats"]["failed"] == 0
     assert httpx.get(f"{app_url}/wrong").status_code == 404
@@ -198,12 +230,14 @@ def _concurrent_requests() -> list[dict]:
     return [defaults | r for r in compatible + others]
 
 
-def _all_at_once(url: str, requests: list[dict]) -> list[httpx.Response]:
+def _all_at_once(
+    url: str, requests: list[dict], headers: dict | None = None
+) -> list[httpx.Response]:
     start = threading.Barrier(len(requests))
 
     def fire(request: dict) -> httpx.Response:
         start.wait()
-        return _post(url, request)
+        return _post(url, request, headers=headers)
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(fire, requests))
@@ -235,16 +269,24 @@ def test_ldm_sample_writes_the_grid(app_url, tmp_path, capsys):
     assert f"4 images from {MODEL_NAME} version 1, seed 1" in capsys.readouterr().out
 
 
-def test_ldm_serve_deploys_until_ctrl_c(ray_cluster, mlflow_server, tmp_path):
-    """``ldm serve`` in its own process and its own local Ray (``--address local``)."""
+def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(ray_cluster, mlflow_server,
+                                                                  tmp_path):  # fmt: skip
+    """``ldm serve`` in its own process and its own local Ray (``--address local``), with
+    a token: the replicas inherit it and the S3 key, and neither appears in Ray's logs."""
+    import os
+    import tempfile
+    from pathlib import Path
+
     port = free_port()
     options = ["--address", "local", "--port", str(port), "--model-uri",
                f"models:/{MODEL_NAME}/1", "--tracking-uri", mlflow_server,
                "--num-cpus", "0.5", "--max-steps", "20"]  # fmt: skip
     command = [sys.executable, "-m", "flows.cli", "serve", *options]
     log = tmp_path / "serve.log"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
+    env = os.environ | {"LDM_API_TOKEN": TOKEN, "RAY_TMPDIR": str(ray_tmp)}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while "Serving models:/" not in log.read_text():
@@ -252,13 +294,25 @@ def test_ldm_serve_deploys_until_ctrl_c(ray_cluster, mlflow_server, tmp_path):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/v1/model").json()["version"] == "1"
-        assert _post(url, {"label": 1, "steps": 3}).headers["x-model-version"] == "1"
+        assert httpx.get(f"{url}/v1/model", timeout=30).status_code == 401
+        assert httpx.get(f"{url}/v1/model", headers=AUTH).json()["version"] == "1"
+        reply = _post(url, {"label": 1, "steps": 3}, headers=AUTH)
+        assert reply.headers["x-model-version"] == "1"
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
     assert code == 0, log.read_text()[-3000:]
     assert "stopped application 'ldm'" in log.read_text()
+    assert "do not require it" not in log.read_text()  # the replicas saw the token
+    secrets_ = [os.environ["AWS_SECRET_ACCESS_KEY"], TOKEN]
+    leaks = [
+        str(path)
+        for path in ray_tmp.rglob("*")
+        if path.is_file() and any(s.encode() in path.read_bytes() for s in secrets_)
+    ]
+    searched = any(ray_tmp.rglob("runtime_env_agent.log"))  # the logs were there to search
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert leaks == [] and searched
 
 
 def _hammer(url: str, stop: threading.Event, seen: list[tuple[int, str]]) -> None:
@@ -295,4 +349,87 @@ def test_moving_the_alias_switches_replicas_without_failing_requests(app_url, ml
     assert not _close(_images(after), before)  # new weights, same seed: new images
     info = httpx.get(f"{app_url}/v1/model").json()
     run_id = MlflowClient(mlflow_server).get_model_version(MODEL_NAME, "2").run_id
-    assert info["run_id"] == run_id and info["reload"]["last_error"] is None
+    assert info["run_id"] == run_id and info["reload"]["last_failure"] is None
+    assert mlflow_server not in json.dumps(info)  # no tracking URI is shown
+
+
+# ------------------------------------------------------------------ an exposed endpoint
+TOKEN = "it-token-5f2c9a"  # a test's own token, not a credential
+GUARDED_ARGS = APP_ARGS | {
+    "max_batch_size": 1,
+    "max_ongoing_requests": 2,  # one sampling, one waiting in the replica
+    "max_queued_requests": 1,  # and one waiting for the replica; more: 503
+    "retry_after_s": 3,
+    "request_timeout_s": 1.5,
+    "max_images_per_request": 64,
+    "max_steps": 100,
+    "max_evaluations_per_request": 25_600,
+}
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def guarded_url(app_url, mlflow_server) -> str:
+    """A second app on the same Serve instance with LDM_API_TOKEN set where it runs,
+    a small queue and a short request timeout."""
+    from serving.app import SamplerDeployment
+    from serving.config import AppConfig
+
+    config = AppConfig.model_validate(
+        {"model_uri": f"models:/{MODEL_NAME}/1", "tracking_uri": mlflow_server} | GUARDED_ARGS
+    )
+    options = config.deployment_options()
+    options["ray_actor_options"] |= {"runtime_env": {"env_vars": {"LDM_API_TOKEN": TOKEN}}}
+    app = SamplerDeployment.options(name="Guarded", **options).bind(config)
+    serve.run(app, name="ldm-guarded", route_prefix="/guarded")
+    return f"{app_url}/guarded"
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()["stats"]
+
+
+def test_a_token_guards_every_v1_route_and_is_never_shown(guarded_url):
+    small = {"label": 2, "steps": 3, "format": "json"}
+    assert _post(guarded_url, small).status_code == 401
+    wrong = _post(guarded_url, small, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert TOKEN not in wrong.text and "LDM_API_TOKEN" in wrong.json()["detail"]
+    assert httpx.get(f"{guarded_url}/v1/model", timeout=30).status_code == 401
+    assert _post(guarded_url, small, headers=AUTH).status_code == 200
+    info = httpx.get(f"{guarded_url}/v1/model", headers=AUTH, timeout=30)
+    assert info.json()["limits"]["token_required"] is True and TOKEN not in info.text
+    assert httpx.get(f"{guarded_url}/healthz", timeout=30).status_code == 200  # open
+    page = httpx.get(f"{guarded_url}/", timeout=30)
+    assert page.status_code == 200 and 'id="token"' in page.text and TOKEN not in page.text
+
+
+def test_a_burst_beyond_the_queue_gets_503_with_retry_after_and_no_500(guarded_url):
+    request = {"label": 1, "num_samples": 8, "steps": 50, "seed": 1}
+    started = time.monotonic()
+    responses = _all_at_once(guarded_url, [request] * 8, headers=AUTH)
+    assert time.monotonic() - started < 60
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    assert all(r.headers["retry-after"] == "3" for r in responses if r.status_code == 503)
+
+
+def test_a_slow_request_times_out_and_a_departed_client_is_not_sampled(guarded_url):
+    before = _stats(guarded_url)
+    long = {"label": 4, "num_samples": 64, "steps": 100, "guidance_scale": 2,
+            "classifier_scale": 1, "seed": 2}  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(_post, guarded_url, long, 60, AUTH)
+        time.sleep(0.5)  # the long chain is running; this one waits for the sampler
+        with pytest.raises(httpx.TimeoutException):
+            _post(guarded_url, {"label": 5, "steps": 3}, timeout=0.5, headers=AUTH)
+        answer = slow.result()
+    assert answer.status_code == 504 and "1.5 s" in answer.json()["detail"]
+    deadline = time.monotonic() + 60
+    while _stats(guarded_url)["calls"] == before["calls"]:  # the long chain still runs on
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    time.sleep(2)  # had the departed request been kept, it would have been sampled by now
+    after = _stats(guarded_url)
+    assert after["requests"] - before["requests"] == 1  # the long one only
+    assert after["timed_out"] - before["timed_out"] == 1

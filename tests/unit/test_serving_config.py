@@ -21,16 +21,18 @@ def test_model_uris_by_alias_or_version():
             parse_model_uri(bad)
 
 
-def test_defaults_give_one_cpu_replica_following_the_champion():
+def test_defaults_give_one_cpu_replica_following_the_champion_with_a_bounded_queue():
     config = AppConfig()
     assert config.model_uri == "models:/ldm@champion"
     options = config.deployment_options()
     assert options == {
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
         "max_ongoing_requests": 32,
-        "max_queued_requests": -1,
+        "max_queued_requests": 64,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 2},
         "num_replicas": 1,
     }
+    assert (config.max_evaluations_per_request, config.request_timeout_s) == (16_384, 120.0)
     assert (config.resolved_device, config.resolved_torch_threads) == ("cpu", 1)
     assert config.resolved_default_steps == 50
 

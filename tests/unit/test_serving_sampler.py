@@ -86,7 +86,7 @@ def test_a_failing_group_does_not_fail_the_others(model):
     stats.record(results)
     assert stats.as_dict() | {"groups_by_size": None} == {
         "calls": 1, "groups": 1, "requests": 1, "images": 1, "failed": 1, "rejected": 0,
-        "max_group_requests": 1, "groups_by_size": None,
+        "timed_out": 0, "max_group_requests": 1, "groups_by_size": None,
     }  # fmt: skip
 
 

@@ -36,6 +36,21 @@ class ScalingSettings(FrozenConfig):
     torch_threads: int = Field(1, ge=1)
 
 
+class TrackingSettings(FrozenConfig):
+    """How the training job rides out a tracking server that does not answer: rank 0
+    buffers its logging and the driver retries, for up to ``outage_budget_s``."""
+
+    outage_budget_s: float = Field(1800.0, gt=0, description="longest MLflow outage survived")
+    request_timeout_s: int = Field(30, ge=1, description="one MLflow HTTP request, at most")
+    request_retries: int = Field(3, ge=0, description="MLflow's own retries of one request")
+
+    def apply_to_client(self) -> None:
+        """Set MLflow's HTTP client settings in this process (a Ray worker's own)."""
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.request_timeout_s)
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.request_retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
 def _check_storage(url: str) -> str:
     if not (url.startswith("s3://") or url.startswith("/")):
         raise ValueError(
@@ -60,6 +75,10 @@ class TrainJobConfig(FrozenConfig):
     sample_every: int = Field(0, ge=0, description="steps between sample grids; 0: at the end")
     max_failures: int = Field(1, ge=-1)
     loader_workers: int = Field(1, ge=0)
+    tracking: TrackingSettings = TrackingSettings()
+    job_timeout_s: float = Field(
+        86_400.0, gt=0, description="a training Ray Job still running by then is stopped"
+    )
 
     _storage = field_validator("storage_url")(_check_storage)
 

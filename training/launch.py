@@ -8,9 +8,9 @@ latents in between, and logs and registers the result in MLflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import ray.train
 from mlflow import MlflowClient
+from mlflow.entities import Param
 from mlflow.entities.model_registry import ModelVersion
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -29,16 +30,15 @@ from training.config import LDMConfig
 from training.job import StageJob, StageName, TrainJobConfig
 from training.latents import cache_latents
 from training.pipeline import LatentDiffusion
+from training.ray_connection import connect_ray
 from training.ray_loop import train_stage
 from training.registry import log_model_version
+from training.run_tracker import retry_tracking
+from training.stages import NonFiniteLoss
 from training.tracking import ensure_experiment, flatten, git_commit
 
-FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-)  # fmt: skip
 RUN_NAME_TAG = "ldm.run_name"
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
+PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
 
 
 @dataclass
@@ -47,26 +47,6 @@ class TrainResult:
     model: LatentDiffusion
     model_version: ModelVersion
     checkpoints: dict[str, str]
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address`` (default: ``RAY_ADDRESS``), or start a local Ray,
-    unless already connected.
-
-    The driver's S3 settings (endpoint, credentials from the environment) are passed
-    to the workers' environment, never into a config or a log. A submitted Ray Job's
-    driver passes none: its workers get the job's runtime env and the nodes' own.
-    """
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    if JOB_CONFIG_ENV in os.environ:  # a Ray Job's driver: the job's runtime env applies
-        env = {}
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # A local Ray gets its dashboard on 127.0.0.1 (8265, or a free port): Ray Train
-    # watches its controller through the state API the dashboard serves.
-    local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **local)
 
 
 def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainResult:
@@ -82,7 +62,29 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     )
     job = job.model_copy(update={"model": config})
     run_id = _start_run(job)
+    try:
+        checkpoints, model, version = _train_and_register(job, run_id)
+    except BaseException:
+        # Marked FAILED (a re-run with the same name resumes it); never left RUNNING.
+        with contextlib.suppress(Exception):
+            MlflowClient(job.tracking_uri).set_terminated(run_id, "FAILED")
+        raise
+    return TrainResult(run_id, model, version, checkpoints)
 
+
+def _register_once(model: LatentDiffusion, job: TrainJobConfig, run_id: str) -> ModelVersion:
+    """Log and register the model, or return the version an earlier attempt registered
+    (a retry after a lost answer must not register it twice)."""
+    client = MlflowClient(job.tracking_uri)
+    for found in client.search_model_versions(f"run_id = '{run_id}'"):
+        if found.name == job.model_name:
+            return found
+    return log_model_version(model, job.tracking_uri, run_id, job.model_name)
+
+
+def _train_and_register(
+    job: TrainJobConfig, run_id: str
+) -> tuple[dict[str, str], LatentDiffusion, ModelVersion]:
     checkpoints = {"autoencoder": fit_stage(job, "autoencoder", job.data_url, run_id)}
     _, config = load_checkpoint_uri(checkpoints["autoencoder"])
     job = job.model_copy(update={"model": config})
@@ -95,9 +97,13 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     checkpoints["classifier"] = fit_stage(job, "classifier", latents_url, run_id)
 
     model = assemble_model(checkpoints, config)
-    version = log_model_version(model, job.tracking_uri, run_id, job.model_name)
-    MlflowClient(job.tracking_uri).set_terminated(run_id, "FINISHED")
-    return TrainResult(run_id, model, version, checkpoints)
+    budget = job.tracking.outage_budget_s
+    version = retry_tracking(
+        lambda: _register_once(model, job, run_id), "registering the model", budget
+    )
+    client = MlflowClient(job.tracking_uri)
+    retry_tracking(lambda: client.set_terminated(run_id, "FINISHED"), "finishing the run", budget)
+    return checkpoints, model, version
 
 
 def _run_root(job: TrainJobConfig) -> str:
@@ -105,7 +111,13 @@ def _run_root(job: TrainJobConfig) -> str:
 
 
 def _start_run(job: TrainJobConfig) -> str:
-    """The MLflow run of ``job.run_name``: the unfinished one to resume, or a new one."""
+    """The MLflow run of ``job.run_name``: the unfinished one to resume, or a new one
+    (retried while the tracking server does not answer)."""
+    return retry_tracking(lambda: _start_run_once(job), "starting the MLflow run",
+                          job.tracking.outage_budget_s)  # fmt: skip
+
+
+def _start_run_once(job: TrainJobConfig) -> str:
     client = MlflowClient(job.tracking_uri)
     artifact_root = None
     if job.tracking_uri.startswith("sqlite:"):
@@ -118,7 +130,8 @@ def _start_run(job: TrainJobConfig) -> str:
         f"tags.`{RUN_NAME_TAG}` = '{job.run_name}' and attributes.status != 'FINISHED'",
         max_results=1,
     )
-    if found:
+    if found:  # resumed: running again, whatever an earlier attempt left
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     manifest_bytes = storage.read_bytes(manifest_url(job.data_url.rstrip("/")))
     run = client.create_run(experiment_id, run_name=job.run_name, tags={
@@ -128,9 +141,12 @@ def _start_run(job: TrainJobConfig) -> str:
         "git.commit": git_commit(),
         "ray.cluster_size": json.dumps(_cluster_size()),
     })  # fmt: skip
-    params = flatten(job.model_dump(mode="json", exclude={"tracking_uri"}))
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value)
+    params = [
+        Param(k, v)
+        for k, v in flatten(job.model_dump(mode="json", exclude={"tracking_uri"})).items()
+    ]
+    for start in range(0, len(params), PARAMS_PER_CALL):
+        client.log_batch(run.info.run_id, params=params[start : start + PARAMS_PER_CALL])
     return run.info.run_id
 
 
@@ -157,6 +173,9 @@ def fit_stage(
         ),
     )
     result = trainer.fit()
+    bad_step = (result.return_value or {}).get("nonfinite_step")
+    if bad_step is not None:
+        raise NonFiniteLoss(stage, bad_step)
     if result.checkpoint is None:
         raise RuntimeError(f"the {stage} stage finished without a checkpoint")
     path = result.checkpoint.path

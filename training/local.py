@@ -19,6 +19,8 @@ from training.config import LDMConfig, StageConfig
 from training.models import EMA
 from training.pipeline import LatentDiffusion
 from training.stages import (
+    FiniteLossGuard,
+    NonFiniteLoss,
     autoencoder_losses,
     classifier_losses,
     denoiser_losses,
@@ -54,9 +56,13 @@ def _run_stage(
     optimisation = make_optimisation(model, stage)
     batches = _batches(n, stage.batch_size, generator)
     metrics: dict[str, float] = {}
+    guard = FiniteLossGuard(torch.device("cpu"))
     bar = tqdm(range(stage.steps), desc=name, disable=not progress, mininterval=1.0)
-    for _ in bar:
+    for step in bar:
         losses = step_losses(next(batches))
+        guard.observe(losses["loss"], step + 1)
+        if guard.first_bad_step() is not None:  # on the CPU this costs nothing
+            raise NonFiniteLoss(name, step + 1)
         grad_norm = optimisation.step(losses["loss"], model)
         if ema is not None:
             ema.update(model)

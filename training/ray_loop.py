@@ -34,14 +34,15 @@ from training.diffusion import GaussianDiffusion
 from training.images import make_grid, to_uint8
 from training.job import StageJob
 from training.models import EMA, Autoencoder, NoisyLatentClassifier, UNet
+from training.run_tracker import RunTracker
 from training.stages import (
+    FiniteLossGuard,
     autoencoder_losses,
     classifier_losses,
     denoiser_losses,
     latent_std,
     make_optimisation,
 )
-from training.tracking import RunTracker
 
 SCALE_ESTIMATE_BATCHES = 20
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
@@ -72,7 +73,12 @@ def _losses(
 
 
 def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: train ``job.stage`` until its step budget is spent."""
+    """Ray Train entry point: train ``job.stage`` until its step budget is spent.
+
+    Returns ``{"rank", "step", "epoch"}``, plus ``"nonfinite_step"`` when a loss was
+    inf or NaN: every rank then stops at the same check, before any later checkpoint,
+    and the driver raises :class:`training.stages.NonFiniteLoss`.
+    """
     job = StageJob.model_validate(job_json)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -87,12 +93,17 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
     ema = EMA(net, training.ema_decay) if job.stage == "denoiser" else None
     step, epoch, into_epoch = _restore(net, optimisation, ema)
     model = ray.train.torch.prepare_model(net)
-    tracker = RunTracker(job.job.tracking_uri, job.run_id) if rank == 0 else None
+    tracker = None
+    if rank == 0:
+        job.job.tracking.apply_to_client()
+        tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
     if tracker and step > 0:
         tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
+    guard, distributed = FiniteLossGuard(device), world > 1
 
     logged_at, logged_step = time.perf_counter(), step  # images/s covers whole intervals
-    while step < training.steps:
+    bad_step = None
+    while step < training.steps and bad_step is None:
         loader = build_loader(
             job.data_url, "train", rank, world, training.batch_size, config.seed, epoch,
             num_workers=job.job.loader_workers,
@@ -103,10 +114,17 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
             # bf16 autocast on GPUs: matmuls and convolutions in bf16, the loss in fp32.
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 losses = _losses(job.stage, model, x, y, diffusion, config)
+            guard.observe(losses["loss"], step + 1)
             grad_norm = optimisation.step(losses["loss"], model)
             if ema is not None:
                 ema.update(model)
             step, into_epoch = step + 1, into_epoch + 1
+            checkpoint_due = step % job.job.checkpoint_every == 0 or step == training.steps
+            # Every rank checks at the same steps (collective), before any checkpoint.
+            if step % training.log_every == 0 or checkpoint_due:
+                bad_step = guard.first_bad_step(distributed)
+                if bad_step is not None:
+                    break
             if tracker and step % training.log_every == 0:
                 now = time.perf_counter()
                 rate = (step - logged_step) * training.batch_size * world / (now - logged_at)
@@ -117,7 +135,7 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
                 tracker.log_metrics({f"{job.stage}/{k}": v for k, v in metrics.items()}, step)
             if tracker and ema and job.job.sample_every and step % job.job.sample_every == 0:
                 _log_grid(tracker, job, ema.model, step)
-            if step % job.job.checkpoint_every == 0 or step == training.steps:
+            if checkpoint_due:
                 final = step == training.steps
                 _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader)
             if step == training.steps:
@@ -125,9 +143,12 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
         else:
             epoch, into_epoch = epoch + 1, 0
     every = job.job.sample_every
-    if tracker and ema is not None and (every == 0 or step % every):
+    if tracker and ema is not None and bad_step is None and (every == 0 or step % every):
         _log_grid(tracker, job, ema.model, step)
-    return {"rank": rank, "step": step, "epoch": epoch}
+    if tracker:
+        tracker.close()  # waits out an MLflow outage (up to the budget) before finishing
+    result = {"rank": rank, "step": step, "epoch": epoch}
+    return result if bad_step is None else result | {"nonfinite_step": bad_step}
 
 
 def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, int]:

@@ -19,6 +19,44 @@ from training.diffusion import GaussianDiffusion, drop_labels
 from training.models import Autoencoder, autoencoder_loss
 
 
+class NonFiniteLoss(RuntimeError):
+    """A stage's loss became inf or NaN: the stage stops, nothing is registered."""
+
+    def __init__(self, stage: str, step: int):
+        super().__init__(
+            f"the {stage} stage's loss is not finite (inf or NaN) at step {step}; training "
+            f"stopped and nothing was registered: lower {stage}_training.learning_rate, "
+            "check the data for damaged samples, or resume from an earlier checkpoint"
+        )
+        self.stage, self.step = stage, step
+
+
+class FiniteLossGuard:
+    """Remembers the first step whose loss was not finite. :meth:`observe` stays on
+    the device (a GPU loop does not wait for it); :meth:`first_bad_step` reads it."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self._first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def observe(self, loss: Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self._first = torch.where(bad, torch.minimum(self._first, self._at(step)), self._first)
+
+    def _at(self, step: int) -> Tensor:
+        return torch.full((), step, dtype=torch.int64, device=self._first.device)
+
+    def first_bad_step(self, distributed: bool = False) -> int | None:
+        """The first non-finite step so far (over all ranks when ``distributed``: every
+        rank must call this at the same steps); None when every loss was finite."""
+        first = self._first.clone()
+        if distributed:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        value = int(first)
+        return None if value == self.NONE else value
+
+
 @dataclass
 class Optimisation:
     """AdamW, a linear warm-up to the stage's learning rate, and gradient clipping."""

@@ -9,8 +9,8 @@ endpoint and region travel, so a local S3 server works the same way as AWS.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shlex
 import time
 import uuid
@@ -19,10 +19,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from data import storage
+from data.environment import settings_env
 from training.job import TrainJobConfig
 
-# Where an S3 server is and which region: settings, not secrets.
-JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+RUN_NAME_KEY, RESULT_URL_KEY = "ldm.run_name", "ldm.result_url"  # Ray Job metadata
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -57,9 +57,15 @@ def submit_training(
     *,
     python: str = "python",
     poll_interval_s: float = 2.0,
+    timeout_s: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Submit ``job`` as a Ray Job to the dashboard at ``address`` and wait for it.
+
+    A job of the same ``run_name`` that is still running (a retried flow task, a second
+    ``ldm train``) is waited for instead of starting another. Waiting ends after
+    ``timeout_s`` (default ``job.job_timeout_s``); on that deadline, or any error or
+    interruption while waiting, the job is stopped before the error propagates.
 
     Returns what the job wrote (``training.launch.result_record``): the MLflow run id,
     the registered version and the final checkpoints. Raises RuntimeError with the
@@ -68,28 +74,21 @@ def submit_training(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     check_reachable_from_cluster(job, address)
-    root = f"{job.storage_url}/{job.run_name}"
-    attempt = uuid.uuid4().hex[:8]
-    config_url, result_url = f"{root}/job.json", f"{root}/result-{attempt}.json"
-    storage.write_bytes(config_url, job.model_dump_json(indent=2).encode())
-
-    env = {name: os.environ[name] for name in JOB_ENV if os.environ.get(name)}
-    entrypoint = " ".join(
-        [python, "-m", "training.launch", shlex.quote(config_url), "--result",
-         shlex.quote(result_url)]
-    )  # fmt: skip
     client = JobSubmissionClient(address)
-    submission_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"{job.run_name}-{attempt}",
-        runtime_env={"env_vars": env} if env else None,
-        metadata={"ldm.run_name": job.run_name, "ldm.model_name": job.model_name},
-    )
-    log(f"submitted Ray Job {submission_id} to {address}: {entrypoint}")
-    status = client.get_job_status(submission_id)
-    while not status.is_terminal():
-        time.sleep(poll_interval_s)
-        status = client.get_job_status(submission_id)
+    running = find_running_job(client, job.run_name)
+    if running is not None:
+        submission_id, result_url = running
+        log(f"Ray Job {submission_id} of run '{job.run_name}' is still running: waiting for "
+            "it instead of starting another")  # fmt: skip
+    else:
+        submission_id, result_url = _submit(client, job, python, log)
+    deadline = time.monotonic() + (timeout_s or job.job_timeout_s)
+    try:
+        status = _wait(client, submission_id, deadline, poll_interval_s)
+    except BaseException:  # the deadline, Ctrl-C, a cancelled flow: leave nothing running
+        with contextlib.suppress(Exception):
+            client.stop_job(submission_id)
+        raise
     if status != JobStatus.SUCCEEDED:
         tail = client.get_job_logs(submission_id)[-3000:]
         raise RuntimeError(
@@ -97,3 +96,52 @@ def submit_training(
         )
     log(f"Ray Job {submission_id} succeeded")
     return json.loads(storage.read_bytes(result_url))
+
+
+def find_running_job(client: Any, run_name: str) -> tuple[str, str] | None:
+    """(submission id, result URL) of an unfinished Ray Job of ``run_name``, if any."""
+    for details in client.list_jobs():
+        metadata = details.metadata or {}
+        if metadata.get(RUN_NAME_KEY) == run_name and not details.status.is_terminal():
+            return details.submission_id, metadata[RESULT_URL_KEY]
+    return None
+
+
+def _submit(
+    client: Any, job: TrainJobConfig, python: str, log: Callable[[str], None]
+) -> tuple[str, str]:
+    root = f"{job.storage_url}/{job.run_name}"
+    attempt = uuid.uuid4().hex[:8]
+    config_url, result_url = f"{root}/job.json", f"{root}/result-{attempt}.json"
+    storage.write_bytes(config_url, job.model_dump_json(indent=2).encode())
+    env = settings_env()  # where S3 is; credentials come from the nodes
+    entrypoint = " ".join(
+        [python, "-m", "training.launch", shlex.quote(config_url), "--result",
+         shlex.quote(result_url)]
+    )  # fmt: skip
+    submission_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=f"{job.run_name}-{attempt}",
+        runtime_env={"env_vars": env} if env else None,
+        metadata={
+            RUN_NAME_KEY: job.run_name,
+            "ldm.model_name": job.model_name,
+            RESULT_URL_KEY: result_url,
+        },
+    )
+    log(f"submitted Ray Job {submission_id}: {entrypoint}")
+    return submission_id, result_url
+
+
+def _wait(client: Any, submission_id: str, deadline: float, poll_interval_s: float) -> Any:
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Ray Job {submission_id} was still {status.value} at the deadline "
+                "(job_timeout_s); it was stopped. Raise job_timeout_s for longer runs; a "
+                "re-run with the same run name resumes from its checkpoints"
+            )
+        time.sleep(poll_interval_s)
+        status = client.get_job_status(submission_id)
+    return status

@@ -1,21 +1,19 @@
-"""MLflow tracking for a training job: where it goes, the run, metrics and sample grids.
+"""MLflow tracking for a training job: where it goes, its experiment, its params.
 
 Only the driver and rank 0 of a Ray Train group call these; the tracking URI
 travels in the job config, so a worker never reads it from its environment.
+Logging that survives an outage of the server is :mod:`training.run_tracker`.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 
 def resolve_tracking_uri(local_store: Path, explicit: str | None = None) -> str:
@@ -69,25 +67,3 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-class RunTracker:
-    """Logs to one existing MLflow run, batching each step's metrics in one call."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
-
-    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        """uint8 [H, W] or [H, W, C] as a PNG artifact of the run."""
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)

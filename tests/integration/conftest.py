@@ -116,24 +116,53 @@ def mnist_url(s3_session: S3Server) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_session: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (sqlite backend, artifacts on the S3 server); its URI."""
-    from flows.stack import start_mlflow, stop_service
+class MlflowProcess:
+    """A real ``mlflow server`` (sqlite backend, artifacts on the S3 server) that a test
+    may stop and start again on the same port and database."""
 
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_session.endpoint}
-    folder, bin_dir = tmp_path_factory.mktemp("mlflow"), str(Path(sys.executable).parent)
-    service = start_mlflow(folder, env, bin_dir, artifacts="s3://ldm-mlflow/artifacts")
+    def __init__(self, folder: Path, endpoint: str):
+        self.folder, self.endpoint = folder, endpoint
+        self.service = None
+        self.start()
+
+    def start(self) -> None:
+        from flows.stack import start_mlflow
+
+        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+        port = self.service.ports[0] if self.service else None
+        self.service = start_mlflow(self.folder, env, str(Path(sys.executable).parent),
+                                    artifacts="s3://ldm-mlflow/artifacts", port=port)  # fmt: skip
+
+    def stop(self) -> None:
+        from flows.stack import stop_service
+
+        stop_service(self.service)
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+
+@pytest.fixture(scope="session")
+def mlflow_process(s3_session: S3Server, tmp_path_factory) -> Iterator[MlflowProcess]:
+    process = MlflowProcess(tmp_path_factory.mktemp("mlflow"), s3_session.endpoint)
     try:
-        yield service.url
+        yield process
     finally:
-        stop_service(service)
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_process: MlflowProcess) -> str:
+    """The URI of the session's ``mlflow server``."""
+    return mlflow_process.url
 
 
 @dataclass(frozen=True)
 class RayTestCluster:
     address: str  # GCS address, joined in-process
     dashboard_url: str  # Ray Jobs and the Serve REST API
+    session_dir: str  # the cluster's logs, among others
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +190,8 @@ def ray_cluster(s3_session: S3Server) -> Iterator[RayTestCluster]:
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     try:
-        yield RayTestCluster(cluster.address, f"http://127.0.0.1:{port}")
+        session = cluster.head_node.get_session_dir_path()
+        yield RayTestCluster(cluster.address, f"http://127.0.0.1:{port}", session)
     finally:
         ray.shutdown()
         cluster.shutdown()

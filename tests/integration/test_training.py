@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,11 +21,12 @@ from mlflow import MlflowClient
 
 from data import storage
 from training.checkpoints import load_checkpoint_uri
-from training.job import ScalingSettings, TrainJobConfig
+from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
 from training.launch import fit_stage, run_training
 from training.presets import get_preset
 from training.ray_loop import WORKERS_FOLDER
 from training.registry import load_model_version
+from training.stages import NonFiniteLoss
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,10 +49,65 @@ def _job(mnist_url: str, tracking_uri: str, run_name: str, **changes) -> TrainJo
     return TrainJobConfig(**(values | changes))
 
 
+@dataclass
+class Outage:
+    stopped_at: float = 0.0
+    restarted_at: float = 0.0
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outage: Outage):
+    """Stop the tracking server once the autoencoder stage has logged its last step, and
+    start it again (same port) only after the denoiser stage has written its first
+    checkpoint and at least 20 s have passed: far longer than the workers' client retries,
+    and every denoiser metric up to that checkpoint is logged while it is down."""
+    client = MlflowClient(mlflow_process.url)
+    last = job.model.autoencoder_training.steps
+
+    def autoencoder_done() -> bool:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.`ldm.run_name` = '{job.run_name}'",
+        )
+        return bool(runs) and runs[0].data.metrics.get("autoencoder/epoch") is not None and any(
+            m.step == last for m in client.get_metric_history(runs[0].info.run_id,
+                                                              "autoencoder/loss")
+        )  # fmt: skip
+
+    def denoiser_checkpointed() -> bool:
+        folder = f"{job.storage_url}/{job.run_name}-denoiser"
+        return any("checkpoint_" in f.name for f in storage.list_files(folder))
+
+    _wait_for(autoencoder_done, "the autoencoder stage")
+    mlflow_process.stop()
+    outage.stopped_at = time.time()
+    try:
+        _wait_for(denoiser_checkpointed, "the first denoiser checkpoint")
+        time.sleep(max(0.0, outage.stopped_at + 20 - time.time()))
+    finally:  # whatever happened, the server comes back
+        mlflow_process.start()
+        outage.restarted_at = time.time()
+
+
 @pytest.fixture(scope="module")
-def trained(ray_cluster, mlflow_server, mnist_url):
-    job = _job(mnist_url, mlflow_server, "e2e")
-    return job, run_training(job)
+def trained(ray_cluster, mlflow_process, mnist_url):
+    """The e2e run, with the tracking server down for 20 s during the denoiser stage."""
+    quick_to_fail = TrackingSettings(request_timeout_s=5, request_retries=0, outage_budget_s=300)
+    job = _job(mnist_url, mlflow_process.url, "e2e", tracking=quick_to_fail)
+    outage = Outage()
+    stopper = threading.Thread(
+        target=_stop_tracking_during_the_denoiser, args=(mlflow_process, job, outage)
+    )
+    stopper.start()
+    result = run_training(job)
+    stopper.join()
+    return job, result, outage
 
 
 def _worker_records(checkpoint_uri: str) -> list[dict]:
@@ -60,7 +117,7 @@ def _worker_records(checkpoint_uri: str) -> list[dict]:
 
 
 def test_every_stage_ran_on_both_nodes(trained):
-    job, result = trained
+    job, result, _ = trained
     for stage, uri in result.checkpoints.items():
         assert uri.startswith("s3://ldm-runs/jobs/e2e-"), uri
         records = _worker_records(uri)
@@ -71,7 +128,7 @@ def test_every_stage_ran_on_both_nodes(trained):
 
 
 def test_mlflow_run_holds_params_tags_metrics_and_grids(trained, mlflow_server, mnist_url):
-    job, result = trained
+    job, result, _ = trained
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     params, tags = run.data.params, run.data.tags
@@ -101,8 +158,25 @@ def test_mlflow_run_holds_params_tags_metrics_and_grids(trained, mlflow_server, 
     assert f"samples/denoiser_step_{steps:07d}.png" in grids
 
 
+def test_the_run_outlived_a_tracking_outage_and_lost_nothing(trained, mlflow_server):
+    """Metrics logged while the server was down were kept and sent after it came back,
+    and the run still finished and registered its model."""
+    job, result, outage = trained
+    assert outage.stopped_at and outage.restarted_at - outage.stopped_at >= 20
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(result.run_id, "denoiser/loss")
+    during = [
+        m for m in history if outage.stopped_at * 1000 < m.timestamp < outage.restarted_at * 1000
+    ]
+    assert during, "no metric was logged during the outage"
+    steps = job.model.denoiser_training.steps
+    assert [m.step for m in history] == list(range(5, steps + 1, 5))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert result.model_version.version is not None
+
+
 def test_registered_candidate_reloads_and_samples_exactly(trained, mlflow_server):
-    _, result = trained
+    _, result, _ = trained
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
     assert version.version == result.model_version.version
@@ -157,7 +231,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
 
 def test_one_node_run_matches_the_two_node_run(trained, mlflow_server, mnist_url):
     """The same stage on one worker: same parameter shapes, and both runs converge."""
-    job, result = trained
+    job, result, _ = trained
     single = _job(mnist_url, mlflow_server, "single", scaling=ScalingSettings(num_workers=1))
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("integration")
@@ -189,3 +263,38 @@ def _kill_a_worker_after_first_checkpoint(storage_dir: Path, killed: list[int]) 
             os.kill(process.info["pid"], signal.SIGKILL)
             killed.append(process.info["pid"])
             return
+
+
+def test_a_non_finite_loss_stops_the_stage_and_registers_nothing(
+    ray_cluster, mlflow_server, mnist_url, tmp_path
+):
+    model = get_preset("tiny")
+    exploding = model.autoencoder_training.model_copy(update={"learning_rate": 1e30})
+    job = _job(
+        mnist_url, mlflow_server, "nan", model=model.model_copy(update={
+            "autoencoder_training": exploding}), model_name="ldm-it-nan",
+        storage_url=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match="autoencoder stage's loss is not finite") as caught:
+        run_training(job)
+    assert 1 <= caught.value.step <= exploding.log_every  # found at the first check
+    client = MlflowClient(mlflow_server)
+    assert client.search_registered_models("name = 'ldm-it-nan'") == []
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("integration").experiment_id], "tags.`ldm.run_name` = 'nan'"
+    )
+    assert run.info.status == "FAILED"
+    assert not list(tmp_path.glob("nan-autoencoder/checkpoint_*"))  # none after the bad step
+
+
+def test_no_secret_reaches_rays_logs_or_mlflow(trained, ray_cluster, mlflow_server):
+    """Runs last in the session's cluster: every job, app and training run is done."""
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    logs = [p for p in Path(ray_cluster.session_dir, "logs").rglob("*") if p.is_file()]
+    assert any(p.name == "runtime_env_agent.log" for p in logs)  # there was much to search
+    assert [str(p) for p in logs if secret in p.read_bytes()] == []
+    client = MlflowClient(mlflow_server)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, max_results=500):
+        values = [*run.data.params.values(), *run.data.tags.values()]
+        assert not any(secret.decode() in value for value in values), run.info.run_id

@@ -22,7 +22,7 @@ from training.evaluation.metrics import frechet_distance, psnr
 from training.images import make_grid, to_uint8
 from training.models.configs import FrozenConfig
 from training.pipeline import LatentDiffusion
-from training.tracking import RunTracker
+from training.run_tracker import RunTracker
 
 GRID_PER_CLASS = 8
 
@@ -111,9 +111,9 @@ def log_evaluation(
     client = MlflowClient(tracking_uri)
     model_version = client.get_model_version(model_name, version)
     if model_version.run_id:
-        tracker = RunTracker(tracking_uri, model_version.run_id)
-        tracker.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=0)
-        tracker.log_image(report.grid, f"eval/samples_v{version}.png")
+        with RunTracker(tracking_uri, model_version.run_id) as tracker:
+            tracker.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=0)
+            tracker.log_image(report.grid, f"eval/samples_v{version}.png")
     tags = {f"eval.{k}": f"{v:.6g}" for k, v in report.metrics.items()}
     tags["eval.settings"] = settings.model_dump_json()
     for key, value in tags.items():

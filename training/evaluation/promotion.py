@@ -9,6 +9,7 @@ a promotion that loses either race says so and changes nothing.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Literal
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from data.manifest import load_manifest
 from training.evaluation.evaluate import (
     EvaluationSettings,
     evaluate_model,
@@ -25,6 +27,7 @@ from training.evaluation.evaluate import (
 from training.evaluation.evaluator import get_evaluator
 from training.registry import load_model_version
 
+logger = logging.getLogger(__name__)
 Metric = Literal["fd", "class_consistency"]
 LOWER_IS_BETTER = {"fd": True, "class_consistency": False}
 STALE_LOCK_SECONDS = 600
@@ -75,6 +78,7 @@ def promote(
         reason = f"version {candidate} is already @champion"
         return PromotionResult(False, candidate, champion, reason)
     data_url = data_url or _training_data(client, name, candidate)
+    require_val_split(data_url)
     evaluator = get_evaluator(data_url, evaluator_cache)
     metrics = {}
     for v in filter(None, (candidate, champion)):
@@ -155,6 +159,18 @@ def _tag_decision(client: MlflowClient, name: str, result: PromotionResult) -> N
         client.set_model_version_tag(name, result.champion_before, "promotion.reason", note)
 
 
+def require_val_split(data_url: str) -> None:
+    """The evaluator and the Fréchet distance measure on the val split: without one,
+    fail now with the fix instead of after minutes of work."""
+    manifest = load_manifest(data_url)
+    if manifest.counts.get("val", 0) == 0:
+        raise ValueError(
+            f"the dataset {data_url} has no val split, which evaluation and promotion need: "
+            "re-shard it with --val-fraction 0.1 (or any value above 0), or pass --data "
+            "with a dataset that has one"
+        )
+
+
 def _training_data(client: MlflowClient, name: str, version: str) -> str:
     run_id = client.get_model_version(name, version).run_id
     url = client.get_run(run_id).data.tags.get("data.manifest_url") if run_id else None
@@ -168,7 +184,13 @@ def _training_data(client: MlflowClient, name: str, version: str) -> str:
 
 class _RegistryLock:
     """A mutex per registered model: creating ``<name>.promotion-lock`` either succeeds
-    or fails with RESOURCE_ALREADY_EXISTS, atomically, in the registry's database."""
+    or fails with RESOURCE_ALREADY_EXISTS, atomically, in the registry's database.
+
+    The lock carries its holder's token; only that holder releases it. A lock older
+    than ``STALE_LOCK_SECONDS`` (its holder died) may be broken, by exactly one
+    contender: breaking first creates ``<lock>.broken-<stale token>``, which only one
+    can do, and the marker stays so that nobody can break the same lock twice.
+    """
 
     def __init__(self, client: MlflowClient, name: str):
         self.client, self.lock_name = client, f"{name}.promotion-lock"
@@ -192,15 +214,42 @@ class _RegistryLock:
                     ) from None
         raise PromotionConflict("could not take the promotion lock")
 
-    def _break_if_stale(self) -> bool:
+    def _holder(self) -> tuple[str, float] | None:
+        """(token, since) of the lock's holder; None when nobody holds it."""
         try:
             held = self.client.get_registered_model(self.lock_name)
         except MlflowException:
+            return None
+        return held.tags.get("holder", ""), float(held.tags.get("since", "0"))
+
+    def _break_if_stale(self) -> bool:
+        """True when the lock is free now (released, or stale and broken by us)."""
+        holder = self._holder()
+        if holder is None:
             return True  # released meanwhile: try again
-        if time.time() - float(held.tags.get("since", "0")) > STALE_LOCK_SECONDS:
+        token, since = holder
+        if time.time() - since <= STALE_LOCK_SECONDS:
+            return False
+        try:  # the claim to break this holder's lock: one contender only
+            self.client.create_registered_model(
+                f"{self.lock_name}.broken-{token or 'unknown'}",
+                tags={"breaker": self.token, "at": str(time.time())},
+                description="Marks a stale promotion lock as broken; safe to delete later.",
+            )
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            raise PromotionConflict("another promotion is breaking a stale lock") from None
+        if self._holder() == holder:
             self.client.delete_registered_model(self.lock_name)
-            return True
-        return False
+        return True
 
     def __exit__(self, *exc: object) -> None:
-        self.client.delete_registered_model(self.lock_name)
+        holder = self._holder()
+        if holder is not None and holder[0] == self.token:
+            self.client.delete_registered_model(self.lock_name)
+        else:  # broken as stale while held: the aliases were moved anyway; say so
+            logger.warning(
+                "the promotion lock %s was no longer ours on release; not touching it",
+                self.lock_name,
+            )

@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class FrozenConfig(BaseModel):
-    """Immutable, rejects unknown keys, round-trips through JSON."""
+    """Immutable, rejects unknown keys, round-trips through JSON; no inf or NaN anywhere."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _check_mult(mult: tuple[int, ...]) -> tuple[int, ...]:

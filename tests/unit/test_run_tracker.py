@@ -1,0 +1,94 @@
+"""Logging that waits out an outage: retries with backoff for transient failures,
+none for a wrong request, and a buffer that is sent in order once the server is back.
+(The integration suite stops a real tracking server mid-run.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
+
+from training.run_tracker import (
+    RunTracker,
+    TrackingUnavailable,
+    is_transient,
+    retry_tracking,
+)
+
+
+def test_outage_errors_are_transient_and_wrong_requests_are_not():
+    assert is_transient(ConnectionError("refused"))
+    assert is_transient(MlflowException("API request to http://x failed with exception ..."))
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("no run", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_transient(KeyError("bug"))
+
+
+def test_retry_waits_out_an_outage_with_backoff():
+    calls, slept = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 5:
+            raise ConnectionError("tracking server down")
+        return "done"
+
+    assert retry_tracking(flaky, "logging", budget_s=600, sleep=slept.append) == "done"
+    assert slept == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_retry_gives_up_after_the_budget_and_never_retries_a_wrong_request():
+    def down() -> None:
+        raise ConnectionError("http://user:hunter2@mlflow:5000 refused")
+
+    with pytest.raises(TrackingUnavailable, match="did not answer") as caught:
+        retry_tracking(down, "registering the model", budget_s=0.5, sleep=lambda s: None)
+    assert "hunter2" not in str(caught.value)  # credentials in a URL are redacted
+    calls = []
+
+    def wrong() -> None:
+        calls.append(1)
+        raise MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    with pytest.raises(MlflowException):
+        retry_tracking(wrong, "logging", sleep=lambda s: None)
+    assert calls == [1]
+
+
+@pytest.fixture(scope="module")
+def sqlite_run(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("tracker", artifact_location=f"file://{folder}/a")
+    return uri, client.create_run(experiment).info.run_id
+
+
+def test_the_tracker_sends_everything_in_order_with_each_step(sqlite_run):
+    uri, run_id = sqlite_run
+    with RunTracker(uri, run_id) as tracker:
+        for step in range(1, 2501):  # more than one log_batch call holds
+            tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+        tracker.log_image(np.zeros((4, 4, 1), np.uint8), "samples/grid.png")
+        tracker.set_tags({"stage": "denoiser"})
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 2501))
+    assert history[-1].value == pytest.approx(1 / 2500)
+    assert client.get_run(run_id).data.tags["stage"] == "denoiser"
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
+
+
+def test_a_wrong_request_surfaces_at_the_next_call_and_at_close(sqlite_run):
+    uri, _ = sqlite_run
+    tracker = RunTracker(uri, "0" * 32)  # no such run
+    tracker.log_metrics({"loss": 1.0}, 1)
+    with pytest.raises(TrackingUnavailable, match="failed"):
+        tracker.close(timeout_s=30)

@@ -73,13 +73,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from training.evaluation.evaluate import evaluate_model, log_evaluation
     from training.evaluation.evaluator import get_evaluator
-    from training.evaluation.promotion import _training_data
+    from training.evaluation.promotion import _training_data, require_val_split
     from training.registry import load_model_version, resolve_model_version
 
     tracking_uri, cache = _locations(args)
     try:
         name, version = resolve_model_version(args.model_uri, tracking_uri)
         data_url = args.data or _training_data(MlflowClient(tracking_uri), name, version)
+        require_val_split(data_url)
         evaluator = get_evaluator(data_url, cache)
         settings = _settings(args)
         model = load_model_version(f"models:/{name}/{version}", tracking_uri)

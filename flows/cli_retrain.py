@@ -23,50 +23,37 @@ _FIELDS = {
 def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.RetrainConfig
     """``--config FILE`` (JSON or YAML of RetrainConfig), or the embedded defaults, with
     the options given on the command line on top. ValueError/ValidationError if invalid."""
+    from flows.cli_config import read_config_file
     from flows.retrain import RetrainConfig
 
     values: dict[str, Any] = {}
     if args.config:
-        values = _read_config_file(Path(args.config))
+        values = read_config_file(Path(args.config))
     for option, field in _FIELDS.items():
         if getattr(args, option) is not None:
             values[field] = getattr(args, option)
-    if args.image_size is not None or args.channels is not None:
-        shard = dict(values.get("shard") or {"channels": 1})
-        if args.image_size is not None:
-            shard["image_size"] = args.image_size
-        if args.channels is not None:
-            shard["channels"] = args.channels
-        values["shard"] = shard
+    given = {k: getattr(args, k) for k in ("image_size", "channels", "val_fraction")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        values["shard"] = dict(values.get("shard") or {"channels": 1}) | given
     if args.no_serve:
         values["serve"] = False
     return RetrainConfig.model_validate(values)
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of RetrainConfig fields")
-    return data
-
-
 def _retrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pydantic import ValidationError
+    from flows.cli_config import config_error
 
+    try:
+        config = retrain_config_from_args(args)  # a ValidationError is a ValueError
+    except ValueError as error:
+        return config_error("ldm retrain", error)
     from flows.retrain import retrain
 
     try:
-        report = retrain(retrain_config_from_args(args))
-    except (ValidationError, ValueError) as error:
+        report = retrain(config)
+    except ValueError as error:  # unusable data, found by the flow
         print(f"ldm retrain: error: {error}", file=sys.stderr)
         return 1
     _print_summary(report)
@@ -82,8 +69,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pydantic import ValidationError
-
+    from flows.cli_config import config_error
     from flows.schedule import retrain_deployment, serve_deployments
 
     try:
@@ -92,9 +78,8 @@ def _schedule(args: argparse.Namespace) -> int:
             config, name=args.name, cron=args.cron, timezone=args.timezone,
             on_new_dataset=args.on_new_dataset,
         )  # fmt: skip
-    except (ValidationError, ValueError) as error:
-        print(f"ldm schedule: error: {error}", file=sys.stderr)
-        return 1
+    except ValueError as error:
+        return config_error("ldm schedule", error)
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "ldm schedule: PREFECT_API_URL is not set: the schedule lives in a temporary "
@@ -137,6 +122,7 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     add("--dataset-url", help="where the shards go (default: LDM_HOME/data/NAME)")
     add("--image-size", type=int, help="image side (default: 32)")
     add("--channels", type=int, choices=(1, 3), help="1 grayscale or 3 RGB (default: 1)")
+    add("--val-fraction", type=float, help="share of images held out for evaluation (0.1)")
     add("--preset", choices=("tiny", "demo", "base"), help="model preset (default: demo)")
     add("--workers", type=int, help="Ray Train workers (default: 1)")
     add("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 2)")

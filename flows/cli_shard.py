@@ -7,11 +7,10 @@ import sys
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from data.manifest import ShardOptions
     from data.shard import shard_dataset
     from data.storage import StorageError
+    from flows.cli_config import config_error
 
     try:
         options = ShardOptions(
@@ -20,12 +19,10 @@ def _shard(args: argparse.Namespace) -> int:
             shard_max_samples=args.shard_max_samples,
             val_fraction=args.val_fraction,
             seed=args.seed,
+            max_image_pixels=args.max_image_pixels,
         )
-    except ValidationError as error:
-        for problem in error.errors():
-            option = "--" + str(problem["loc"][0]).replace("_", "-")
-            print(f"ldm shard: error: {option}: {problem['msg']}", file=sys.stderr)
-        return 1
+    except ValueError as error:  # a ValidationError is a ValueError
+        return config_error("ldm shard", error, option_style=True)
     try:
         report = shard_dataset(
             args.source, args.out_url, options, workers=args.workers, progress=not args.no_progress
@@ -95,6 +92,13 @@ def add_shard_command(commands: argparse._SubParsersAction) -> None:
     )
     shard.add_argument(
         "--seed", type=int, default=0, help="seed of the train/val split and sample order"
+    )
+    shard.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="inputs with more pixels are skipped as too large, without being decoded "
+        "(default: 89478485, Pillow's limit; at most twice that)",
     )
     shard.add_argument(
         "--workers",

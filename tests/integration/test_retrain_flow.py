@@ -148,6 +148,28 @@ def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
     assert read == 4500
 
 
+def test_a_missing_bucket_fails_the_task_at_once_without_retries(
+    prefect_harness, s3_session, monkeypatch
+):
+    import data.shard
+
+    real, attempts = data.shard.existing_dataset, []
+
+    def counted(*args, **kwargs):
+        attempts.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data.shard, "existing_dataset", counted)
+
+    @flow
+    def only_shard() -> dict:
+        return shard("mnist", "s3://no-such-bucket-ldm/mnist", ShardOptions(channels=1))
+
+    with pytest.raises(storage.PermanentStorageError, match="bucket 'no-such-bucket-ldm' does"):
+        only_shard()
+    assert len(attempts) == 1  # retries cannot create a bucket
+
+
 def _dataset_events(url: str) -> list[dict]:
     from prefect.settings import PREFECT_API_URL
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -43,10 +45,12 @@ def _get(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-def test_up_retrain_down(tmp_path):
+def test_up_retrain_down_up_again_on_the_same_state(tmp_path):
     home = tmp_path / "home"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
     env = {k: v for k, v in os.environ.items() if not k.startswith(OUTSIDE)}
-    env |= {"LDM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env |= {"LDM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_TMPDIR": str(ray_tmp)}  # fmt: skip
     folder, family = stack_folder(home), []
     try:
         up = subprocess.run([*LDM, "up", "--with-prefect"], env=env, capture_output=True,
@@ -92,5 +96,35 @@ def test_up_retrain_down(tmp_path):
     left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert left == []
     assert not (folder / ENV_FILE).exists()
+    gcs = stack.services[3].url  # what the head recorded for ray.init() to join
+    recorded = ray_tmp / "ray" / "ray_current_cluster"
+    assert not recorded.exists() or recorded.read_text().strip() != gcs
     again = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True, timeout=60)
     assert again.stdout.strip() == "no local stack is running"
+    _up_again_on_the_same_state(env, folder, exported)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _up_again_on_the_same_state(env: dict, folder: Path, before: dict) -> None:
+    """A second ``ldm up`` reuses the S3 key, the bucket and the MLflow database."""
+    import boto3
+
+    try:
+        up = subprocess.run([*LDM, "up"], env=env, capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        exported = _exports(folder / ENV_FILE)
+        assert exported["AWS_ACCESS_KEY_ID"] == before["AWS_ACCESS_KEY_ID"]
+        tracking = exported["MLFLOW_TRACKING_URI"]
+        model = _get(f"{tracking}/api/2.0/mlflow/registered-models/get?name=ldm")
+        assert model["registered_model"]["latest_versions"][0]["version"] == "1"
+        s3 = boto3.client(
+            "s3", endpoint_url=exported["AWS_ENDPOINT_URL"], region_name="us-east-1",
+            aws_access_key_id=exported["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"],
+        )  # fmt: skip
+        kept = s3.list_objects_v2(Bucket="ldm", Prefix="mlflow/")
+        assert kept["KeyCount"] > 0  # the model's artifacts outlived the first stack
+    finally:
+        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    assert down.stdout.strip() == "stopped: ray-worker, ray-head, mlflow, s3"

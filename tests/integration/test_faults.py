@@ -1,0 +1,202 @@
+"""Faults of the services the pipeline depends on, injected for real: a stale Ray
+address, SIGTERM mid-command, an S3 server stopped mid-shard, a training Ray Job that
+outlives its deadline, an ``ldm up`` that fails half-way. (The tracking server stopped
+mid-run is in test_training, the endpoint's refusals in test_serving.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data import storage
+from data.manifest import ShardOptions, manifest_url
+from data.shard import shard_dataset
+from flows import stack
+from tests.integration.conftest import ACCESS_KEY, REGION, SECRET_KEY
+from tests.integration.services import free_port
+
+pytestmark = [pytest.mark.integration]
+
+BIN = str(Path(sys.executable).parent)
+
+
+def _ray_tmp() -> Path:
+    """A Ray temp folder of the test's own (short: Ray puts its sockets there)."""
+    folder = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))
+    (folder / "ray").mkdir()
+    return folder
+
+
+def _processes_using(path: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(path) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_stale_ray_address_never_hangs_and_sigterm_stops_the_command(tmp_path):
+    """What ``ldm down`` (or a crashed head) used to leave: Ray's address file naming a
+    dead cluster. ``ldm train`` starts a local Ray instead, and SIGTERM ends it."""
+    data = tmp_path / "data"
+    shard_dataset("mnist", str(data), ShardOptions(channels=1, shard_max_samples=600),
+                  progress=False)  # fmt: skip
+    ray_tmp = _ray_tmp()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    env |= {"RAY_TMPDIR": str(ray_tmp), "LDM_HOME": str(tmp_path / "home")}
+    log = tmp_path / "train.log"
+    command = [sys.executable, "-m", "flows.cli", "train", str(data), "--preset", "tiny"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Started a local Ray instance" not in log.read_text(errors="replace"):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ldm train hung:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "which does not answer" in log.read_text()
+        time.sleep(3)  # into the first stage
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 130, log.read_text()[-3000:]
+    assert "ldm train: interrupted" in log.read_text()
+    deadline = time.monotonic() + 30
+    while _processes_using(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _processes_using(ray_tmp) == []  # the local Ray went with the command
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def own_s3(tmp_path, monkeypatch):
+    """A SeaweedFS server of this test alone, which the test may stop and restart."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    servers = [stack.start_s3(tmp_path, env, BIN)]
+    for name, value in {"AWS_ENDPOINT_URL": servers[0].url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                        "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+                        "AWS_MAX_ATTEMPTS": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+    def restart():
+        servers.append(stack.start_s3(tmp_path, env, BIN, ports=servers[0].ports))
+
+    yield servers, restart
+    for server in servers:
+        stack.stop_service(server)
+
+
+def test_s3_stopped_mid_shard_publishes_nothing_and_a_rerun_sends_only_the_rest(
+    own_s3, monkeypatch
+):
+    servers, restart = own_s3
+    url, options = "s3://ldm/mnist", ShardOptions(channels=1, shard_max_samples=500)
+    real_put, sent = storage.put_file, []
+
+    def put_then_stop_the_server(local, target, metadata=None):
+        real_put(local, target, metadata)
+        sent.append(target)
+        if len(sent) == 3:
+            stack.stop_service(servers[0])
+
+    monkeypatch.setattr(storage, "put_file", put_then_stop_the_server)
+    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint"):
+        shard_dataset("mnist", url, options, progress=False)
+    restart()  # same folder, same ports: the three shards are still there
+    assert storage.stat(manifest_url(url)) is None  # no half-written dataset was published
+    monkeypatch.setattr(storage, "put_file", real_put)
+    report = shard_dataset("mnist", url, options, progress=False)
+    assert len(report.reused) == 3 and len(report.uploaded) == len(report.manifest.shards) - 3
+    assert sum(report.manifest.counts.values()) == 5000
+
+
+def test_the_s3_server_of_a_stack_restarts_on_its_data(tmp_path):
+    """The bucket exists already on the second start (SeaweedFS says
+    BucketAlreadyExists): the server comes up and the objects are still there."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    first = stack.start_s3(tmp_path, env, BIN)
+    import boto3
+
+    def client(server):
+        return boto3.client(
+            "s3",
+            endpoint_url=server.url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+
+    try:
+        client(first).put_object(Bucket=stack.BUCKET, Key="kept.txt", Body=b"still here")
+    finally:
+        stack.stop_service(first)
+    second = stack.start_s3(tmp_path, env, BIN)  # new ports, same data folder
+    try:
+        body = client(second).get_object(Bucket=stack.BUCKET, Key="kept.txt")["Body"].read()
+        assert body == b"still here"
+    finally:
+        stack.stop_service(second)
+
+
+def test_a_failed_ldm_up_stops_whatever_it_started(tmp_path, monkeypatch):
+    def broken_mlflow(*args, **kwargs):
+        raise stack.StackError("mlflow server exited; the end of its log: (simulated)")
+
+    monkeypatch.setattr(stack, "start_mlflow", broken_mlflow)
+    with pytest.raises(stack.StackError, match="mlflow server exited"):
+        stack.up(tmp_path, log=lambda line: None)
+    recorded = stack.Stack.load(stack.stack_folder(tmp_path).resolve())
+    assert [s.name for s in recorded.services] == ["s3"]  # it had started S3 ...
+    assert recorded.running() == []  # ... and stopped it again
+    assert not psutil.pid_exists(recorded.services[0].pid) or (
+        psutil.Process(recorded.services[0].pid).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_a_training_job_of_a_running_run_is_awaited_not_duplicated_and_stopped_at_the_deadline(
+    ray_cluster, mlflow_server
+):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from training.job import TrainJobConfig
+    from training.presets import get_preset
+    from training.submit import RESULT_URL_KEY, RUN_NAME_KEY, submit_training
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    first = client.submit_job(
+        entrypoint="sleep 300",  # stands in for a training driver still at work
+        metadata={RUN_NAME_KEY: "it-busy", RESULT_URL_KEY: "s3://ldm-runs/it-busy/result.json"},
+    )
+    job = TrainJobConfig(
+        data_url="s3://ldm-data/mnist-32", model=get_preset("tiny"), run_name="it-busy",
+        storage_url="s3://ldm-runs/jobs", tracking_uri=mlflow_server, job_timeout_s=4,
+    )  # fmt: skip
+    said: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="still .* at the deadline"):
+        submit_training(job, ray_cluster.dashboard_url, poll_interval_s=0.5, log=said.append)
+    assert time.monotonic() - started < 30
+    assert said == [f"Ray Job {first} of run 'it-busy' is still running: waiting for it "
+                    "instead of starting another"]  # fmt: skip
+    mine = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_NAME_KEY) == "it-busy"]
+    assert [j.submission_id for j in mine] == [first]  # no second job was started
+    deadline = time.monotonic() + 30
+    while client.get_job_status(first) != JobStatus.STOPPED:
+        assert time.monotonic() < deadline, client.get_job_status(first)
+        time.sleep(0.5)

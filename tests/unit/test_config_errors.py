@@ -1,0 +1,107 @@
+"""Config errors a user can fix: one line per problem naming the field, no traceback,
+exit status 2; and no config anywhere accepts inf or NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from data.manifest import ShardOptions
+from flows.cli import main
+from flows.retrain import RetrainConfig
+from serving.config import AppConfig
+from training.config import DiffusionConfig, StageConfig
+from training.evaluation.evaluate import EvaluationSettings
+from training.job import ScalingSettings, TrackingSettings
+from training.models import AutoencoderConfig, UNetConfig
+from training.presets import get_preset
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("preset: tiny\nshard: {channels: 1\n", "is not valid YAML at line 3, column 1"),
+        ("preset: [tiny\n", "is not valid YAML at line 2, column 1"),
+        ("preset: huge\n", "preset: Input should be 'tiny', 'demo' or 'base'"),
+        ("workers: many\n", "workers: Input should be a valid integer"),
+        ("shard: {chanels: 1}\n", "shard.chanels: unknown field"),
+        ("modelname: x\n", "modelname: unknown field"),
+        ("min_improvement: .inf\n", "min_improvement: Input should be a finite number"),
+        ("- a list\n", "must hold a mapping of fields, got list"),
+    ],
+)
+def test_ldm_retrain_names_what_is_wrong_in_its_config_file(tmp_path, capsys, text, message):
+    path = tmp_path / "retrain.yaml"
+    path.write_text(text)
+    code, err = _run(capsys, "retrain", "--config", str(path))
+    assert code == 2
+    assert message in err and err.startswith("ldm retrain: error: ")
+
+
+def test_a_json_syntax_error_says_where(tmp_path, capsys):
+    path = tmp_path / "retrain.json"
+    path.write_text('{"preset": "tiny",\n "workers": }')
+    code, err = _run(capsys, "retrain", "--config", str(path))
+    assert (code, err.count("\n")) == (2, 1)
+    assert "is not valid JSON at line 2, column 13" in err
+
+
+def test_ldm_train_reads_a_yaml_model_config_and_names_a_bad_field(tmp_path, capsys):
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: custom\nseed: 1\n")
+    code, err = _run(capsys, "train", str(tmp_path), "--config", str(path))
+    assert code == 2 and "autoencoder: Field required" in err
+
+
+def test_ldm_train_and_serve_refuse_bad_options_with_status_2(tmp_path, capsys):
+    code, err = _run(capsys, "train", str(tmp_path), "--storage", "relative/runs")
+    assert code == 2 and "storage_url: storage must be an absolute path" in err
+    code, err = _run(capsys, "serve", "--request-timeout-s", "inf")
+    assert code == 2 and "--request-timeout-s: Input should be a finite number" in err
+
+
+def test_a_retrain_without_a_val_split_is_refused_before_any_work(capsys):
+    code, err = _run(capsys, "retrain", "--val-fraction", "0")
+    assert code == 2 and "need a val split: use --val-fraction 0.1" in err
+    with pytest.raises(ValidationError, match="evaluation and promotion need a val split"):
+        RetrainConfig(shard=ShardOptions(val_fraction=0.0))
+
+
+FLOAT_FIELDS: list[tuple[type[BaseModel], dict, str]] = [
+    (DiffusionConfig, {}, "input_perturbation"),
+    (StageConfig, {"steps": 1, "batch_size": 1, "learning_rate": 1e-3}, "learning_rate"),
+    (StageConfig, {"steps": 1, "batch_size": 1, "learning_rate": 1e-3}, "grad_clip"),
+    (AutoencoderConfig, {}, "scale_factor"),
+    (AutoencoderConfig, {}, "kl_weight"),
+    (UNetConfig, {}, "dropout"),
+    (ScalingSettings, {}, "cpus_per_worker"),
+    (TrackingSettings, {}, "outage_budget_s"),
+    (ShardOptions, {}, "val_fraction"),
+    (AppConfig, {}, "max_guidance_scale"),
+    (AppConfig, {}, "batch_wait_timeout_s"),
+    (RetrainConfig, {}, "min_improvement"),
+    (EvaluationSettings, {}, "guidance_scale"),
+]
+
+
+@pytest.mark.parametrize(("model", "base", "field"), FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_no_config_accepts_inf_or_nan(model, base, field, value):
+    with pytest.raises(ValidationError, match="finite number"):
+        model.model_validate(base | {field: value})
+
+
+def test_a_whole_model_config_with_inf_inside_is_refused():
+    data = get_preset("tiny").model_dump()
+    data["denoiser_training"]["learning_rate"] = float("inf")
+    with pytest.raises(ValidationError, match="denoiser_training.learning_rate"):
+        type(get_preset("tiny")).model_validate(data)

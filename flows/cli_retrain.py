@@ -17,6 +17,7 @@ _FIELDS = {
     "workers": "workers", "cpus_per_worker": "cpus_per_worker", "storage": "storage_url",
     "ray_address": "ray_address", "run_name": "run_name", "model_name": "model_name",
     "tracking_uri": "tracking_uri", "port": "port", "out": "out_dir",
+    "serve_host": "serve_host",
 }  # fmt: skip
 
 
@@ -137,6 +138,11 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     add("--tracking-uri", help="MLflow tracking URI (default: sqlite under LDM_HOME)")
     add("--no-serve", action="store_true", help="skip deploying and sampling")
     add("--port", type=int, help="HTTP port of the endpoint (default: 8000)")
+    add(
+        "--serve-host",
+        help="HTTP bind address of the endpoint (default: 127.0.0.1, this machine only; see "
+        "the README's 'Security and limits' before exposing it)",
+    )
     add("--out", help="folder for the sample grid (default: LDM_HOME/retrain)")
 
 

@@ -79,3 +79,8 @@ def test_schedule_refuses_what_it_cannot_run(argv, message):
     )  # fmt: skip
     assert done.returncode in (1, 2), done.stdout
     assert message in done.stderr
+
+
+def test_the_endpoint_binds_this_machine_only_unless_told_otherwise():
+    assert _config().serve_host == "127.0.0.1"
+    assert _config("--serve-host", "0.0.0.0").serve_host == "0.0.0.0"

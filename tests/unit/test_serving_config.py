@@ -122,3 +122,10 @@ def test_serve_run_builds_the_app_from_string_arguments():
     assert deployment.max_ongoing_requests == 16
     with pytest.raises(ValidationError, match="max_batch_size"):
         call_user_app_builder_with_args_if_necessary(build_app, {"max_batch_size": "zero"})
+
+
+def test_a_remote_cluster_is_not_given_an_endpoint_bound_to_its_own_loopback():
+    from serving.deploy import deploy_through_dashboard
+
+    with pytest.raises(ValueError, match="out of reach from here"):
+        deploy_through_dashboard(AppConfig(), "ldm", "http://10.1.2.3:8265", 8000)

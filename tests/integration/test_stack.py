@@ -1,7 +1,10 @@
-"""``ldm up`` starts every service of the local stack, ``ldm retrain --preset tiny``
-runs against it unchanged (training as a Ray Job, the endpoint deployed through the
-Serve REST API, the flow run on its Prefect server), and ``ldm down`` leaves no
-process behind."""
+"""``ldm up`` starts every service of the local stack; what a user does with them from
+a shell that sourced ``env.sh`` works (``ldm shard`` to its S3, announced to its
+Prefect server; a model registered in its MLflow; the endpoint deployed on its Ray
+cluster through the Serve REST API and answering); ``ldm down`` leaves no process
+behind and no record of its Ray head; and a second ``ldm up`` starts on the state the
+first one left. (The retrain flow through a dashboard, as on this stack, is
+test_retrain_flow's.)"""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def _get(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-def test_up_retrain_down_up_again_on_the_same_state(tmp_path):
+def test_up_use_down_up_again_on_the_same_state(tmp_path):
     home = tmp_path / "home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
     env = {k: v for k, v in os.environ.items() if not k.startswith(OUTSIDE)}
@@ -67,25 +70,26 @@ def test_up_retrain_down_up_again_on_the_same_state(tmp_path):
         assert f"source {env_file}" in up.stdout
         assert exported["AWS_SECRET_ACCESS_KEY"] not in up.stdout  # the key stays in the file
 
-        port = free_port()
-        retrain = subprocess.run(
-            [*LDM, "retrain", "--preset", "tiny", "--cpus-per-worker", "1", "--port", str(port)],
-            env=env | exported, capture_output=True, text=True, timeout=1200,
+        dashboard, prefect = exported["RAY_ADDRESS"], exported["PREFECT_API_URL"]
+        shard = subprocess.run(
+            [*LDM, "shard", "mnist", "s3://ldm/datasets/mnist", "--shard-max-samples", "1000",
+             "--no-progress"], env=env | exported, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
-        assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr[-5000:]
-        assert "promoted to @champion" in retrain.stdout
-        dashboard = exported["RAY_ADDRESS"]
-        jobs = _get(f"{dashboard}/api/jobs/")
-        assert [job["status"] for job in jobs if "training.launch" in job["entrypoint"]] == [
-            "SUCCEEDED"
-        ]
+        assert shard.returncode == 0, shard.stderr[-3000:]
+        assert "announced to Prefect" in shard.stdout  # the stack's Prefect server took it
+        port = free_port()
+        used = subprocess.run(
+            [sys.executable, "-m", "tests.integration.use_stack",
+             exported["MLFLOW_TRACKING_URI"], dashboard, str(port)],
+            env=env | exported, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert used.returncode == 0, used.stdout[-3000:] + used.stderr[-5000:]
+        assert "1 images from ldm version 1" in used.stdout
         apps = _get(f"{dashboard}/api/serve/applications/")["applications"]
         assert apps["ldm"]["status"] == "RUNNING" and apps["ldm"]["source"] == "declarative"
-        model = _get(f"http://127.0.0.1:{port}/v1/model")
-        assert str(model["version"]) == "1"
-        runs = _get(f"{exported['PREFECT_API_URL']}/flow_runs/filter", {})
-        # retrain and its four stage flows, all on the stack's Prefect server
-        assert len(runs) == 5 and {run["state_type"] for run in runs} == {"COMPLETED"}
+        events = _get(f"{prefect}/events/filter",
+                      {"filter": {"event": {"name": ["ldm.dataset.sharded"]}}})  # fmt: skip
+        assert events["events"][0]["payload"]["dataset_url"] == "s3://ldm/datasets/mnist"
         family = [p for s in stack.services for p in _family(s.pid)]
         assert len(family) > len(names)  # Ray's raylet, GCS, workers; gunicorn; …
     finally:
@@ -122,8 +126,8 @@ def _up_again_on_the_same_state(env: dict, folder: Path, before: dict) -> None:
             aws_access_key_id=exported["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"],
         )  # fmt: skip
-        kept = s3.list_objects_v2(Bucket="ldm", Prefix="mlflow/")
-        assert kept["KeyCount"] > 0  # the model's artifacts outlived the first stack
+        for prefix in ("mlflow/", "datasets/mnist/"):  # the model's artifacts, the shards
+            assert s3.list_objects_v2(Bucket="ldm", Prefix=prefix)["KeyCount"] > 0, prefix
     finally:
         down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True,
                               timeout=300)  # fmt: skip

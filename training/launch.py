@@ -221,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help="also write the run id and model version here")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     job = TrainJobConfig.model_validate_json(storage.read_bytes(args.config_url))
-    result = run_training(job)
+    try:
+        result = run_training(job)
+    except NonFiniteLoss as error:  # the submitter must not retry this one
+        if args.result:
+            record = {"nonfinite": {"stage": error.stage, "step": error.step}}
+            storage.write_bytes(args.result, json.dumps(record).encode())
+        raise
     if args.result:
         storage.write_bytes(args.result, json.dumps(result_record(result)).encode())
     print(f"registered {result.model_version.name} version {result.model_version.version}")

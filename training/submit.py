@@ -90,12 +90,26 @@ def submit_training(
             client.stop_job(submission_id)
         raise
     if status != JobStatus.SUCCEEDED:
+        raise_recorded_failure(result_url)
         tail = client.get_job_logs(submission_id)[-3000:]
         raise RuntimeError(
             f"Ray Job {submission_id} ended {status.value}; the end of its log:\n{tail}"
         )
     log(f"Ray Job {submission_id} succeeded")
     return json.loads(storage.read_bytes(result_url))
+
+
+def raise_recorded_failure(result_url: str) -> None:
+    """A failed job's driver records a failure that retrying cannot fix (a non-finite
+    loss) in its result file: raise it as itself, so orchestrators do not retry."""
+    from training.stages import NonFiniteLoss
+
+    try:
+        record = json.loads(storage.read_bytes(result_url))
+    except (FileNotFoundError, ValueError):
+        return
+    if "nonfinite" in record:
+        raise NonFiniteLoss(record["nonfinite"]["stage"], record["nonfinite"]["step"])
 
 
 def find_running_job(client: Any, run_name: str) -> tuple[str, str] | None:

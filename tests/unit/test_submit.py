@@ -38,3 +38,14 @@ def test_a_remote_cluster_needs_shared_storage_and_an_mlflow_server():
 def test_a_cluster_on_this_machine_may_use_local_folders():
     local = _job(data_url="/data/mnist", storage_url="/runs", tracking_uri="sqlite:////x.db")
     check_reachable_from_cluster(local, "http://127.0.0.1:8265")
+
+
+def test_a_non_finite_loss_recorded_by_a_jobs_driver_is_raised_as_itself(tmp_path):
+    from training.stages import NonFiniteLoss
+    from training.submit import raise_recorded_failure
+
+    raise_recorded_failure(str(tmp_path / "missing.json"))  # no record: nothing to say
+    record = tmp_path / "result.json"
+    record.write_text('{"nonfinite": {"stage": "denoiser", "step": 35}}')
+    with pytest.raises(NonFiniteLoss, match="denoiser stage's loss is not finite .* step 35"):
+        raise_recorded_failure(str(record))

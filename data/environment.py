@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 # Where S3 and MLflow's artifact store are: safe to pass to a cluster.
 SETTINGS_ENV = (
@@ -45,10 +45,9 @@ S3_CLIENT_ENV = (
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
-def settings_env(names: Iterable[str] = SETTINGS_ENV) -> dict[str, str]:
-    """The settings among ``names`` that are set here (never a secret)."""
-    secret = set(SECRET_ENV)
-    return {n: os.environ[n] for n in names if n not in secret and os.environ.get(n)}
+def settings_env() -> dict[str, str]:
+    """The settings of :data:`SETTINGS_ENV` that are set here (never a secret)."""
+    return {name: os.environ[name] for name in SETTINGS_ENV if os.environ.get(name)}
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:

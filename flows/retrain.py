@@ -66,7 +66,7 @@ class RetrainConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _evaluable(self) -> RetrainConfig:
-        if self.shard.val_fraction == 0 and self.dataset_url is None:
+        if self.shard.val_fraction == 0:
             raise ValueError(
                 "shard.val_fraction is 0, but evaluation and promotion need a val split: "
                 "use --val-fraction 0.1 (or any value above 0)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
+from data.environment import redact
 from serving.config import ModelRef
 from training.pipeline import LatentDiffusion
 from training.registry import load_model_version
@@ -55,7 +56,8 @@ class ModelStore:
             found = self.client.get_model_version_by_alias(self.ref.name, self.ref.alias)
         except Exception as error:
             raise RuntimeError(
-                f"cannot resolve {self.ref.uri} at MLflow {self.tracking_uri}: {error}. "
+                f"cannot resolve {self.ref.uri} at MLflow {redact(self.tracking_uri)}: "
+                f"{redact(str(error))}. "
                 f"Check that the tracking server is reachable and that model "
                 f"'{self.ref.name}' has alias @{self.ref.alias} (e.g. 'ldm promote')."
             ) from error
@@ -69,7 +71,7 @@ class ModelStore:
             model = load_model_version(uri, self.tracking_uri, device=self.device)
         except Exception as error:
             raise RuntimeError(
-                f"cannot load {uri} from MLflow {self.tracking_uri}: {error}"
+                f"cannot load {uri} from MLflow {redact(self.tracking_uri)}: {redact(str(error))}"
             ) from error
         return LoadedModel(model, self.ref.name, version, self.ref.alias, run_id, time.time())
 

@@ -41,11 +41,8 @@ class FiniteLossGuard:
         self._first = torch.full((), self.NONE, dtype=torch.int64, device=device)
 
     def observe(self, loss: Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        self._first = torch.where(bad, torch.minimum(self._first, self._at(step)), self._first)
-
-    def _at(self, step: int) -> Tensor:
-        return torch.full((), step, dtype=torch.int64, device=self._first.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first == self.NONE)
+        self._first = torch.where(bad, step, self._first)
 
     def first_bad_step(self, distributed: bool = False) -> int | None:
         """The first non-finite step so far (over all ranks when ``distributed``: every

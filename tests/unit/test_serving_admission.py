@@ -91,6 +91,7 @@ def test_a_streamed_body_stops_being_read_at_the_limit():
 
 def test_a_small_body_is_read_whole_and_a_bad_length_is_a_400():
     assert asyncio.run(read_body("5", _chunks([b"{}", b"{}x"], []))) == b"{}{}x"
+    assert asyncio.run(read_body(None, _chunks([b"{}"], []))) == b"{}"
     assert _refused(asyncio.run, read_body("-3", _chunks([], []))).status == 400
 
 

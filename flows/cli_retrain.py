@@ -4,10 +4,12 @@ same flow served as a Prefect deployment on a cron schedule and on new datasets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,43 @@ def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.Retr
     return RetrainConfig.model_validate(values)
 
 
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API of this command: the configured one, else a server of its own
+    (database in ``LDM_HOME/prefect``) in its own process session. Prefect's ephemeral
+    server would share the terminal's process group: a Ctrl-C would stop it first, and
+    the interrupted flow would then spend minutes failing to record that it crashed."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from flows.stack import start_prefect, stop_service
+    from training.job import default_local_store
+
+    server = start_prefect(
+        default_local_store(), dict(os.environ), str(Path(sys.executable).parent)
+    )
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
+            try:
+                yield
+            finally:
+                _send_pending_logs_and_events()
+    finally:
+        stop_service(server)
+
+
+def _send_pending_logs_and_events(timeout_s: float = 10.0) -> None:
+    """Hand Prefect's background log and event workers' queues to the server while it
+    still runs: at exit they would wait for good on one that has stopped."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
 def _retrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.cli_config import config_error
@@ -53,7 +92,8 @@ def _retrain(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
     try:
-        report = retrain(config)
+        with prefect_api():
+            report = retrain(config)
     except ValueError as error:  # unusable data, found by the flow
         print(f"ldm retrain: error: {error}", file=sys.stderr)
         return 1
@@ -112,7 +152,11 @@ def _print_summary(report: dict) -> None:
     if api:
         print(f"Prefect UI: {api.removesuffix('/').removesuffix('/api')} (flow 'retrain')")
     else:
-        print("Prefect UI: prefect server start   (then http://127.0.0.1:4200, flow 'retrain')")
+        from training.job import default_local_store
+
+        home = default_local_store() / "prefect"
+        then = "(then http://127.0.0.1:4200, flow 'retrain')"
+        print(f"Prefect UI: PREFECT_HOME={home} prefect server start   {then}")
 
 
 def add_retrain_options(parser: argparse.ArgumentParser) -> None:
@@ -154,8 +198,8 @@ def add_retrain_command(commands: argparse._SubParsersAction) -> None:
         "date), train the preset on Ray, evaluate and promote the new version, deploy the "
         "Ray Serve endpoint that follows @champion, and request a grid of every class over "
         "HTTP. With no options it runs on embedded defaults: the built-in MNIST digits, "
-        "LDM_HOME (default ./outputs), sqlite MLflow, a local Ray and Prefect's ephemeral "
-        "server.",
+        "LDM_HOME (default ./outputs), sqlite MLflow, a local Ray and a Prefect "
+        "server of its own (started and stopped with the command).",
     )
     add_retrain_options(retrain)
     retrain.add_argument(

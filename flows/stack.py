@@ -150,7 +150,7 @@ def up(
         log(f"Ray dashboard   {head.url}  (head and one worker node)")
 
         if with_prefect:
-            prefect = _start_prefect(folder, env, bin_dir)
+            prefect = start_prefect(folder, env, bin_dir)
             stack.services.append(prefect)
             stack.save()
             stack.env["PREFECT_API_URL"] = f"{prefect.url}/api"
@@ -421,10 +421,12 @@ def _alive_nodes(dashboard: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
-def _start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+    """``prefect server start`` (its database in ``folder/prefect``) in a process
+    session of its own; returns when its API answers."""
     port = free_port()
     home = folder / "prefect"
-    home.mkdir(exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     command = [str(Path(bin_dir) / "prefect"), "server", "start", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
     prefect_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import hashlib
 import json
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +174,7 @@ def fit_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    result = _fit(trainer, stage)
     bad_step = (result.return_value or {}).get("nonfinite_step")
     if bad_step is not None:
         raise NonFiniteLoss(stage, bad_step)
@@ -180,6 +182,21 @@ def fit_stage(
         raise RuntimeError(f"the {stage} stage finished without a checkpoint")
     path = result.checkpoint.path
     return f"s3://{path.lstrip('/')}" if job.storage_url.startswith("s3://") else path
+
+
+def _fit(trainer: TorchTrainer, stage: str) -> ray.train.Result:
+    """``trainer.fit()`` where Ctrl-C means Ctrl-C. On SIGINT Ray Train aborts the run
+    and calls ``sys.exit(0)`` from a handler it leaves installed: here that becomes a
+    KeyboardInterrupt (a command exits 130, not 0) and the caller's handler comes back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        return trainer.fit()
+    except SystemExit as aborted:
+        raise KeyboardInterrupt(f"the {stage} stage was interrupted") from aborted
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def assemble_model(checkpoints: dict[str, str], config: LDMConfig) -> LatentDiffusion:

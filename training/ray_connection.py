@@ -98,13 +98,7 @@ def answers(address: str, timeout_s: float) -> bool:
     ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``) within ``timeout_s``."""
     import grpc
 
-    hostport = address.removeprefix("ray://").rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT")
-    candidates = [hostport]
-    if host in ("localhost", "127.0.0.1"):  # Ray itself dials the node's own IP for these
-        candidates.append(f"{ray.util.get_node_ip_address()}:{port}")
+    candidates = _dialled(address)
     deadline = time.monotonic() + timeout_s
     while True:
         for candidate in candidates:
@@ -121,6 +115,18 @@ def answers(address: str, timeout_s: float) -> bool:
             return False
 
 
+def _dialled(address: str) -> list[str]:
+    """The ``HOST:PORT`` forms Ray may use for ``address``: it dials the node's own IP
+    for ``localhost`` and ``127.0.0.1`` (and records that form in its address file)."""
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT")
+    if host in ("localhost", "127.0.0.1"):
+        return [hostport, f"{ray.util.get_node_ip_address()}:{port}"]
+    return [hostport]
+
+
 def _address_file() -> str | None:
     """The GCS address Ray recorded for ``ray.init()`` to join, if any."""
     from ray._common.utils import get_ray_address_file  # no public API names this file
@@ -133,11 +139,12 @@ def _address_file() -> str | None:
 
 
 def forget_address(gcs_address: str) -> None:
-    """Remove Ray's address file if it names ``gcs_address`` (a cluster just stopped)."""
+    """Remove Ray's address file if it names ``gcs_address``, in any form Ray writes it
+    (a cluster just stopped)."""
     from ray._common.utils import get_ray_address_file
 
     path = get_ray_address_file(None)
-    if _address_file() == gcs_address:
+    if _address_file() in _dialled(gcs_address):
         with contextlib.suppress(OSError):
             os.remove(path)
 

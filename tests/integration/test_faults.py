@@ -1,5 +1,5 @@
 """Faults of the services the pipeline depends on, injected for real: a stale Ray
-address, SIGTERM mid-command, an S3 server stopped mid-shard, a training Ray Job that
+address and Ctrl-C mid-retrain, an S3 server stopped mid-shard, a training Ray Job that
 outlives its deadline, an ``ldm up`` that fails half-way. (The tracking server stopped
 mid-run is in test_training, the endpoint's refusals in test_serving.)"""
 
@@ -47,40 +47,57 @@ def _processes_using(path: Path) -> list[psutil.Process]:
     return found
 
 
-def test_a_stale_ray_address_never_hangs_and_sigterm_stops_the_command(tmp_path):
+def test_ctrl_c_during_a_retrain_on_a_stale_ray_address_exits_130_and_leaves_nothing(
+    tmp_path,
+):
     """What ``ldm down`` (or a crashed head) used to leave: Ray's address file naming a
-    dead cluster. ``ldm train`` starts a local Ray instead, and SIGTERM ends it."""
-    data = tmp_path / "data"
-    shard_dataset("mnist", str(data), ShardOptions(channels=1, shard_max_samples=600),
-                  progress=False)  # fmt: skip
+    dead cluster. ``ldm retrain`` starts a local Ray instead, and a Ctrl-C in the
+    terminal (SIGINT to the whole foreground process group) ends the flow, its Ray and
+    its Prefect server."""
     ray_tmp = _ray_tmp()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_ADDRESS", "MLFLOW_", "PREFECT_API"))
+    }
     env |= {"RAY_TMPDIR": str(ray_tmp), "LDM_HOME": str(tmp_path / "home")}
-    log = tmp_path / "train.log"
-    command = [sys.executable, "-m", "flows.cli", "train", str(data), "--preset", "tiny"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    log = tmp_path / "retrain.log"
+    command = [sys.executable, "-m", "flows.cli", "retrain", "--preset", "tiny", "--no-serve"]
+    with open(log, "wb") as out:  # a session of its own, as a terminal's foreground job
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while "Started a local Ray instance" not in log.read_text(errors="replace"):
             assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "ldm train hung:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ldm retrain hung:\n" + log.read_text()[-3000:]
             time.sleep(0.5)
         assert "which does not answer" in log.read_text()
-        time.sleep(3)  # into the first stage
-        process.send_signal(signal.SIGTERM)
+        time.sleep(5)  # into the first stage
+        leader = psutil.Process(process.pid)
+        family = [leader, *leader.children(recursive=True)]
+        assert any("prefect" in " ".join(p.cmdline()) for p in family)
+        os.killpg(process.pid, signal.SIGINT)
         code = process.wait(90)
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # its Prefect server is in a session of its own
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            os.killpg(process.pid, signal.SIGKILL)
     assert code == 130, log.read_text()[-3000:]
-    assert "ldm train: interrupted" in log.read_text()
+    assert "ldm retrain: interrupted" in log.read_text()
     deadline = time.monotonic() + 30
-    while _processes_using(ray_tmp) and time.monotonic() < deadline:
+    while _running(family) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _processes_using(ray_tmp) == []  # the local Ray went with the command
+    assert _running(family) == []  # its Ray and its Prefect server went with it
+    assert _processes_using(ray_tmp) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture
@@ -88,9 +105,13 @@ def own_s3(tmp_path, monkeypatch):
     """A SeaweedFS server of this test alone, which the test may stop and restart."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     servers = [stack.start_s3(tmp_path, env, BIN)]
-    for name, value in {"AWS_ENDPOINT_URL": servers[0].url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                        "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
-                        "AWS_MAX_ATTEMPTS": "1"}.items():  # fmt: skip
+    for name, value in {
+        "AWS_ENDPOINT_URL": servers[0].url,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_MAX_ATTEMPTS": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
 
@@ -180,16 +201,22 @@ def test_a_training_job_of_a_running_run_is_awaited_not_duplicated_and_stopped_a
         metadata={RUN_NAME_KEY: "it-busy", RESULT_URL_KEY: "s3://ldm-runs/it-busy/result.json"},
     )
     job = TrainJobConfig(
-        data_url="s3://ldm-data/mnist-32", model=get_preset("tiny"), run_name="it-busy",
-        storage_url="s3://ldm-runs/jobs", tracking_uri=mlflow_server, job_timeout_s=4,
-    )  # fmt: skip
+        data_url="s3://ldm-data/mnist-32",
+        model=get_preset("tiny"),
+        run_name="it-busy",
+        storage_url="s3://ldm-runs/jobs",
+        tracking_uri=mlflow_server,
+        job_timeout_s=4,
+    )
     said: list[str] = []
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="still .* at the deadline"):
         submit_training(job, ray_cluster.dashboard_url, poll_interval_s=0.5, log=said.append)
     assert time.monotonic() - started < 30
-    assert said == [f"Ray Job {first} of run 'it-busy' is still running: waiting for it "
-                    "instead of starting another"]  # fmt: skip
+    assert said == [
+        f"Ray Job {first} of run 'it-busy' is still running: waiting for it "
+        "instead of starting another"
+    ]
     mine = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_NAME_KEY) == "it-busy"]
     assert [j.submission_id for j in mine] == [first]  # no second job was started
     deadline = time.monotonic() + 30

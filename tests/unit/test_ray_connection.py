@@ -88,10 +88,48 @@ def test_answers_needs_a_grpc_server_not_just_an_open_port(grpc_server):
         answers("just-a-host", 1)
 
 
-def test_forget_address_removes_only_the_named_cluster(ray_tmp):
+def test_forget_address_removes_only_the_named_cluster_in_any_form_ray_wrote(ray_tmp):
+    import ray
+
     record = ray_tmp / "ray_current_cluster"
     record.write_text("127.0.0.1:6379")
     forget_address("127.0.0.1:7000")
     assert record.exists()
     forget_address("127.0.0.1:6379")
     assert not record.exists()
+    record.write_text(f"{ray.util.get_node_ip_address()}:6379")  # what `ray start` writes
+    forget_address("127.0.0.1:6379")
+    assert not record.exists()
+
+
+def test_sigterm_while_a_command_waits_for_ray_ends_it_as_ctrl_c(ray_tmp, monkeypatch, capsys):
+    """A service manager's stop during the wait for a cluster: exit 130 at once, not
+    after the connect timeout."""
+    import os
+    import signal
+    import threading
+
+    import numpy as np
+
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+    from flows.cli import main
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8)
+    np.savez(ray_tmp / "src.npz", images=images, labels=np.arange(40) % 10)
+    options = ShardOptions(image_size=16, channels=1, val_fraction=0.1)
+    shard_dataset(str(ray_tmp / "src.npz"), str(ray_tmp / "data"), options, progress=False)
+    monkeypatch.setenv("RAY_ADDRESS", _dead_address())
+    monkeypatch.setenv("LDM_HOME", str(ray_tmp / "home"))
+    before = signal.getsignal(signal.SIGTERM)
+    stop = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))
+    stop.start()
+    start = time.monotonic()
+    try:
+        code = main(["train", str(ray_tmp / "data"), "--preset", "tiny"])
+    finally:
+        stop.cancel()
+        signal.signal(signal.SIGTERM, before)
+    assert code == 130
+    assert time.monotonic() - start < 10  # the wait for Ray is 30 s
+    assert "ldm train: interrupted" in capsys.readouterr().err

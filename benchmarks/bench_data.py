@@ -116,11 +116,23 @@ def s3_server(folder: Path) -> Iterator[str]:
     weed = str(Path(sys.executable).parent / "weed")
     master, volume, filer, s3, admin = ports
     command = [
-        weed, f"-logdir={folder}", "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-        f"-s3.port={s3}", f"-admin.port={admin}", "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-    ]  # fmt: skip
+        weed,
+        f"-logdir={folder}",
+        "mini",
+        f"-dir={folder}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3}",
+        f"-admin.port={admin}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

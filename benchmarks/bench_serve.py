@@ -68,8 +68,13 @@ def one_round(
     def client(index: int) -> None:
         with httpx.Client(timeout=600) as http:
             for i in range(per_client):
-                body = {"label": (index + i) % 10, "guidance_scale": 3.0, "sampler": "ddim",
-                        "steps": steps, "seed": index * 1000 + i}  # fmt: skip
+                body = {
+                    "label": (index + i) % 10,
+                    "guidance_scale": 3.0,
+                    "sampler": "ddim",
+                    "steps": steps,
+                    "seed": index * 1000 + i,
+                }
                 started = time.perf_counter()
                 response = http.post(f"{url}/v1/samples", json=body)
                 elapsed = time.perf_counter() - started
@@ -160,13 +165,17 @@ def main() -> None:
         f"ray {ray.__version__}; preset {args.preset}, DDIM {args.steps} steps, CFG w=3, "
         f"1 image/request; {time.perf_counter() - began:.0f} s in all\n"
     )
-    print("| batching | concurrency | requests | images/s | p50 latency (s) | p99 latency (s) "
-          "| network s per batch | largest group |")  # fmt: skip
+    print(
+        "| batching | concurrency | requests | images/s | p50 latency (s) | p99 latency (s) "
+        "| network s per batch | largest group |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | "
-              f"{r['images_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
-              f"{r['sampling_s']:.3f} | {r['max_group']} |")  # fmt: skip
+        print(
+            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | "
+            f"{r['images_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
+            f"{r['sampling_s']:.3f} | {r['max_group']} |"
+        )
 
 
 if __name__ == "__main__":

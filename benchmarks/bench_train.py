@@ -4,7 +4,7 @@ single-process PyTorch loop with the same model, batch, data and threads.
     .venv/bin/python benchmarks/bench_train.py [--steps 200] [--warmup 50] [--threads 2]
 
 Both read the same cached latents (the built-in MNIST encoded by an autoencoder)
-through ``data.build_loader`` and run the same step (``training.stages``): DDPM-IP
+through ``data.build_loader`` and run the same step (``training.losses``): DDPM-IP
 loss, AdamW, gradient clipping, EMA. The Ray number is the mean of the images/s the
 loop logs to MLflow after its warm-up interval. Target: Ray / bare >= 0.9.
 """
@@ -32,9 +32,10 @@ from training.checkpoints import StageState, save_checkpoint
 from training.job import ScalingSettings, TrainJobConfig
 from training.latents import cache_latents
 from training.launch import fit_stage
+from training.losses import denoiser_losses
 from training.models import EMA, Autoencoder, UNet
+from training.optimisation import make_optimisation
 from training.presets import get_preset
-from training.stages import denoiser_losses, make_optimisation
 from training.tracking import ensure_experiment, resolve_tracking_uri
 
 

@@ -4,7 +4,7 @@
                                  [--modes eager,compile] [--json FILE]
 
 Runs the preset's denoiser stage with the step the Ray Train loop runs
-(``training.stages.denoiser_losses`` under bf16 autocast, AdamW with warm-up,
+(``training.losses.denoiser_losses`` under bf16 autocast, AdamW with warm-up,
 gradient clipping, EMA) on latents made on the GPU, so nothing is downloaded and
 the number is the model's, not the data loader's. Model FLOPs per step are
 counted once with ``torch.utils.flop_counter`` (forward and backward of the
@@ -29,9 +29,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from training.config import LDMConfig
+from training.losses import denoiser_losses
 from training.models import EMA, UNet
+from training.optimisation import make_optimisation
 from training.presets import PRESETS, get_preset
-from training.stages import denoiser_losses, make_optimisation
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -69,8 +70,9 @@ class SyntheticLatents:
         self.generator = g
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(0, len(self.labels), (size,), device=self.labels.device,
-                              generator=self.generator)  # fmt: skip
+        index = torch.randint(
+            0, len(self.labels), (size,), device=self.labels.device, generator=self.generator
+        )
         return self.latents[index], self.labels[index]
 
 
@@ -160,15 +162,30 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=0, help="default: the preset's")
-    parser.add_argument("--modes", default="eager,compile",
-                        help="comma-separated: eager (what training runs), compile")  # fmt: skip
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="dense bf16 peak of this GPU when it is not in the table")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="skip the remaining modes once this much time has passed")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        default="eager,compile",
+        help="comma-separated: eager (what training runs), compile",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="dense bf16 peak of this GPU when it is not in the table",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=270.0,
+        help="skip the remaining modes once this much time has passed",
+    )
     parser.add_argument("--json", default="", help="also write the results here")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: only check that the script runs (tests)")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: only check that the script runs (tests)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible to torch; run it on a GPU machine")

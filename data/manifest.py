@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from data import storage
+from data.frozen import FrozenConfig
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -19,11 +20,7 @@ SPLITS: tuple[Split, ...] = ("train", "val")
 SHARD_NAME = re.compile(r"^(?P<split>train|val)-[0-9]{6,}\.tar$")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class ShardOptions(_Frozen):
+class ShardOptions(FrozenConfig):
     """What decides a dataset's content (all of it goes into the fingerprint)."""
 
     image_size: int = Field(32, ge=8, le=4096, description="images are size×size pixels")
@@ -32,13 +29,15 @@ class ShardOptions(_Frozen):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of inputs for 'val'")
     seed: int = Field(0, ge=0, description="seed of the train/val split and sample order")
     max_image_pixels: int = Field(
-        89_478_485, ge=1, le=178_956_970,
+        89_478_485,
+        ge=1,
+        le=178_956_970,
         description="larger inputs are skipped as too large without being decoded "
         "(default: Pillow's limit; at most twice it)",
-    )  # fmt: skip
+    )
 
 
-class ShardEntry(_Frozen):
+class ShardEntry(FrozenConfig):
     """One tar file of the dataset, relative to the manifest's folder."""
 
     name: str
@@ -60,14 +59,14 @@ class ShardEntry(_Frozen):
         return self
 
 
-class SkippedInput(_Frozen):
+class SkippedInput(FrozenConfig):
     """An input of the source that is not in the dataset, and why."""
 
     input: str
     reason: str
 
 
-class Manifest(_Frozen):
+class Manifest(FrozenConfig):
     """Everything a reader needs: image format, classes, splits and every shard."""
 
     format_version: Literal[1] = FORMAT_VERSION

@@ -147,8 +147,12 @@ def list_local_folder(root: Path) -> tuple[list[storage.Listed], list[Skipped]]:
         for name in list(dirs):
             if (base / name).is_symlink():
                 dirs.remove(name)
-                skipped.append(Skipped(_ref(root, base / name) + "/", "symbolic link to a "
-                                       "folder (links to folders are not followed)"))  # fmt: skip
+                skipped.append(
+                    Skipped(
+                        _ref(root, base / name) + "/",
+                        "symbolic link to a folder (links to folders are not followed)",
+                    )
+                )
         dirs.sort()
         for name in names:
             path = base / name

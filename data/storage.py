@@ -65,8 +65,22 @@ class Listed:
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<rest>.*)$")
 # Schemes a user may type by mistake for one of ours; anything else with "://" is refused.
-_KNOWN_SCHEMES = {"s3", "s3a", "s3n", "file", "gs", "gcs", "az", "abfs", "abfss", "hdfs",
-                  "http", "https", "ftp", "sftp"}  # fmt: skip
+_KNOWN_SCHEMES = {
+    "s3",
+    "s3a",
+    "s3n",
+    "file",
+    "gs",
+    "gcs",
+    "az",
+    "abfs",
+    "abfss",
+    "hdfs",
+    "http",
+    "https",
+    "ftp",
+    "sftp",
+}
 
 
 def parse(url: str) -> Location:

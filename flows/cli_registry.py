@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import get_args
+
+from training.names import PromotionMetric, SamplerName
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,7 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
         help="classifier-free guidance w >= 0 (default: 2)",
     )
     parser.add_argument(
-        "--sampler", choices=("ddpm", "ddim"), default="ddim", help="sampler (default: ddim)"
+        "--sampler", choices=get_args(SamplerName), default="ddim", help="sampler (default: ddim)"
     )
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -162,7 +165,7 @@ def add_registry_commands(commands: argparse._SubParsersAction) -> None:
     promote.add_argument("--version", help="version to promote (default: @candidate)")
     promote.add_argument(
         "--metric",
-        choices=("fd", "class_consistency"),
+        choices=get_args(PromotionMetric),
         default="fd",
         help="what decides: lower fd or higher class_consistency (default: fd)",
     )

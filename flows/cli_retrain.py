@@ -11,16 +11,26 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from training.names import PresetName
 
 # Options shared by retrain and schedule → RetrainConfig field, for those given.
 _FIELDS = {
-    "source": "source", "dataset_url": "dataset_url", "preset": "preset",
-    "workers": "workers", "cpus_per_worker": "cpus_per_worker", "storage": "storage_url",
-    "ray_address": "ray_address", "run_name": "run_name", "model_name": "model_name",
-    "tracking_uri": "tracking_uri", "port": "port", "out": "out_dir",
+    "source": "source",
+    "dataset_url": "dataset_url",
+    "preset": "preset",
+    "workers": "workers",
+    "cpus_per_worker": "cpus_per_worker",
+    "storage": "storage_url",
+    "ray_address": "ray_address",
+    "run_name": "run_name",
+    "model_name": "model_name",
+    "tracking_uri": "tracking_uri",
+    "port": "port",
+    "out": "out_dir",
     "serve_host": "serve_host",
-}  # fmt: skip
+}
 
 
 def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.RetrainConfig
@@ -116,9 +126,12 @@ def _schedule(args: argparse.Namespace) -> int:
     try:
         config = retrain_config_from_args(args)
         deployment = retrain_deployment(
-            config, name=args.name, cron=args.cron, timezone=args.timezone,
+            config,
+            name=args.name,
+            cron=args.cron,
+            timezone=args.timezone,
             on_new_dataset=args.on_new_dataset,
-        )  # fmt: skip
+        )
     except ValueError as error:
         return config_error("ldm schedule", error)
     if not os.environ.get("PREFECT_API_URL"):
@@ -168,7 +181,7 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     add("--image-size", type=int, help="image side (default: 32)")
     add("--channels", type=int, choices=(1, 3), help="1 grayscale or 3 RGB (default: 1)")
     add("--val-fraction", type=float, help="share of images held out for evaluation (0.1)")
-    add("--preset", choices=("tiny", "demo", "base"), help="model preset (default: demo)")
+    add("--preset", choices=get_args(PresetName), help="model preset (default: demo)")
     add("--workers", type=int, help="Ray Train workers (default: 1)")
     add("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 2)")
     add("--storage", help="checkpoints folder or s3:// (default: LDM_HOME/runs)")

@@ -7,6 +7,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from training.names import SamplerName
 
 
 def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConfig
@@ -219,15 +222,16 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
         "default) to --out. A label that is a number is a class id; anything else "
         "is a class name.",
     )
-    sample.add_argument("--url", default="http://127.0.0.1:8000", help="app URL (default: "
-                        "http://127.0.0.1:8000)")  # fmt: skip
+    sample.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="app URL (default: http://127.0.0.1:8000)"
+    )
     which = sample.add_mutually_exclusive_group(required=True)
     which.add_argument("--label", help="one class id or name for every image")
     which.add_argument("--labels", help="comma-separated class ids or names, one per image")
     sample.add_argument("--num-samples", type=int, default=8, help="images with --label (8)")
     sample.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free w>=0")
     sample.add_argument("--classifier-scale", type=float, default=0.0, help="classifier s>=0")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--sampler", choices=get_args(SamplerName), default="ddim")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the app's)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     sample.add_argument("--seed", type=int, help="seed; image i uses seed+i (default: random)")

@@ -31,7 +31,7 @@ def _shard(args: argparse.Namespace) -> int:
         print(f"ldm shard: error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
-    from flows.schedule import emit_dataset_event
+    from flows.events import emit_dataset_event
 
     manifest = report.manifest
     if emit_dataset_event(args.out_url, manifest.fingerprint, manifest.counts):

@@ -7,6 +7,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from training.names import PresetName
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,7 +86,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     source = train.add_mutually_exclusive_group()
     source.add_argument(
         "--preset",
-        choices=("tiny", "demo", "base"),
+        choices=get_args(PresetName),
         default="demo",
         help="model sizes and training lengths (default: demo)",
     )

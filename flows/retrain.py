@@ -11,19 +11,21 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
+from data.frozen import FrozenConfig
 from data.manifest import Manifest, ShardOptions
 from data.storage import PermanentStorageError
+from flows.events import emit_dataset_event
 from training.evaluation.evaluate import EvaluationSettings
 from training.evaluation.promotion import require_val_split
 from training.job import ScalingSettings, TrainJobConfig, default_local_store
-from training.models.configs import FrozenConfig
+from training.names import PresetName, PromotionMetric
 from training.presets import get_preset
 from training.tracking import resolve_tracking_uri
 
@@ -36,7 +38,7 @@ class RetrainConfig(FrozenConfig):
     source: str = Field("mnist", description="'mnist', an image folder or an .npz, or s3://")
     dataset_url: str | None = Field(None, description="default: LDM_HOME/data/<name>")
     shard: ShardOptions = ShardOptions(channels=1)
-    preset: Literal["tiny", "demo", "base"] = "demo"
+    preset: PresetName = "demo"
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(2.0, gt=0)
     use_gpu: bool = False
@@ -53,7 +55,7 @@ class RetrainConfig(FrozenConfig):
     tracking_uri: str | None = None
     evaluator_cache: str | None = Field(None, description="default: LDM_HOME/evaluators")
     evaluation: EvaluationSettings = EvaluationSettings()
-    promote_metric: Literal["fd", "class_consistency"] = "fd"
+    promote_metric: PromotionMetric = "fd"
     min_improvement: float = Field(0.0, ge=0.0)
     serve: bool = True
     serve_host: str = Field(
@@ -79,7 +81,7 @@ DEFAULTS = RetrainConfig()
 
 def _is_transient(task, task_run, state) -> bool:
     """Retry I/O failures, not what retrying cannot fix (see the module doc)."""
-    from training.stages import NonFiniteLoss
+    from training.optimisation import NonFiniteLoss
 
     return not isinstance(state.data, ValueError | PermanentStorageError | NonFiniteLoss)
 
@@ -213,14 +215,12 @@ def sample_grid(url: str, num_classes: int, out_path: str) -> str:
 
 
 @flow(name="shard-dataset")
-def shard_stage(
+def shard_flow(
     source: str, dataset_url: str, options: ShardOptions = DEFAULTS.shard, announce: bool = True
 ) -> dict[str, Any]:
     """Shard ``source`` to ``dataset_url`` unless it is up to date. With ``announce``,
     new shards are published as the event ``ldm.dataset.sharded``, which starts the
     deployments that have the new-dataset trigger (``retrain`` passes False)."""
-    from flows.schedule import emit_dataset_event
-
     data = shard(source, dataset_url, options)
     if announce and data["resharded"]:
         emit_dataset_event(dataset_url, data["fingerprint"], data["counts"])
@@ -228,19 +228,19 @@ def shard_stage(
 
 
 @flow(name="train-model")
-def train_stage(job: TrainJobConfig, ray_address: str | None = None) -> dict[str, Any]:
+def train_flow(job: TrainJobConfig, ray_address: str | None = None) -> dict[str, Any]:
     """All three training stages on Ray; registers the version as @candidate."""
     return train(job, ray_address)
 
 
 @flow(name="evaluate-and-promote")
-def promote_stage(config: RetrainConfig, tracking_uri: str, version: str) -> dict[str, Any]:
+def promote_flow(config: RetrainConfig, tracking_uri: str, version: str) -> dict[str, Any]:
     """Evaluate ``version`` next to @champion and move the alias if it is better."""
     return evaluate_and_promote(config, tracking_uri, version)
 
 
 @flow(name="deploy-endpoint")
-def deploy_stage(
+def deploy_flow(
     model_name: str,
     tracking_uri: str,
     port: int,
@@ -272,7 +272,7 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
     if new_dataset:
         data = use_dataset(new_dataset)
     else:
-        data = shard_stage(config.source, dataset_url, config.shard, announce=False)
+        data = shard_flow(config.source, dataset_url, config.shard, announce=False)
     require_val_split(dataset_url)  # promotion needs one: fail before training, not after
     job = TrainJobConfig(
         data_url=dataset_url,
@@ -289,8 +289,8 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         model_name=config.model_name,
         tracking_uri=tracking_uri,
     )
-    trained = train_stage(job, ray_address)
-    decision = promote_stage(config, tracking_uri, trained["version"])
+    trained = train_flow(job, ray_address)
+    decision = promote_flow(config, tracking_uri, trained["version"])
     report = {
         "dataset": data,
         "training": trained,
@@ -302,10 +302,15 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
     }
     if config.serve:
         out_dir = Path(config.out_dir) if config.out_dir else store / "retrain"
-        report |= deploy_stage(
-            config.model_name, tracking_uri, config.port, data["num_classes"],
-            str(out_dir / f"{run_name}-samples.png"), ray_address, config.serve_host,
-        )  # fmt: skip
+        report |= deploy_flow(
+            config.model_name,
+            tracking_uri,
+            config.port,
+            data["num_classes"],
+            str(out_dir / f"{run_name}-samples.png"),
+            ray_address,
+            config.serve_host,
+        )
     create_markdown_artifact(key="retrain-report", markdown=report_markdown(report))
     return report
 

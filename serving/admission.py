@@ -139,6 +139,11 @@ def check_budget(job: SampleJob, budget: int) -> None:
             f"this request costs {cost:,} network evaluations (images × steps × passes: "
             f"classifier-free guidance doubles, classifier guidance adds 2), over this "
             f"endpoint's budget of {budget:,} per request: ask for fewer images or steps",
-            [{"field": "request", "message": f"costs {cost} network evaluations",
-              "allowed": f"at most {budget} per request"}],
-        )  # fmt: skip
+            [
+                {
+                    "field": "request",
+                    "message": f"costs {cost} network evaluations",
+                    "allowed": f"at most {budget} per request",
+                }
+            ],
+        )

@@ -269,8 +269,9 @@ class SamplerDeployment:
             parsed = SampleRequest.model_validate_json(body, context=limits)
         except ValidationError as error:
             problems = describe_errors(error, limits)
-            detail = "; ".join(f"{p['field']}: {p['message']} (allowed: {p['allowed']})"
-                               for p in problems)  # fmt: skip
+            detail = "; ".join(
+                f"{p['field']}: {p['message']} (allowed: {p['allowed']})" for p in problems
+            )
             raise Refusal(422, detail, problems) from None
         job = parsed.to_job(limits)
         check_budget(job, self.config.max_evaluations_per_request)

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from data.frozen import FrozenConfig
 
 DEFAULT_MODEL_URI = "models:/ldm@champion"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -45,11 +47,7 @@ def parse_model_uri(uri: str) -> ModelRef:
     return ModelRef(match["name"], match["alias"], match["version"])
 
 
-class _Args(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class AutoscalingSettings(_Args):
+class AutoscalingSettings(FrozenConfig):
     """Ray Serve autoscaling of the sampling deployment (replicas follow the load)."""
 
     min_replicas: int = Field(1, ge=0)
@@ -71,15 +69,16 @@ class AutoscalingSettings(_Args):
         return self
 
 
-class AppConfig(_Args):
+class AppConfig(FrozenConfig):
     """Where the model comes from, how many replicas hold it, what each may use, and
     the limits a request must respect."""
 
     model_uri: str = DEFAULT_MODEL_URI
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else the sqlite "
-        "file of 'ldm train' under LDM_HOME (or ./outputs)"
-    )  # fmt: skip
+        None,
+        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else the sqlite "
+        "file of 'ldm train' under LDM_HOME (or ./outputs)",
+    )
     # ----------------------------------------------------------- replicas and resources
     num_replicas: int | Literal["auto"] | None = Field(
         None, description="fixed replica count; None: 1 unless autoscaling_config is set"
@@ -94,9 +93,10 @@ class AppConfig(_Args):
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=10)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default 2·max_batch_size")
     max_queued_requests: int = Field(
-        64, ge=-1, description="requests waiting for a replica; beyond it 503 with Retry-After "
-        "(-1: no limit)"
-    )  # fmt: skip
+        64,
+        ge=-1,
+        description="requests waiting for a replica; beyond it 503 with Retry-After (-1: no limit)",
+    )
     retry_after_s: int = Field(2, ge=0, description="the Retry-After of a 503 for a full queue")
     request_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="a request not answered by then gets a 504"
@@ -110,9 +110,11 @@ class AppConfig(_Args):
     max_guidance_scale: float = Field(50.0, ge=0)
     max_classifier_scale: float = Field(100.0, ge=0)
     max_evaluations_per_request: int = Field(
-        16_384, ge=1, description="work budget: images × steps × passes (classifier-free "
-        "guidance doubles, classifier guidance adds 2); a costlier request gets a 422"
-    )  # fmt: skip
+        16_384,
+        ge=1,
+        description="work budget: images × steps × passes (classifier-free "
+        "guidance doubles, classifier guidance adds 2); a costlier request gets a 422",
+    )
     # ----------------------------------------------------------- hot reload
     reload_interval_s: float = Field(
         30.0, ge=0, description="seconds between alias checks; 0 turns reload off"

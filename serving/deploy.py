@@ -93,9 +93,10 @@ def deploy_through_dashboard(
     kept = [
         details["deployed_app_config"]
         for app, details in (current.get("applications") or {}).items()
-        if app != name and details.get("source") == "declarative"
+        if app != name
+        and details.get("source") == "declarative"
         and details.get("deployed_app_config")
-    ]  # fmt: skip
+    ]
     entry = application_entry(config, name)
     body = {"http_options": {"host": bind, "port": port}, "applications": [*kept, entry]}
     _call("PUT", base + APPLICATIONS, body)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from serving.sampler import SampleJob
+from training.names import SamplerName
 
 ImageFormat = Literal["png", "json", "npy"]
 MAX_SEED = 2**63 - 1
@@ -120,7 +121,7 @@ class SampleRequest(BaseModel):
     num_samples: int | None = None
     guidance_scale: float = 0.0  # classifier-free guidance w: (1+w)·ε(c) − w·ε(∅)
     classifier_scale: float = 0.0  # classifier guidance s
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int | None = None  # default: the app's default_steps
     eta: float = 0.0
     seed: int | None = None  # default: a random seed, returned in the response

@@ -19,8 +19,6 @@ from training.models.configs import (
     UNetConfig,
 )
 
-PresetName = Literal["tiny", "demo", "base"]
-
 
 class DiffusionConfig(FrozenConfig):
     num_timesteps: int = Field(1000, ge=2)

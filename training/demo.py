@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from data.mnist import MNIST_CLASS_NAMES, load_mnist
-from training.config import PresetName
 from training.images import make_grid, save_png, to_uint8
 from training.local import train_in_process
+from training.names import PresetName
 from training.presets import get_preset
 
 SAMPLES_PER_CLASS = 8

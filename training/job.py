@@ -12,11 +12,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from data.frozen import FrozenConfig
 from training.config import LDMConfig, StageConfig
-from training.models.configs import FrozenConfig
-
-StageName = Literal["autoencoder", "denoiser", "classifier"]
-STAGES: tuple[StageName, ...] = ("autoencoder", "denoiser", "classifier")
+from training.stages import StageName, get_stage
 
 
 def default_local_store() -> Path:
@@ -94,4 +92,4 @@ class StageJob(FrozenConfig):
 
     @property
     def training(self) -> StageConfig:
-        return getattr(self.job.model, f"{self.stage}_training")
+        return get_stage(self.stage).training(self.job.model)

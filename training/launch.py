@@ -29,14 +29,15 @@ from data import storage
 from data.manifest import load_manifest, manifest_url
 from training.checkpoints import load_checkpoint_uri
 from training.config import LDMConfig
-from training.job import StageJob, StageName, TrainJobConfig
+from training.job import StageJob, TrainJobConfig
 from training.latents import cache_latents
+from training.optimisation import NonFiniteLoss
 from training.pipeline import LatentDiffusion
 from training.ray_connection import connect_ray
-from training.ray_loop import train_stage
+from training.ray_loop import train_worker
 from training.registry import log_model_version
 from training.run_tracker import retry_tracking
-from training.stages import NonFiniteLoss
+from training.stages import STAGES, StageName
 from training.tracking import ensure_experiment, flatten, git_commit
 
 RUN_NAME_TAG = "ldm.run_name"
@@ -87,17 +88,7 @@ def _register_once(model: LatentDiffusion, job: TrainJobConfig, run_id: str) -> 
 def _train_and_register(
     job: TrainJobConfig, run_id: str
 ) -> tuple[dict[str, str], LatentDiffusion, ModelVersion]:
-    checkpoints = {"autoencoder": fit_stage(job, "autoencoder", job.data_url, run_id)}
-    _, config = load_checkpoint_uri(checkpoints["autoencoder"])
-    job = job.model_copy(update={"model": config})
-    latents_url = cache_latents(
-        job.data_url, checkpoints["autoencoder"], f"{_run_root(job)}/latents", job.model
-    )
-    checkpoints["denoiser"] = fit_stage(
-        job, "denoiser", latents_url, run_id, autoencoder_checkpoint=checkpoints["autoencoder"]
-    )
-    checkpoints["classifier"] = fit_stage(job, "classifier", latents_url, run_id)
-
+    checkpoints, config = _train_stages(job, run_id)
     model = assemble_model(checkpoints, config)
     budget = job.tracking.outage_budget_s
     version = retry_tracking(
@@ -108,6 +99,31 @@ def _train_and_register(
     return checkpoints, model, version
 
 
+def _train_stages(job: TrainJobConfig, run_id: str) -> tuple[dict[str, str], LDMConfig]:
+    """Each stage of the table as a Ray Train job, in order; the latents are cached once,
+    by the trained autoencoder, before the first stage that trains on them. Returns the
+    final checkpoint of each stage and the config they measured (the latent scale)."""
+    checkpoints: dict[str, str] = {}
+    latents_url = None
+    for stage in STAGES:
+        extra = {}
+        if stage.inputs == "latents":
+            if latents_url is None:
+                latents_url = cache_latents(
+                    job.data_url,
+                    checkpoints["autoencoder"],
+                    f"{_run_root(job)}/latents",
+                    job.model,
+                )
+            extra["autoencoder_checkpoint"] = checkpoints["autoencoder"]  # decodes grids
+        data_url = latents_url if stage.inputs == "latents" else job.data_url
+        checkpoints[stage.name] = fit_stage(job, stage.name, data_url, run_id, **extra)
+        if stage.finish is not None:  # what it measured travels in its checkpoint's config
+            _, config = load_checkpoint_uri(checkpoints[stage.name])
+            job = job.model_copy(update={"model": config})
+    return checkpoints, job.model
+
+
 def _run_root(job: TrainJobConfig) -> str:
     return f"{job.storage_url}/{job.run_name}"
 
@@ -115,8 +131,9 @@ def _run_root(job: TrainJobConfig) -> str:
 def _start_run(job: TrainJobConfig) -> str:
     """The MLflow run of ``job.run_name``: the unfinished one to resume, or a new one
     (retried while the tracking server does not answer)."""
-    return retry_tracking(lambda: _start_run_once(job), "starting the MLflow run",
-                          job.tracking.outage_budget_s)  # fmt: skip
+    return retry_tracking(
+        lambda: _start_run_once(job), "starting the MLflow run", job.tracking.outage_budget_s
+    )
 
 
 def _start_run_once(job: TrainJobConfig) -> str:
@@ -136,13 +153,17 @@ def _start_run_once(job: TrainJobConfig) -> str:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     manifest_bytes = storage.read_bytes(manifest_url(job.data_url.rstrip("/")))
-    run = client.create_run(experiment_id, run_name=job.run_name, tags={
-        RUN_NAME_TAG: job.run_name,
-        "data.manifest_url": manifest_url(job.data_url.rstrip("/")),
-        "data.manifest_sha256": _sha256(manifest_bytes),
-        "git.commit": git_commit(),
-        "ray.cluster_size": json.dumps(_cluster_size()),
-    })  # fmt: skip
+    run = client.create_run(
+        experiment_id,
+        run_name=job.run_name,
+        tags={
+            RUN_NAME_TAG: job.run_name,
+            "data.manifest_url": manifest_url(job.data_url.rstrip("/")),
+            "data.manifest_sha256": _sha256(manifest_bytes),
+            "git.commit": git_commit(),
+            "ray.cluster_size": json.dumps(_cluster_size()),
+        },
+    )
     params = [
         Param(k, v)
         for k, v in flatten(job.model_dump(mode="json", exclude={"tracking_uri"})).items()
@@ -159,7 +180,7 @@ def fit_stage(
     stage_job = StageJob(stage=stage, job=job, data_url=data_url, run_id=run_id, **extra)
     scaling = job.scaling
     trainer = TorchTrainer(
-        train_stage,
+        train_worker,
         train_loop_config=stage_job.model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
@@ -202,10 +223,10 @@ def _fit(trainer: TorchTrainer, stage: str) -> ray.train.Result:
 def assemble_model(checkpoints: dict[str, str], config: LDMConfig) -> LatentDiffusion:
     """The sampling model from the final checkpoints (EMA weights for the denoiser)."""
     model = LatentDiffusion.build(config)
-    for stage in ("autoencoder", "denoiser", "classifier"):
-        state, _ = load_checkpoint_uri(checkpoints[stage])
-        weights = state.ema if stage == "denoiser" and state.ema is not None else state.model
-        getattr(model, stage).load_state_dict(weights)
+    for stage in STAGES:
+        state, _ = load_checkpoint_uri(checkpoints[stage.name])
+        weights = state.ema if stage.keeps_ema and state.ema is not None else state.model
+        stage.network(model).load_state_dict(weights)
     return model.eval()
 
 

@@ -1,7 +1,8 @@
-"""Train all three stages in this process on an in-memory image array.
+"""Train every stage in this process on an in-memory image array.
 
 The quick path for a laptop and for ``ldm demo``: no Ray, no storage, no tracking.
-It runs the same per-step code as the distributed loop (``training.stages``).
+It walks the same stage table (``training.stages``) and runs the same per-step code
+as the distributed loop.
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from data.reader import to_pixels
-from training.config import LDMConfig, StageConfig
+from training.config import LDMConfig
+from training.diffusion import GaussianDiffusion
 from training.models import EMA
+from training.optimisation import FiniteLossGuard, NonFiniteLoss, make_optimisation
 from training.pipeline import LatentDiffusion
-from training.stages import (
-    FiniteLossGuard,
-    NonFiniteLoss,
-    autoencoder_losses,
-    classifier_losses,
-    denoiser_losses,
-    latent_std,
-    make_optimisation,
-)
+from training.stages import STAGES, Stage
 
 Log = Callable[[str], None]
+ENCODE_CHUNK = 256  # images per forward pass when encoding or measuring latents
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -42,34 +38,40 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Te
 
 
 def _run_stage(
-    name: str,
-    stage: StageConfig,
-    model: torch.nn.Module,
-    step_losses: Callable[[Tensor], dict[str, Tensor]],
-    n: int,
+    stage: Stage,
+    model: LatentDiffusion,
+    inputs: Tensor,
+    y: Tensor,
+    diffusion: GaussianDiffusion,
     generator: torch.Generator,
     progress: bool,
-    ema: EMA | None = None,
 ) -> dict[str, float]:
-    """Run ``stage.steps`` optimisation steps; returns the last step's metrics."""
-    model.train()
-    optimisation = make_optimisation(model, stage)
-    batches = _batches(n, stage.batch_size, generator)
+    """Run the stage's optimisation steps on ``inputs`` [N, …] (pixels or latents) and
+    labels ``y`` [N]; the sampling weights (EMA ones where the stage keeps an EMA) end
+    up in ``model``. Returns the last step's metrics."""
+    net, training, config = stage.network(model), stage.training(model.config), model.config
+    ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
+    net.train()
+    optimisation = make_optimisation(net, training)
+    batches = _batches(len(y), training.batch_size, generator)
     metrics: dict[str, float] = {}
     guard = FiniteLossGuard(torch.device("cpu"))
-    bar = tqdm(range(stage.steps), desc=name, disable=not progress, mininterval=1.0)
+    bar = tqdm(range(training.steps), desc=stage.name, disable=not progress, mininterval=1.0)
     for step in bar:
-        losses = step_losses(next(batches))
+        idx = next(batches)
+        losses = stage.losses(net, inputs[idx], y[idx], diffusion, config)
         guard.observe(losses["loss"], step + 1)
         if guard.first_bad_step() is not None:  # on the CPU this costs nothing
-            raise NonFiniteLoss(name, step + 1)
-        grad_norm = optimisation.step(losses["loss"], model)
+            raise NonFiniteLoss(stage.name, step + 1)
+        grad_norm = optimisation.step(losses["loss"], net)
         if ema is not None:
-            ema.update(model)
+            ema.update(net)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics["grad_norm"] = float(grad_norm)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-    model.eval()
+    net.eval()
+    if ema is not None:
+        setattr(model, stage.name, ema.model)
     return metrics
 
 
@@ -80,7 +82,8 @@ def train_in_process(
     progress: bool = True,
     log: Log = print,
 ) -> LatentDiffusion:
-    """Train autoencoder → (latents cached once) → denoiser with EMA → classifier.
+    """Train the stages of :data:`training.stages.STAGES` in order: autoencoder →
+    (latents cached once) → denoiser with EMA → classifier.
 
     images: uint8 [N, H, W] or [N, H, W, C] matching the config's size and channels;
     labels: int [N] in 0 … num_classes−1. Returns the model with EMA denoiser weights.
@@ -97,53 +100,18 @@ def train_in_process(
     diffusion = config.diffusion.build()
 
     started = time.perf_counter()
-    ae, kl_weight = model.autoencoder, config.autoencoder.kl_weight
-    m = _run_stage(
-        "autoencoder",
-        config.autoencoder_training,
-        ae,
-        lambda idx: autoencoder_losses(ae, pixels[idx], kl_weight),
-        len(y),
-        generator,
-        progress,
-    )
-    scale = 1.0 / latent_std(ae, pixels.split(256))
-    config = config.model_copy(
-        update={"autoencoder": config.autoencoder.model_copy(update={"scale_factor": scale})}
-    )
-    model.config, ae.config = config, config.autoencoder
-    log(f"autoencoder: L1 {m['reconstruction']:.4f}, latent scale factor {scale:.4f}")
-
-    with torch.no_grad():
-        latents = torch.cat([ae.encode_latents(chunk) for chunk in pixels.split(256)])
-
-    denoiser, null_id = model.denoiser, config.num_classes
-    ema = EMA(denoiser, config.denoiser_training.ema_decay)
-    m = _run_stage(
-        "denoiser",
-        config.denoiser_training,
-        denoiser,
-        lambda idx: denoiser_losses(
-            denoiser, diffusion, latents[idx], y[idx], config.diffusion, null_id
-        ),
-        len(y),
-        generator,
-        progress,
-        ema,
-    )
-    model.denoiser = ema.model
-    log(f"denoiser: loss {m['loss']:.4f}")
-
-    classifier = model.classifier
-    m = _run_stage(
-        "classifier",
-        config.classifier_training,
-        classifier,
-        lambda idx: classifier_losses(classifier, diffusion, latents[idx], y[idx]),
-        len(y),
-        generator,
-        progress,
-    )
-    log(f"classifier: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f}")
+    inputs = {"pixels": pixels}
+    for stage in STAGES:
+        if stage.inputs not in inputs:  # the latents: encoded once, after the autoencoder
+            with torch.no_grad():
+                chunks = pixels.split(ENCODE_CHUNK)
+                inputs["latents"] = torch.cat([model.autoencoder.encode_latents(c) for c in chunks])
+        metrics = _run_stage(stage, model, inputs[stage.inputs], y, diffusion, generator, progress)
+        line = f"{stage.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        if stage.finish is not None:
+            net = stage.network(model)
+            model = model.with_config(stage.finish(model.config, net, pixels.split(ENCODE_CHUNK)))
+            line += f", latent scale factor {model.config.autoencoder.scale_factor:.4f}"
+        log(line)
     log(f"trained in {time.perf_counter() - started:.0f} s")
     return model.eval()

@@ -45,6 +45,14 @@ class LatentDiffusion:
             NoisyLatentClassifier(config.classifier),
         )
 
+    def with_config(self, config: LDMConfig) -> LatentDiffusion:
+        """These networks under ``config`` (after a stage measured, e.g., the latent
+        scale): the bundle and each network read their settings from it."""
+        self.config = config
+        for name in WEIGHT_FILES:
+            getattr(self, name).config = getattr(config, name)
+        return self
+
     @property
     def diffusion(self) -> GaussianDiffusion:
         return self.config.diffusion.build()

@@ -4,8 +4,9 @@ GPU cluster; see the README for the cluster it expects)."""
 
 from __future__ import annotations
 
-from training.config import DiffusionConfig, LDMConfig, PresetName, StageConfig
+from training.config import DiffusionConfig, LDMConfig, StageConfig
 from training.models import AutoencoderConfig, ClassifierConfig, UNetConfig
+from training.names import PresetName
 
 
 def _tiny() -> LDMConfig:

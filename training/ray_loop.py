@@ -20,7 +20,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from data.reader import build_loader
 from training.checkpoints import (
@@ -29,50 +29,18 @@ from training.checkpoints import (
     load_checkpoint_uri,
     save_checkpoint,
 )
-from training.config import LDMConfig
-from training.diffusion import GaussianDiffusion
 from training.images import make_grid, to_uint8
 from training.job import StageJob
-from training.models import EMA, Autoencoder, NoisyLatentClassifier, UNet
+from training.models import EMA, Autoencoder
+from training.optimisation import FiniteLossGuard, make_optimisation
 from training.run_tracker import RunTracker
-from training.stages import (
-    FiniteLossGuard,
-    autoencoder_losses,
-    classifier_losses,
-    denoiser_losses,
-    latent_std,
-    make_optimisation,
-)
+from training.stages import get_stage
 
-SCALE_ESTIMATE_BATCHES = 20
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
 
 
-def build_network(stage: str, config: LDMConfig) -> nn.Module:
-    if stage == "autoencoder":
-        return Autoencoder(config.autoencoder)
-    if stage == "denoiser":
-        return UNet(config.denoiser)
-    return NoisyLatentClassifier(config.classifier)
-
-
-def _losses(
-    stage: str,
-    net: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    diffusion: GaussianDiffusion,
-    config: LDMConfig,
-) -> dict[str, Tensor]:
-    if stage == "autoencoder":
-        return autoencoder_losses(net, x, config.autoencoder.kl_weight)
-    if stage == "denoiser":
-        return denoiser_losses(net, diffusion, x, y, config.diffusion, config.num_classes)
-    return classifier_losses(net, diffusion, x, y)
-
-
-def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
+def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point: train ``job.stage`` until its step budget is spent.
 
     Returns ``{"rank", "step", "epoch"}``, plus ``"nonfinite_step"`` when a loss was
@@ -80,6 +48,7 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
     and the driver raises :class:`training.stages.NonFiniteLoss`.
     """
     job = StageJob.model_validate(job_json)
+    stage = get_stage(job.stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     config, training = job.job.model, job.training
@@ -88,9 +57,9 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     diffusion = config.diffusion.build()
 
-    net = build_network(job.stage, config).to(device)
+    net = stage.build(config).to(device)
     optimisation = make_optimisation(net, training)
-    ema = EMA(net, training.ema_decay) if job.stage == "denoiser" else None
+    ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     step, epoch, into_epoch = _restore(net, optimisation, ema)
     model = ray.train.torch.prepare_model(net)
     tracker = None
@@ -105,15 +74,21 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
     bad_step = None
     while step < training.steps and bad_step is None:
         loader = build_loader(
-            job.data_url, "train", rank, world, training.batch_size, config.seed, epoch,
+            job.data_url,
+            "train",
+            rank,
+            world,
+            training.batch_size,
+            config.seed,
+            epoch,
             num_workers=job.job.loader_workers,
-        )  # fmt: skip
+        )
         for x, y in itertools.islice(loader, into_epoch, None):
             x, y = x.to(device), y.to(device)
             model.train()
             # bf16 autocast on GPUs: matmuls and convolutions in bf16, the loss in fp32.
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                losses = _losses(job.stage, model, x, y, diffusion, config)
+                losses = stage.losses(model, x, y, diffusion, config)
             guard.observe(losses["loss"], step + 1)
             grad_norm = optimisation.step(losses["loss"], model)
             if ema is not None:
@@ -130,8 +105,12 @@ def train_stage(job_json: dict[str, Any]) -> dict[str, Any]:
                 rate = (step - logged_step) * training.batch_size * world / (now - logged_at)
                 logged_at, logged_step = now, step
                 metrics = {k: float(v.detach()) for k, v in losses.items()}
-                metrics |= {"grad_norm": float(grad_norm), "images_per_s": rate, "epoch": epoch,
-                            "learning_rate": optimisation.learning_rate}  # fmt: skip
+                metrics |= {
+                    "grad_norm": float(grad_norm),
+                    "images_per_s": rate,
+                    "epoch": epoch,
+                    "learning_rate": optimisation.learning_rate,
+                }
                 tracker.log_metrics({f"{job.stage}/{k}": v for k, v in metrics.items()}, step)
             if tracker and ema and job.job.sample_every and step % job.job.sample_every == 0:
                 _log_grid(tracker, job, ema.model, step)
@@ -167,9 +146,10 @@ def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, i
 
 
 def _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader) -> None:
-    config = job.job.model
-    if final and job.stage == "autoencoder" and rank == 0:
-        config = _with_latent_scale(config, net, loader)
+    config, finish = job.job.model, get_stage(job.stage).finish
+    if final and finish is not None and rank == 0:  # e.g. the latent scale, kept with it
+        device = next(net.parameters()).device
+        config = finish(config, net, (x.to(device) for x, _ in loader))
     metrics = {"step": step, "epoch": epoch, "final": final}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -178,11 +158,15 @@ def _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, l
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         if rank == 0:
             state = StageState(
-                stage=job.stage, step=step, epoch=epoch, batches_into_epoch=into_epoch,
-                model=net.state_dict(), optimizer=optimisation.optimizer.state_dict(),
+                stage=job.stage,
+                step=step,
+                epoch=epoch,
+                batches_into_epoch=into_epoch,
+                model=net.state_dict(),
+                optimizer=optimisation.optimizer.state_dict(),
                 scheduler=optimisation.scheduler.state_dict(),
                 ema=ema.state_dict() if ema is not None else None,
-            )  # fmt: skip
+            )
             save_checkpoint(tmp, state, config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -198,17 +182,6 @@ def _write_worker_record(folder: Path, rank: int, step: int) -> None:
     }
     (folder / WORKERS_FOLDER).mkdir(exist_ok=True)
     (folder / WORKERS_FOLDER / f"rank-{rank}.json").write_text(json.dumps(record))
-
-
-def _with_latent_scale(config: LDMConfig, autoencoder: Autoencoder, loader) -> LDMConfig:
-    """The config with scale_factor = 1/std of this rank's training latents."""
-    autoencoder.eval()
-    device = next(autoencoder.parameters()).device
-    pixels = (x.to(device) for x, _ in itertools.islice(loader, SCALE_ESTIMATE_BATCHES))
-    scale = 1.0 / latent_std(autoencoder, pixels)
-    autoencoder.train()
-    updated = config.autoencoder.model_copy(update={"scale_factor": scale})
-    return config.model_copy(update={"autoencoder": updated})
 
 
 @torch.no_grad()
@@ -230,9 +203,13 @@ def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int
     config = job.job.model
     y = torch.arange(config.num_classes).repeat_interleave(GRID_SAMPLES_PER_CLASS)
     z0 = config.diffusion.build().sample(
-        denoiser, (len(y), *config.latent_shape), y=y.to(device),
-        guidance_scale=2.0, sampler="ddpm", steps=min(100, config.diffusion.num_timesteps),
+        denoiser,
+        (len(y), *config.latent_shape),
+        y=y.to(device),
+        guidance_scale=2.0,
+        sampler="ddpm",
+        steps=min(100, config.diffusion.num_timesteps),
         generator=torch.Generator().manual_seed(config.seed),
-    )  # fmt: skip
+    )
     grid = make_grid(to_uint8(autoencoder.decode_latents(z0)), ncols=GRID_SAMPLES_PER_CLASS)
     tracker.log_image(grid, f"samples/denoiser_step_{step:07d}.png")

@@ -1,7 +1,7 @@
 """Logging to an MLflow run that survives the tracking server being down for minutes.
 
 :class:`RunTracker` (rank 0 of a training stage, the evaluation) never makes the
-caller wait on MLflow: metrics, tags and images go into a bounded buffer that a
+caller wait on MLflow: metrics and images go into a bounded buffer that a
 background thread sends in order. While the server does not answer, the thread
 retries with backoff and keeps everything; once it answers, the backlog goes out with
 each metric's original timestamp and step. Only an outage longer than the budget, or
@@ -38,9 +38,14 @@ MAX_BUFFERED_IMAGES = 32
 BATCH_LIMIT = 1000  # metrics per log_batch call (MLflow's own limit)
 # Errors that say the request itself is wrong: waiting for the server cannot help.
 _PERMANENT_CODES = {
-    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "PERMISSION_DENIED",
-    "UNAUTHENTICATED", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS",
-}  # fmt: skip
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "INVALID_STATE",
+    "RESOURCE_ALREADY_EXISTS",
+}
 
 
 class TrackingUnavailable(RuntimeError):
@@ -79,8 +84,10 @@ def retry_tracking(
                 ) from error
             logger.warning(
                 "%s failed (%s); MLflow may be down, retrying in %.0f s",
-                what, redact(str(error))[:200], delay,
-            )  # fmt: skip
+                what,
+                redact(str(error))[:200],
+                delay,
+            )
             sleep(delay)
             delay = min(30.0, delay * 2)
 
@@ -115,9 +122,6 @@ class RunTracker:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """uint8 [H, W] or [H, W, C] as a PNG artifact of the run."""
         self._put("image", (np.array(image, copy=True), artifact_file), 0)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._put("tags", dict(tags), 0)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Wait until everything buffered is sent (at most the outage budget, or
@@ -165,8 +169,9 @@ class RunTracker:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise TrackingUnavailable(f"MLflow logging of run {self.run_id} failed: "
-                                      f"{self._error}") from self._error  # fmt: skip
+            raise TrackingUnavailable(
+                f"MLflow logging of run {self.run_id} failed: {self._error}"
+            ) from self._error
 
     # ----------------------------------------------------------------- the sender's side
     def _run(self) -> None:
@@ -179,8 +184,9 @@ class RunTracker:
                 kind, item = self._take()
                 self._busy = True
             try:
-                retry_tracking(partial(self._send, kind, item), "MLflow logging",
-                               self.outage_budget_s)  # fmt: skip
+                retry_tracking(
+                    partial(self._send, kind, item), "MLflow logging", self.outage_budget_s
+                )
             except BaseException as error:  # handed to the caller's thread
                 with self._cv:
                     self._error, self._busy = error, False
@@ -208,9 +214,6 @@ class RunTracker:
     def _send(self, kind: str, item: Any) -> None:
         if kind == "metrics":
             self.client.log_batch(self.run_id, metrics=item)
-        elif kind == "image":
+        else:
             image, artifact_file = item
             self.client.log_image(self.run_id, image, artifact_file=artifact_file)
-        else:
-            for key, value in item.items():
-                self.client.set_tag(self.run_id, key, value)

@@ -78,8 +78,10 @@ def submit_training(
     running = find_running_job(client, job.run_name)
     if running is not None:
         submission_id, result_url = running
-        log(f"Ray Job {submission_id} of run '{job.run_name}' is still running: waiting for "
-            "it instead of starting another")  # fmt: skip
+        log(
+            f"Ray Job {submission_id} of run '{job.run_name}' is still running: waiting for "
+            "it instead of starting another"
+        )
     else:
         submission_id, result_url = _submit(client, job, python, log)
     deadline = time.monotonic() + (timeout_s or job.job_timeout_s)
@@ -102,7 +104,7 @@ def submit_training(
 def raise_recorded_failure(result_url: str) -> None:
     """A failed job's driver records a failure that retrying cannot fix (a non-finite
     loss) in its result file: raise it as itself, so orchestrators do not retry."""
-    from training.stages import NonFiniteLoss
+    from training.optimisation import NonFiniteLoss
 
     try:
         record = json.loads(storage.read_bytes(result_url))
@@ -130,9 +132,15 @@ def _submit(
     storage.write_bytes(config_url, job.model_dump_json(indent=2).encode())
     env = settings_env()  # where S3 is; credentials come from the nodes
     entrypoint = " ".join(
-        [python, "-m", "training.launch", shlex.quote(config_url), "--result",
-         shlex.quote(result_url)]
-    )  # fmt: skip
+        [
+            python,
+            "-m",
+            "training.launch",
+            shlex.quote(config_url),
+            "--result",
+            shlex.quote(result_url),
+        ]
+    )
     submission_id = client.submit_job(
         entrypoint=entrypoint,
         submission_id=f"{job.run_name}-{attempt}",

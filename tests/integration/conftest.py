@@ -130,8 +130,13 @@ class MlflowProcess:
 
         env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
         port = self.service.ports[0] if self.service else None
-        self.service = start_mlflow(self.folder, env, str(Path(sys.executable).parent),
-                                    artifacts="s3://ldm-mlflow/artifacts", port=port)  # fmt: skip
+        self.service = start_mlflow(
+            self.folder,
+            env,
+            str(Path(sys.executable).parent),
+            artifacts="s3://ldm-mlflow/artifacts",
+            port=port,
+        )
 
     def stop(self) -> None:
         from flows.stack import stop_service

@@ -16,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader
-from flows.retrain import RetrainConfig, retrain, shard, shard_stage
+from flows.retrain import RetrainConfig, retrain, shard, shard_flow
 from tests.integration.services import free_port
 from training.evaluation.evaluate import EvaluationSettings
 
@@ -173,14 +173,20 @@ def test_a_missing_bucket_fails_the_task_at_once_without_retries(
 def _dataset_events(url: str) -> list[dict]:
     from prefect.settings import PREFECT_API_URL
 
-    from flows.schedule import DATASET_EVENT, dataset_resource_id
+    from flows.events import DATASET_EVENT, dataset_resource_id
 
-    body = {"filter": {"event": {"name": [DATASET_EVENT]},
-                       "resource": {"id": [dataset_resource_id(url)]}}, "limit": 50}  # fmt: skip
+    body = {
+        "filter": {
+            "event": {"name": [DATASET_EVENT]},
+            "resource": {"id": [dataset_resource_id(url)]},
+        },
+        "limit": 50,
+    }
     request = urllib.request.Request(
-        f"{PREFECT_API_URL.value()}/events/filter", data=json.dumps(body).encode(),
+        f"{PREFECT_API_URL.value()}/events/filter",
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())["events"]
 
@@ -189,8 +195,8 @@ def test_the_shard_flow_announces_new_shards_only(prefect_harness, s3_session):
     import time
 
     url, options = "s3://ldm-data/announced-mnist", ShardOptions(channels=1, shard_max_samples=600)
-    first = shard_stage("mnist", url, options)
-    second = shard_stage("mnist", url, options)  # up to date: nothing new to announce
+    first = shard_flow("mnist", url, options)
+    second = shard_flow("mnist", url, options)  # up to date: nothing new to announce
     assert first["resharded"] and not second["resharded"]
     deadline = time.monotonic() + 30
     while not _dataset_events(url) and time.monotonic() < deadline:
@@ -253,10 +259,22 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
     log = tmp_path / "schedule.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [*ldm, "schedule", "--cron", "0 3 * * 1", "--on-new-dataset", "--name", "it",
-             "--config", str(tmp_path / "retrain.json")],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                *ldm,
+                "schedule",
+                "--cron",
+                "0 3 * * 1",
+                "--on-new-dataset",
+                "--name",
+                "it",
+                "--config",
+                str(tmp_path / "retrain.json"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deployment = asyncio.run(_deployment("retrain/it", timeout=120))
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
@@ -265,8 +283,11 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
         url = "s3://ldm-data/published-mnist"
         shard = subprocess.run(
             [*ldm, "shard", "mnist", url, "--shard-max-samples", "600", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert shard.returncode == 0, shard.stderr
         assert "announced to Prefect" in shard.stdout
 

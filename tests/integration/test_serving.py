@@ -107,8 +107,10 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 def test_health_model_and_page(app_url):
     assert httpx.get(f"{app_url}/healthz").json() == {
-        "status": "ok", "model": MODEL_NAME, "version": "1",
-    }  # fmt: skip
+        "status": "ok",
+        "model": MODEL_NAME,
+        "version": "1",
+    }
     info = httpx.get(f"{app_url}/v1/model").json()
     assert (info["name"], info["version"], info["alias"]) == (MODEL_NAME, "1", "champion")
     assert info["class_names"] == list("0123456789")
@@ -166,9 +168,13 @@ BAD_REQUESTS = [
     ("UTF-16 JSON", '{"label": 3}'.encode("utf-16"), 400, "UTF-8"),
     ("NaN", b'{"label": 3, "guidance_scale": NaN}', 422, "finite number"),
     ("huge integer", b'{"label": 3, "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
-    ("over the work budget", {"label": 3, "num_samples": 8, "steps": 20, "guidance_scale": 1,
-                              "classifier_scale": 1}, 422, "costs 640 network evaluations"),
-]  # fmt: skip
+    (
+        "over the work budget",
+        {"label": 3, "num_samples": 8, "steps": 20, "guidance_scale": 1, "classifier_scale": 1},
+        422,
+        "costs 640 network evaluations",
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -186,8 +192,12 @@ def test_bad_requests_get_a_4xx_that_says_what_is_allowed(app_url, body, status,
 
 
 def test_only_json_is_accepted_and_sizes_are_checked_before_the_body_is_read(app_url):
-    form = httpx.post(f"{app_url}/v1/samples", content=b'{"label": 3}',
-                      headers={"Content-Type": "text/plain"}, timeout=30)  # fmt: skip
+    form = httpx.post(
+        f"{app_url}/v1/samples",
+        content=b'{"label": 3}',
+        headers={"Content-Type": "text/plain"},
+        timeout=30,
+    )
     assert form.status_code == 415 and "application/json" in form.json()["detail"]
     bare = httpx.post(f"{app_url}/v1/samples", content=b'{"label": 3}', timeout=30)
     assert bare.status_code == 415
@@ -269,8 +279,9 @@ def test_ldm_sample_writes_the_grid(app_url, tmp_path, capsys):
     assert f"4 images from {MODEL_NAME} version 1, seed 1" in capsys.readouterr().out
 
 
-def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(ray_cluster, mlflow_server,
-                                                                  tmp_path):  # fmt: skip
+def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
+    ray_cluster, mlflow_server, tmp_path
+):
     """``ldm serve`` in its own process and its own local Ray (``--address local``), with
     a token: the replicas inherit it and the S3 key, and neither appears in Ray's logs."""
     import os
@@ -278,9 +289,20 @@ def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(ray_cluster, m
     from pathlib import Path
 
     port = free_port()
-    options = ["--address", "local", "--port", str(port), "--model-uri",
-               f"models:/{MODEL_NAME}/1", "--tracking-uri", mlflow_server,
-               "--num-cpus", "0.5", "--max-steps", "20"]  # fmt: skip
+    options = [
+        "--address",
+        "local",
+        "--port",
+        str(port),
+        "--model-uri",
+        f"models:/{MODEL_NAME}/1",
+        "--tracking-uri",
+        mlflow_server,
+        "--num-cpus",
+        "0.5",
+        "--max-steps",
+        "20",
+    ]
     command = [sys.executable, "-m", "flows.cli", "serve", *options]
     log = tmp_path / "serve.log"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
@@ -416,8 +438,14 @@ def test_a_burst_beyond_the_queue_gets_503_with_retry_after_and_no_500(guarded_u
 
 def test_a_slow_request_times_out_and_a_departed_client_is_not_sampled(guarded_url):
     before = _stats(guarded_url)
-    long = {"label": 4, "num_samples": 64, "steps": 100, "guidance_scale": 2,
-            "classifier_scale": 1, "seed": 2}  # fmt: skip
+    long = {
+        "label": 4,
+        "num_samples": 64,
+        "steps": 100,
+        "guidance_scale": 2,
+        "classifier_scale": 1,
+        "seed": 2,
+    }
     with ThreadPoolExecutor(2) as pool:
         slow = pool.submit(_post, guarded_url, long, 60, AUTH)
         time.sleep(0.5)  # the long chain is running; this one waits for the sampler

@@ -52,12 +52,16 @@ def test_up_use_down_up_again_on_the_same_state(tmp_path):
     home = tmp_path / "home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
     env = {k: v for k, v in os.environ.items() if not k.startswith(OUTSIDE)}
-    env |= {"LDM_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "RAY_TMPDIR": str(ray_tmp)}  # fmt: skip
+    env |= {
+        "LDM_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RAY_TMPDIR": str(ray_tmp),
+    }
     folder, family = stack_folder(home), []
     try:
-        up = subprocess.run([*LDM, "up", "--with-prefect"], env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+        up = subprocess.run(
+            [*LDM, "up", "--with-prefect"], env=env, capture_output=True, text=True, timeout=600
+        )
         assert up.returncode == 0, up.stdout + up.stderr
         stack = Stack.load(folder)
         names = [s.name for s in stack.services]
@@ -72,30 +76,50 @@ def test_up_use_down_up_again_on_the_same_state(tmp_path):
 
         dashboard, prefect = exported["RAY_ADDRESS"], exported["PREFECT_API_URL"]
         shard = subprocess.run(
-            [*LDM, "shard", "mnist", "s3://ldm/datasets/mnist", "--shard-max-samples", "1000",
-             "--no-progress"], env=env | exported, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                *LDM,
+                "shard",
+                "mnist",
+                "s3://ldm/datasets/mnist",
+                "--shard-max-samples",
+                "1000",
+                "--no-progress",
+            ],
+            env=env | exported,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert shard.returncode == 0, shard.stderr[-3000:]
         assert "announced to Prefect" in shard.stdout  # the stack's Prefect server took it
         port = free_port()
         used = subprocess.run(
-            [sys.executable, "-m", "tests.integration.use_stack",
-             exported["MLFLOW_TRACKING_URI"], dashboard, str(port)],
-            env=env | exported, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.use_stack",
+                exported["MLFLOW_TRACKING_URI"],
+                dashboard,
+                str(port),
+            ],
+            env=env | exported,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert used.returncode == 0, used.stdout[-3000:] + used.stderr[-5000:]
         assert "1 images from ldm version 1" in used.stdout
         apps = _get(f"{dashboard}/api/serve/applications/")["applications"]
         assert apps["ldm"]["status"] == "RUNNING" and apps["ldm"]["source"] == "declarative"
-        events = _get(f"{prefect}/events/filter",
-                      {"filter": {"event": {"name": ["ldm.dataset.sharded"]}}})  # fmt: skip
+        events = _get(
+            f"{prefect}/events/filter", {"filter": {"event": {"name": ["ldm.dataset.sharded"]}}}
+        )
         assert events["events"][0]["payload"]["dataset_url"] == "s3://ldm/datasets/mnist"
         recorded_before = (ray_tmp / "ray" / "ray_current_cluster").read_text().strip()
         family = [p for s in stack.services for p in _family(s.pid)]
         assert len(family) > len(names)  # Ray's raylet, GCS, workers; gunicorn; …
     finally:
-        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stderr
     assert down.stdout.strip() == "stopped: prefect, ray-worker, ray-head, mlflow, s3"
     left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -124,13 +148,14 @@ def _up_again_on_the_same_state(env: dict, folder: Path, before: dict) -> None:
         model = _get(f"{tracking}/api/2.0/mlflow/registered-models/get?name=ldm")
         assert model["registered_model"]["latest_versions"][0]["version"] == "1"
         s3 = boto3.client(
-            "s3", endpoint_url=exported["AWS_ENDPOINT_URL"], region_name="us-east-1",
+            "s3",
+            endpoint_url=exported["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
             aws_access_key_id=exported["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"],
-        )  # fmt: skip
+        )
         for prefix in ("mlflow/", "datasets/mnist/"):  # the model's artifacts, the shards
             assert s3.list_objects_v2(Bucket="ldm", Prefix=prefix)["KeyCount"] > 0, prefix
     finally:
-        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        down = subprocess.run([*LDM, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.stdout.strip() == "stopped: ray-worker, ray-head, mlflow, s3"

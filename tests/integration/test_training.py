@@ -23,10 +23,10 @@ from data import storage
 from training.checkpoints import load_checkpoint_uri
 from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
 from training.launch import fit_stage, run_training
+from training.optimisation import NonFiniteLoss
 from training.presets import get_preset
 from training.ray_loop import WORKERS_FOLDER
 from training.registry import load_model_version
-from training.stages import NonFiniteLoss
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,10 +75,14 @@ def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outa
             [e.experiment_id for e in client.search_experiments()],
             f"tags.`ldm.run_name` = '{job.run_name}'",
         )
-        return bool(runs) and runs[0].data.metrics.get("autoencoder/epoch") is not None and any(
-            m.step == last for m in client.get_metric_history(runs[0].info.run_id,
-                                                              "autoencoder/loss")
-        )  # fmt: skip
+        return (
+            bool(runs)
+            and runs[0].data.metrics.get("autoencoder/epoch") is not None
+            and any(
+                m.step == last
+                for m in client.get_metric_history(runs[0].info.run_id, "autoencoder/loss")
+            )
+        )
 
     def denoiser_checkpointed() -> bool:
         folder = f"{job.storage_url}/{job.run_name}-denoiser"
@@ -204,9 +208,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
         }
     )
     job = _job(
-        mnist_url, mlflow_server, "killed", model=model, storage_url=str(tmp_path),
-        scaling=ScalingSettings(num_workers=2), checkpoint_every=20, max_failures=2,
-    )  # fmt: skip
+        mnist_url,
+        mlflow_server,
+        "killed",
+        model=model,
+        storage_url=str(tmp_path),
+        scaling=ScalingSettings(num_workers=2),
+        checkpoint_every=20,
+        max_failures=2,
+    )
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("integration") or client.get_experiment(
         client.create_experiment("integration")
@@ -271,10 +281,13 @@ def test_a_non_finite_loss_stops_the_stage_and_registers_nothing(
     model = get_preset("tiny")
     exploding = model.autoencoder_training.model_copy(update={"learning_rate": 1e30})
     job = _job(
-        mnist_url, mlflow_server, "nan", model=model.model_copy(update={
-            "autoencoder_training": exploding}), model_name="ldm-it-nan",
+        mnist_url,
+        mlflow_server,
+        "nan",
+        model=model.model_copy(update={"autoencoder_training": exploding}),
+        model_name="ldm-it-nan",
         storage_url=str(tmp_path),
-    )  # fmt: skip
+    )
     with pytest.raises(NonFiniteLoss, match="autoencoder stage's loss is not finite") as caught:
         run_training(job)
     assert 1 <= caught.value.step <= exploding.log_every  # found at the first check

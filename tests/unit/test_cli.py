@@ -16,8 +16,20 @@ def _ldm(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     result = _ldm("--help")
     assert result.returncode == 0
-    for name in ["demo", "shard", "train", "evaluate", "promote", "rollback", "serve",
-                 "sample", "retrain", "schedule", "up", "down"]:  # fmt: skip
+    for name in [
+        "demo",
+        "shard",
+        "train",
+        "evaluate",
+        "promote",
+        "rollback",
+        "serve",
+        "sample",
+        "retrain",
+        "schedule",
+        "up",
+        "down",
+    ]:
         assert name in result.stdout
 
 

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from flows.cli import build_parser
 from flows.cli_retrain import retrain_config_from_args
+from flows.events import DATASET_EVENT, dataset_trigger
 from flows.retrain import DEFAULTS
-from flows.schedule import DATASET_EVENT, dataset_trigger, retrain_deployment
+from flows.schedule import retrain_deployment
 
 
 def _config(*argv: str):
@@ -75,8 +76,10 @@ def test_trigger_for_one_dataset_matches_only_its_resource():
 def test_schedule_refuses_what_it_cannot_run(argv, message):
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "schedule", *argv],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode in (1, 2), done.stdout
     assert message in done.stderr
 

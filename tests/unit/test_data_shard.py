@@ -183,9 +183,14 @@ def test_cli_errors_go_to_stderr_bad_options_with_exit_code_2_others_1(tmp_path)
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-             "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_MAX_ATTEMPTS": "1"},
-    )  # fmt: skip
+        env={
+            "PATH": "/usr/bin:/bin",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_MAX_ATTEMPTS": "1",
+        },
+    )
     assert env_result.returncode == 1
     assert "cannot reach the S3 endpoint http://127.0.0.1:9" in env_result.stderr
 

@@ -37,9 +37,17 @@ def _dataset(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "name", ["../outside/train-000000.tar", "/etc/train-000000.tar", "train-000000.tar/../x",
-             "sub/train-000000.tar", "val-000000.tar", "train-0.tar", "manifest.json"],
-)  # fmt: skip
+    "name",
+    [
+        "../outside/train-000000.tar",
+        "/etc/train-000000.tar",
+        "train-000000.tar/../x",
+        "sub/train-000000.tar",
+        "val-000000.tar",
+        "train-0.tar",
+        "manifest.json",
+    ],
+)
 def test_a_manifest_entry_that_is_not_one_of_its_own_shards_is_refused_before_any_read(
     tmp_path, name
 ):

@@ -23,8 +23,22 @@ def test_peak_table_matches_cuda_device_names():
 
 def test_runs_the_denoiser_step_and_reports_throughput_and_flops(tmp_path):
     out = tmp_path / "check.json"
-    args = ["--device", "cpu", "--preset", "tiny", "--modes", "eager", "--steps", "4",
-            "--warmup", "1", "--peak-tflops", "1", "--json", str(out)]  # fmt: skip
+    args = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--modes",
+        "eager",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        "1",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())

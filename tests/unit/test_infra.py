@@ -11,8 +11,8 @@ from prefect.cli.deploy._models import PrefectYamlModel
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 
+from flows.events import DATASET_EVENT
 from flows.retrain import RetrainConfig
-from flows.schedule import DATASET_EVENT
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -157,8 +157,12 @@ def test_every_serve_app_imports_a_builder_and_its_args_are_an_app_config():
 
 
 def test_every_python_m_entrypoint_names_a_module_with_a_main():
-    files = [*INFRA.glob("kuberay/*.yaml"), INFRA / "ray" / "cluster.yaml",
-             INFRA / "compose" / "compose.yaml", ROOT / "docs" / "operations.md"]  # fmt: skip
+    files = [
+        *INFRA.glob("kuberay/*.yaml"),
+        INFRA / "ray" / "cluster.yaml",
+        INFRA / "compose" / "compose.yaml",
+        ROOT / "docs" / "operations.md",
+    ]
     modules = {m[1]: path for path in files for m in PYTHON_MODULE_RUN.finditer(path.read_text())}
     assert "training.launch" in modules
     for module, path in modules.items():
@@ -205,8 +209,10 @@ def test_cluster_launcher_config_fits_rays_schema_and_uses_instance_roles():
     gpu_types = [t for t in node_types.values() if t["resources"].get("GPU", 0) > 0]
     assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
     assert all("IamInstanceProfile" in t["node_config"] for t in node_types.values())
-    assert not re.search(r"(?i)aws_(access_key_id|secret_access_key)|AKIA[0-9A-Z]{16}",
-                         (INFRA / "ray" / "cluster.yaml").read_text())  # fmt: skip
+    assert not re.search(
+        r"(?i)aws_(access_key_id|secret_access_key)|AKIA[0-9A-Z]{16}",
+        (INFRA / "ray" / "cluster.yaml").read_text(),
+    )
 
 
 def test_compose_listens_on_loopback_and_takes_secrets_from_the_environment():

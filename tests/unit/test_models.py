@@ -14,7 +14,7 @@ from training.models import (
     UNet,
     UNetConfig,
 )
-from training.stages import make_optimisation
+from training.optimisation import make_optimisation
 
 
 def test_autoencoder_maps_pixels_to_quarter_resolution_latents():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from training.local import train_in_process
+from training.optimisation import FiniteLossGuard, NonFiniteLoss
 from training.presets import get_preset
-from training.stages import FiniteLossGuard, NonFiniteLoss
 
 
 def test_the_guard_remembers_the_first_bad_step_only():

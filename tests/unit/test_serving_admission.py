@@ -52,8 +52,13 @@ def test_the_right_token_passes_in_any_scheme_case():
     check_token("bearer  secret-token ", "secret-token")
 
 
-NOT_JSON = [None, "text/plain", "application/x-www-form-urlencoded",
-            "multipart/form-data; boundary=x", "application/jsonx"]  # fmt: skip
+NOT_JSON = [
+    None,
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/jsonx",
+]
 
 
 @pytest.mark.parametrize("media", NOT_JSON)

@@ -25,9 +25,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(422, "application/json", b'{"detail": "label: unknown class name"}')
             return
         png = grid_png(np.full((2, 4, 4, 1), 200, np.uint8))
-        self._send(200, "image/png", png, {"X-Model-Name": "ldm", "X-Model-Version": "3",
-                                            "X-Seed": "7", "X-Labels": "3,3",
-                                            "X-Elapsed-S": "0.25"})  # fmt: skip
+        self._send(
+            200,
+            "image/png",
+            png,
+            {
+                "X-Model-Name": "ldm",
+                "X-Model-Version": "3",
+                "X-Seed": "7",
+                "X-Labels": "3,3",
+                "X-Elapsed-S": "0.25",
+            },
+        )
 
     def _send(self, status: int, kind: str, body: bytes, headers: dict | None = None) -> None:
         self.send_response(status)
@@ -59,15 +68,36 @@ def test_labels_that_are_numbers_are_ids():
 
 def test_sample_posts_the_request_and_writes_the_grid(server, tmp_path, capsys):
     out = tmp_path / "out.png"
-    code = main(["sample", "--url", server, "--label", "3", "--num-samples", "2",
-                 "--guidance-scale", "3", "--seed", "7", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "--url",
+            server,
+            "--label",
+            "3",
+            "--num-samples",
+            "2",
+            "--guidance-scale",
+            "3",
+            "--seed",
+            "7",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     sent = _Handler.received[0]
     assert sent["path"] == "/v1/samples"
     assert sent["body"] == {
-        "label": 3, "num_samples": 2, "guidance_scale": 3.0, "classifier_scale": 0.0,
-        "sampler": "ddim", "eta": 0.0, "format": "png", "seed": 7,
-    }  # fmt: skip
+        "label": 3,
+        "num_samples": 2,
+        "guidance_scale": 3.0,
+        "classifier_scale": 0.0,
+        "sampler": "ddim",
+        "eta": 0.0,
+        "format": "png",
+        "seed": 7,
+    }
     assert decode_png(out.read_bytes()).shape == (8, 14, 1)  # 1 row × 2 columns, padded
     assert "2 images from ldm version 3, seed 7, 0.25 s" in capsys.readouterr().out
 

@@ -112,8 +112,13 @@ def test_serve_run_builds_the_app_from_string_arguments():
 
     from serving.app import build_app
 
-    args = {"model_uri": "models:/digits@champion", "tracking_uri": "sqlite:////tmp/x.db",
-            "num_replicas": "2", "max_batch_size": "8", "num_cpus": "0.5"}  # fmt: skip
+    args = {
+        "model_uri": "models:/digits@champion",
+        "tracking_uri": "sqlite:////tmp/x.db",
+        "num_replicas": "2",
+        "max_batch_size": "8",
+        "num_cpus": "0.5",
+    }
     app = call_user_app_builder_with_args_if_necessary(build_app, args)
     assert isinstance(app, Application)
     deployment = app._bound_deployment

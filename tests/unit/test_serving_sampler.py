@@ -57,8 +57,12 @@ def test_batched_requests_match_the_same_requests_alone(model):
     batched = sample_batch([(model, job) for job in jobs])
     reports = [r.report for r in batched]
     assert [(r.call_requests, r.group_requests, r.group_images) for r in reports] == [
-        (5, 3, 6), (5, 3, 6), (5, 3, 6), (5, 1, 1), (5, 1, 2),
-    ]  # fmt: skip
+        (5, 3, 6),
+        (5, 3, 6),
+        (5, 3, 6),
+        (5, 1, 1),
+        (5, 1, 2),
+    ]
     for job, result in zip(jobs, batched, strict=True):
         alone = sample_batch([(model, job)])[0]
         assert result.images.shape == (len(job.labels), 32, 32, 1)
@@ -85,9 +89,16 @@ def test_a_failing_group_does_not_fail_the_others(model):
     stats = BatchStats()
     stats.record(results)
     assert stats.as_dict() | {"groups_by_size": None} == {
-        "calls": 1, "groups": 1, "requests": 1, "images": 1, "failed": 1, "rejected": 0,
-        "timed_out": 0, "max_group_requests": 1, "groups_by_size": None,
-    }  # fmt: skip
+        "calls": 1,
+        "groups": 1,
+        "requests": 1,
+        "images": 1,
+        "failed": 1,
+        "rejected": 0,
+        "timed_out": 0,
+        "max_group_requests": 1,
+        "groups_by_size": None,
+    }
 
 
 def test_different_model_objects_are_never_merged(model):

@@ -11,17 +11,27 @@ from training.submit import check_reachable_from_cluster, is_job_address
 
 def _job(**values) -> TrainJobConfig:
     base = dict(
-        data_url="s3://data/mnist", model=get_preset("tiny"), storage_url="s3://runs",
-        run_name="r1", tracking_uri="http://mlflow:5000",
-    )  # fmt: skip
+        data_url="s3://data/mnist",
+        model=get_preset("tiny"),
+        storage_url="s3://runs",
+        run_name="r1",
+        tracking_uri="http://mlflow:5000",
+    )
     return TrainJobConfig(**(base | values))
 
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("http://head:8265", True), ("https://ray.example.com", True), ("head:6379", False),
-     ("auto", False), ("ray://head:10001", False), (None, False), ("", False)],
-)  # fmt: skip
+    [
+        ("http://head:8265", True),
+        ("https://ray.example.com", True),
+        ("head:6379", False),
+        ("auto", False),
+        ("ray://head:10001", False),
+        (None, False),
+        ("", False),
+    ],
+)
 def test_only_dashboard_urls_submit_jobs(address, expected):
     assert is_job_address(address) is expected
 
@@ -41,7 +51,7 @@ def test_a_cluster_on_this_machine_may_use_local_folders():
 
 
 def test_a_non_finite_loss_recorded_by_a_jobs_driver_is_raised_as_itself(tmp_path):
-    from training.stages import NonFiniteLoss
+    from training.optimisation import NonFiniteLoss
     from training.submit import raise_recorded_failure
 
     raise_recorded_failure(str(tmp_path / "missing.json"))  # no record: nothing to say

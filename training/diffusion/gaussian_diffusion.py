@@ -12,7 +12,6 @@ raw denoiser, its EMA copy and a DDP-wrapped one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -20,8 +19,7 @@ from torch import Tensor, nn
 
 from training.diffusion.guidance import Generators, GuidanceScale, guided_eps, randn
 from training.diffusion.schedules import respace_betas, space_timesteps
-
-SamplerName = Literal["ddpm", "ddim"]
+from training.names import SamplerName
 
 
 def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from mlflow import MlflowClient
 from pydantic import Field
 
+from data.frozen import FrozenConfig
 from training.evaluation.evaluator import Evaluator, iter_split
 from training.evaluation.metrics import frechet_distance, psnr
 from training.images import make_grid, to_uint8
-from training.models.configs import FrozenConfig
+from training.names import SamplerName
 from training.pipeline import LatentDiffusion
 from training.run_tracker import RunTracker
 
@@ -31,7 +31,7 @@ class EvaluationSettings(FrozenConfig):
     samples_per_class: int = Field(20, ge=2)
     guidance_scale: float = Field(2.0, ge=0.0)
     classifier_scale: float = Field(0.0, ge=0.0)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0

@@ -19,9 +19,9 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from data import storage
+from data.frozen import FrozenConfig
 from data.manifest import manifest_url
 from data.reader import build_loader
-from training.models.configs import FrozenConfig
 
 FEATURES = 128
 

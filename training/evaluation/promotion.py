@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -25,10 +24,10 @@ from training.evaluation.evaluate import (
     log_evaluation,
 )
 from training.evaluation.evaluator import get_evaluator
+from training.names import PromotionMetric
 from training.registry import load_model_version
 
 logger = logging.getLogger(__name__)
-Metric = Literal["fd", "class_consistency"]
 LOWER_IS_BETTER = {"fd": True, "class_consistency": False}
 STALE_LOCK_SECONDS = 600
 
@@ -59,7 +58,7 @@ def promote(
     tracking_uri: str,
     evaluator_cache: str,
     version: str | None = None,
-    metric: Metric = "fd",
+    metric: PromotionMetric = "fd",
     min_improvement: float = 0.0,
     force: bool = False,
     data_url: str | None = None,

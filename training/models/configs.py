@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-
-class FrozenConfig(BaseModel):
-    """Immutable, rejects unknown keys, round-trips through JSON; no inf or NaN anywhere."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+from data.frozen import FrozenConfig
 
 
 def _check_mult(mult: tuple[int, ...]) -> tuple[int, ...]:

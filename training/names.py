@@ -1,0 +1,14 @@
+"""The closed sets of names the pipeline uses, as types: model presets, samplers, the
+stages, the metric promotion compares. Configs, the HTTP schema and the command line
+(``typing.get_args``) all take them from here. Imports nothing but ``typing``, so the
+command line can build its options without loading torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+PresetName = Literal["tiny", "demo", "base"]
+SamplerName = Literal["ddpm", "ddim"]
+StageName = Literal["autoencoder", "denoiser", "classifier"]
+# Fréchet distance (lower is better) or class consistency (higher is better).
+PromotionMetric = Literal["fd", "class_consistency"]

@@ -36,9 +36,9 @@ from mlflow import MlflowClient
 from ray import serve
 
 from serving.app import build_app
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.registry import log_model_version
 from training.presets import get_preset
-from training.registry import log_model_version
 
 MODEL_NAME = "bench-serve"
 

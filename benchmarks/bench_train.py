@@ -30,13 +30,13 @@ from data.reader import build_loader
 from data.shard import shard_dataset
 from training.checkpoints import StageState, save_checkpoint
 from training.job import ScalingSettings, TrainJobConfig
-from training.latents import cache_latents
-from training.launch import fit_stage
 from training.losses import denoiser_losses
+from training.mlflow.tracking import ensure_experiment, resolve_tracking_uri
 from training.models import EMA, Autoencoder, UNet
 from training.optimisation import make_optimisation
 from training.presets import get_preset
-from training.tracking import ensure_experiment, resolve_tracking_uri
+from training.ray.driver import fit_stage
+from training.ray.latent_cache import cache_latents
 
 
 def _latents(root: Path, config) -> str:

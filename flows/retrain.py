@@ -22,12 +22,12 @@ from data.frozen import FrozenConfig
 from data.manifest import Manifest, ShardOptions
 from data.storage import PermanentStorageError
 from flows.events import emit_dataset_event
-from training.evaluation.evaluate import EvaluationSettings
 from training.evaluation.promotion import require_val_split
+from training.evaluation.scoring import EvaluationSettings
 from training.job import ScalingSettings, TrainJobConfig, default_local_store
+from training.mlflow.tracking import resolve_tracking_uri
 from training.names import PresetName, PromotionMetric
 from training.presets import get_preset
-from training.tracking import resolve_tracking_uri
 
 BACKOFF = [2, 10, 30]
 
@@ -134,8 +134,8 @@ def use_dataset(dataset_url: str) -> dict[str, Any]:
 def train(job: TrainJobConfig, ray_address: str | None = None) -> dict[str, Any]:
     """All three stages on Ray: a Ray Job when ``ray_address`` is a dashboard URL, else
     in this process. A retry resumes from the checkpoints (same run name)."""
-    from training.launch import result_record, run_training
-    from training.submit import is_job_address, submit_training
+    from training.ray.driver import result_record, run_training
+    from training.ray.submit import is_job_address, submit_training
 
     if is_job_address(ray_address):
         return submit_training(job, ray_address, log=get_run_logger().info)

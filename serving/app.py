@@ -299,7 +299,7 @@ def build_app(args: AppConfig) -> Application:
     config = AppConfig.model_validate(args)
     if config.tracking_uri is None:
         from training.job import default_local_store
-        from training.tracking import resolve_tracking_uri
+        from training.mlflow.tracking import resolve_tracking_uri
 
         uri = resolve_tracking_uri(default_local_store())
         config = config.model_copy(update={"tracking_uri": uri})

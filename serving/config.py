@@ -8,43 +8,14 @@ here (``num_replicas=2``, ``autoscaling_config='{"max_replicas": 4}'``).
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from data.frozen import FrozenConfig
+from training.mlflow.model_uri import ModelRef, parse_model_uri
 
 DEFAULT_MODEL_URI = "models:/ldm@champion"
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A registered model named by alias (followed on reload) or by fixed version."""
-
-    name: str
-    alias: str | None = None
-    version: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else self.version_uri(self.version)
-
-    def version_uri(self, version: str | None) -> str:
-        return f"models:/{self.name}/{version}"
-
-
-def parse_model_uri(uri: str) -> ModelRef:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → :class:`ModelRef`."""
-    match = _MODEL_URI.match(uri.strip())
-    if match is None:
-        raise ValueError(
-            f"model_uri must look like models:/NAME@ALIAS (e.g. models:/ldm@champion) "
-            f"or models:/NAME/VERSION (e.g. models:/ldm/3), got {uri!r}"
-        )
-    return ModelRef(match["name"], match["alias"], match["version"])
 
 
 class AutoscalingSettings(FrozenConfig):

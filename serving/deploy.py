@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from data.environment import settings_env
 from serving.config import AppConfig
-from training.submit import LOCAL_HOSTS, is_job_address
+from training.ray.submit import LOCAL_HOSTS, is_job_address
 
 APPLICATIONS = "/api/serve/applications/"
 IMPORT_PATH = "serving.app:build_app"
@@ -44,7 +44,7 @@ def deploy_app(
     from ray import serve
 
     from serving.app import build_app
-    from training.ray_connection import connect_ray
+    from training.ray.connection import connect_ray
 
     connect_ray(address)
     serve.start(http_options={"host": host, "port": port})

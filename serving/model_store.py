@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from data.environment import redact
-from serving.config import ModelRef
-from training.pipeline import LatentDiffusion
-from training.registry import load_model_version
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.model_uri import ModelRef
+from training.mlflow.registry import load_model_version, resolve_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,8 @@ class ModelStore:
 
     def resolve_version(self) -> str:
         """The version the alias points at now (the fixed version if there is no alias)."""
-        if self.ref.alias is None:
-            return str(self.ref.version)
         try:
-            found = self.client.get_model_version_by_alias(self.ref.name, self.ref.alias)
+            return resolve_model_version(self.ref.uri, self.tracking_uri)[1]
         except Exception as error:
             raise RuntimeError(
                 f"cannot resolve {self.ref.uri} at MLflow {redact(self.tracking_uri)}: "
@@ -61,7 +59,6 @@ class ModelStore:
                 f"Check that the tracking server is reachable and that model "
                 f"'{self.ref.name}' has alias @{self.ref.alias} (e.g. 'ldm promote')."
             ) from error
-        return str(found.version)
 
     def load(self, version: str) -> LoadedModel:
         """Download and rebuild ``version`` in eval mode on this store's device."""

@@ -30,7 +30,7 @@ import torch
 
 from training.diffusion import SamplerName
 from training.images import to_uint8
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
 
 
 @dataclass(frozen=True)

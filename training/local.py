@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from data.reader import to_pixels
 from training.config import LDMConfig
 from training.diffusion import GaussianDiffusion
+from training.latent_diffusion import LatentDiffusion
 from training.models import EMA
 from training.optimisation import FiniteLossGuard, NonFiniteLoss, make_optimisation
-from training.pipeline import LatentDiffusion
 from training.stages import STAGES, Stage
 
 Log = Callable[[str], None]

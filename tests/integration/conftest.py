@@ -32,7 +32,7 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """``weed mini`` as ``ldm up`` starts it, with the test key; stopped by PID."""
-    from flows.stack import start_s3, stop_service
+    from flows.local_stack import start_s3, stop_service
 
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "weed").is_file():
@@ -126,7 +126,7 @@ class MlflowProcess:
         self.start()
 
     def start(self) -> None:
-        from flows.stack import start_mlflow
+        from flows.local_stack import start_mlflow
 
         env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
         port = self.service.ports[0] if self.service else None
@@ -139,7 +139,7 @@ class MlflowProcess:
         )
 
     def stop(self) -> None:
-        from flows.stack import stop_service
+        from flows.local_stack import stop_service
 
         stop_service(self.service)
 

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 
-from flows.stack import free_port
+from flows.local_stack import free_port
 
 __all__ = ["free_port", "stop_process_group"]
 

@@ -20,7 +20,7 @@ import pytest
 from data import storage
 from data.manifest import ShardOptions, manifest_url
 from data.shard import shard_dataset
-from flows import stack
+from flows import local_stack as stack
 from tests.integration.conftest import ACCESS_KEY, REGION, SECRET_KEY
 from tests.integration.services import free_port
 
@@ -193,7 +193,7 @@ def test_a_training_job_of_a_running_run_is_awaited_not_duplicated_and_stopped_a
 
     from training.job import TrainJobConfig
     from training.presets import get_preset
-    from training.submit import RESULT_URL_KEY, RUN_NAME_KEY, submit_training
+    from training.ray.submit import RESULT_URL_KEY, RUN_NAME_KEY, submit_training
 
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     first = client.submit_job(

@@ -10,14 +10,14 @@ import torch
 from mlflow import MlflowClient
 
 from data.mnist import MNIST_CLASS_NAMES, load_mnist
-from training.evaluation.evaluate import EvaluationSettings
 from training.evaluation.evaluator import get_evaluator
-from training.evaluation.promotion import alias_version, promote, rollback
+from training.evaluation.promotion import promote, rollback
+from training.evaluation.scoring import EvaluationSettings
+from training.latent_diffusion import LatentDiffusion
 from training.local import train_in_process
+from training.mlflow.registry import alias_version, log_model_version
 from training.models import UNet
-from training.pipeline import LatentDiffusion
 from training.presets import get_preset
-from training.registry import log_model_version
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader
 from flows.retrain import RetrainConfig, retrain, shard, shard_flow
 from tests.integration.services import free_port
-from training.evaluation.evaluate import EvaluationSettings
+from training.evaluation.scoring import EvaluationSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -100,7 +100,7 @@ def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_it
         if (job.metadata or {}).get("ldm.model_name") == config.model_name
     ]
     assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
-    assert "training.launch" in jobs[0].entrypoint
+    assert "training.ray.driver" in jobs[0].entrypoint
     assert not second["dataset"]["resharded"]
     with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
         app = json.loads(r.read())["applications"][config.model_name]

@@ -27,9 +27,9 @@ from flows.cli import main as ldm
 from serving.app import build_app
 from serving.encoding import decode_png
 from tests.integration.services import free_port
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.registry import log_model_version
 from training.presets import get_preset
-from training.registry import log_model_version
 
 pytestmark = [pytest.mark.integration]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.stack import ENV_FILE, Stack, stack_folder
+from flows.local_stack import ENV_FILE, Stack, stack_folder
 from tests.integration.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

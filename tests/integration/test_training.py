@@ -22,11 +22,11 @@ from mlflow import MlflowClient
 from data import storage
 from training.checkpoints import load_checkpoint_uri
 from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
-from training.launch import fit_stage, run_training
+from training.mlflow.registry import load_model_version
 from training.optimisation import NonFiniteLoss
 from training.presets import get_preset
-from training.ray_loop import WORKERS_FOLDER
-from training.registry import load_model_version
+from training.ray.driver import fit_stage, run_training
+from training.ray.worker import WORKERS_FOLDER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

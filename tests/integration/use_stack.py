@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 from serving.client import request_samples
 from serving.config import AppConfig
 from serving.deploy import deploy_app
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.registry import log_model_version
 from training.presets import get_preset
-from training.registry import log_model_version
 
 
 def main(tracking_uri: str, dashboard: str, port: int) -> None:

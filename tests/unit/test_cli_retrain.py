@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import build_parser
-from flows.cli_retrain import retrain_config_from_args
+from flows.cli.retrain import retrain_config_from_args
 from flows.events import DATASET_EVENT, dataset_trigger
 from flows.retrain import DEFAULTS
 from flows.schedule import retrain_deployment

@@ -13,7 +13,7 @@ from flows.cli import main
 from flows.retrain import RetrainConfig
 from serving.config import AppConfig
 from training.config import DiffusionConfig, StageConfig
-from training.evaluation.evaluate import EvaluationSettings
+from training.evaluation.scoring import EvaluationSettings
 from training.job import ScalingSettings, TrackingSettings
 from training.models import AutoencoderConfig, UNetConfig
 from training.presets import get_preset

@@ -74,3 +74,17 @@ def test_the_command_line_builds_its_options_without_torch_or_a_service_client()
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_the_pyfunc_entry_of_versions_registered_before_the_move_still_imports():
+    """What ``artifacts/mlflow_pyfunc.py`` of an older model version imports."""
+    code = (
+        "from training.pipeline import LatentDiffusion\n"
+        "from training.registry import DEFAULT_PARAMS\n"
+        "import training.latent_diffusion as home\n"
+        "print(LatentDiffusion is home.LatentDiffusion, sorted(DEFAULT_PARAMS)[0])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["True", "classifier_scale"]

@@ -164,7 +164,7 @@ def test_every_python_m_entrypoint_names_a_module_with_a_main():
         ROOT / "docs" / "operations.md",
     ]
     modules = {m[1]: path for path in files for m in PYTHON_MODULE_RUN.finditer(path.read_text())}
-    assert "training.launch" in modules
+    assert "training.ray.driver" in modules
     for module, path in modules.items():
         assert importlib.util.find_spec(module) is not None, f"{path.name}: no module {module}"
         if module.split(".")[0] in PACKAGES:

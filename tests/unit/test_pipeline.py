@@ -6,8 +6,8 @@ import torch
 
 from data.reader import to_pixels
 from training.images import make_grid, to_uint8
+from training.latent_diffusion import LatentDiffusion
 from training.local import train_in_process
-from training.pipeline import LatentDiffusion
 from training.presets import get_preset
 
 

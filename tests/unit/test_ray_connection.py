@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from training.ray_connection import RayUnavailable, answers, forget_address, resolve_address
+from training.ray.connection import RayUnavailable, answers, forget_address, resolve_address
 
 
 def _dead_address() -> str:

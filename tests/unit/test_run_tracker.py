@@ -14,7 +14,7 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 
-from training.run_tracker import (
+from training.mlflow.run_tracker import (
     RunTracker,
     TrackingUnavailable,
     is_transient,

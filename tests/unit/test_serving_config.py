@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.config import AppConfig, ModelRef, parse_model_uri
+from serving.config import AppConfig
+from training.mlflow.model_uri import ModelRef, parse_model_uri
 
 
 def test_model_uris_by_alias_or_version():

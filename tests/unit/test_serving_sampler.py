@@ -14,7 +14,7 @@ from serving.sampler import (
     sample_group,
 )
 from serving.stats import BatchStats
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
 from training.presets import get_preset
 
 

@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 import torch
 
-from training.pipeline import LatentDiffusion
+from training.latent_diffusion import LatentDiffusion
 from training.presets import get_preset
 from training.stages import STAGE_NAMES, STAGES, StageName, get_stage, with_latent_scale
 

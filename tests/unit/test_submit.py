@@ -6,7 +6,7 @@ import pytest
 
 from training.job import TrainJobConfig
 from training.presets import get_preset
-from training.submit import check_reachable_from_cluster, is_job_address
+from training.ray.submit import check_reachable_from_cluster, is_job_address
 
 
 def _job(**values) -> TrainJobConfig:
@@ -52,7 +52,7 @@ def test_a_cluster_on_this_machine_may_use_local_folders():
 
 def test_a_non_finite_loss_recorded_by_a_jobs_driver_is_raised_as_itself(tmp_path):
     from training.optimisation import NonFiniteLoss
-    from training.submit import raise_recorded_failure
+    from training.ray.submit import raise_recorded_failure
 
     raise_recorded_failure(str(tmp_path / "missing.json"))  # no record: nothing to say
     record = tmp_path / "result.json"

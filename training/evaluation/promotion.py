@@ -18,14 +18,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from data.manifest import load_manifest
-from training.evaluation.evaluate import (
+from training.evaluation.evaluator import get_evaluator
+from training.evaluation.scoring import (
     EvaluationSettings,
     evaluate_model,
     log_evaluation,
 )
-from training.evaluation.evaluator import get_evaluator
+from training.mlflow.registry import alias_version, load_model_version
 from training.names import PromotionMetric
-from training.registry import load_model_version
 
 logger = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"fd": True, "class_consistency": False}
@@ -44,13 +44,6 @@ class PromotionResult:
     reason: str
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # version → metrics
     lost_race: bool = False  # another promotion held the lock or moved @champion first
-
-
-def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return client.get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        return None
 
 
 def promote(

@@ -10,7 +10,7 @@ def _shard(args: argparse.Namespace) -> int:
     from data.manifest import ShardOptions
     from data.shard import shard_dataset
     from data.storage import StorageError
-    from flows.cli_config import config_error
+    from flows.cli.config_files import config_error
 
     try:
         options = ShardOptions(

@@ -8,12 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-from flows.cli_registry import add_registry_commands
-from flows.cli_retrain import add_retrain_command
-from flows.cli_serve import add_serve_commands
-from flows.cli_shard import add_shard_command
-from flows.cli_stack import add_stack_commands
-from flows.cli_train import add_train_command
+from flows.cli.registry import add_registry_commands
+from flows.cli.retrain import add_retrain_command
+from flows.cli.serve import add_serve_commands
+from flows.cli.shard import add_shard_command
+from flows.cli.stack import add_stack_commands
+from flows.cli.train import add_train_command
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,7 +90,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-if __name__ == "__main__":
-    sys.exit(main())

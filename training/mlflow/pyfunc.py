@@ -14,12 +14,12 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-from training.registry import DEFAULT_PARAMS
+from training.mlflow.registry import DEFAULT_PARAMS
 
 
 class LatentDiffusionSampler(PythonModel):
     def load_context(self, context) -> None:
-        from training.pipeline import LatentDiffusion
+        from training.latent_diffusion import LatentDiffusion
 
         self.model = LatentDiffusion.load(context.artifacts["weights"])
 

@@ -200,7 +200,7 @@ def stop(stack: Stack, timeout: float = 10.0) -> list[str]:
             stopped.append(service.name)
     gcs = [s.url for s in stack.services if s.name == "ray-worker"]
     if gcs:  # the head wrote its address for ray.init() to join; it is gone now
-        from training.ray_connection import forget_address
+        from training.ray.connection import forget_address
 
         forget_address(gcs[0])
     return stopped

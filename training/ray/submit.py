@@ -1,5 +1,5 @@
 """Training as a Ray Job: the orchestrator writes the job config to storage, submits
-``python -m training.launch`` to the cluster's dashboard and waits, without ever
+``python -m training.ray.driver`` to the cluster's dashboard and waits, without ever
 joining the cluster itself.
 
 Credentials are not sent with the job: the cluster's nodes take them from their own
@@ -67,7 +67,7 @@ def submit_training(
     ``timeout_s`` (default ``job.job_timeout_s``); on that deadline, or any error or
     interruption while waiting, the job is stopped before the error propagates.
 
-    Returns what the job wrote (``training.launch.result_record``): the MLflow run id,
+    Returns what the job wrote (``training.ray.driver.result_record``): the MLflow run id,
     the registered version and the final checkpoints. Raises RuntimeError with the
     end of the job's log when the job fails or is stopped.
     """
@@ -135,7 +135,7 @@ def _submit(
         [
             python,
             "-m",
-            "training.launch",
+            "training.ray.driver",
             shlex.quote(config_url),
             "--result",
             shlex.quote(result_url),

@@ -2,7 +2,7 @@
 
 Only the driver and rank 0 of a Ray Train group call these; the tracking URI
 travels in the job config, so a worker never reads it from its environment.
-Logging that survives an outage of the server is :mod:`training.run_tracker`.
+Logging that survives an outage of the server is :mod:`training.mlflow.run_tracker`.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from training.evaluation.evaluate import EvaluationSettings
+    from training.evaluation.scoring import EvaluationSettings
 
     return EvaluationSettings(
         samples_per_class=args.samples_per_class,
@@ -64,7 +64,7 @@ def _settings(args: argparse.Namespace):
 
 def _locations(args: argparse.Namespace) -> tuple[str, str]:
     from training.job import default_local_store
-    from training.tracking import resolve_tracking_uri
+    from training.mlflow.tracking import resolve_tracking_uri
 
     store = default_local_store()
     cache = getattr(args, "evaluator_cache", None) or str(store / "evaluators")
@@ -74,10 +74,10 @@ def _locations(args: argparse.Namespace) -> tuple[str, str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from training.evaluation.evaluate import evaluate_model, log_evaluation
     from training.evaluation.evaluator import get_evaluator
     from training.evaluation.promotion import _training_data, require_val_split
-    from training.registry import load_model_version, resolve_model_version
+    from training.evaluation.scoring import evaluate_model, log_evaluation
+    from training.mlflow.registry import load_model_version, resolve_model_version
 
     tracking_uri, cache = _locations(args)
     try:

@@ -20,9 +20,9 @@ from data.frozen import FrozenConfig
 from training.evaluation.evaluator import Evaluator, iter_split
 from training.evaluation.metrics import frechet_distance, psnr
 from training.images import make_grid, to_uint8
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.run_tracker import RunTracker
 from training.names import SamplerName
-from training.pipeline import LatentDiffusion
-from training.run_tracker import RunTracker
 
 GRID_PER_CLASS = 8
 

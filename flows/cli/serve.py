@@ -39,7 +39,7 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.cli_config import config_error
+    from flows.cli.config_files import config_error
 
     try:
         config = app_config_from_args(args)
@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.app import build_app
-    from training.ray_connection import RayUnavailable, connect_ray
+    from training.ray.connection import RayUnavailable, connect_ray
 
     try:
         # A local Ray inherits this environment (credentials, LDM_API_TOKEN); a joined

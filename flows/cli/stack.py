@@ -1,4 +1,4 @@
-"""``ldm up`` / ``ldm down``: the local production-like stack (see flows/stack.py)."""
+"""``ldm up`` / ``ldm down``: the local production-like stack (see flows/local_stack.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def _up(args: argparse.Namespace) -> int:
-    from flows.stack import ENV_FILE, StackError, up
+    from flows.local_stack import ENV_FILE, StackError, up
     from training.job import default_local_store
 
     home = default_local_store()
@@ -36,7 +36,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.stack import down
+    from flows.local_stack import down
     from training.job import default_local_store
 
     stopped = down(default_local_store())

@@ -14,11 +14,11 @@ from training.names import PresetName
 
 def _train(args: argparse.Namespace) -> int:
     from data.storage import StorageError
-    from flows.cli_config import config_error, read_config_file
+    from flows.cli.config_files import config_error, read_config_file
     from training.config import LDMConfig
     from training.job import ScalingSettings, TrainJobConfig, default_local_store
+    from training.mlflow.tracking import resolve_tracking_uri
     from training.presets import get_preset
-    from training.tracking import resolve_tracking_uri
 
     store = default_local_store()
     try:
@@ -46,8 +46,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # a ValidationError is a ValueError
         return config_error("ldm train", error)
-    from training.launch import result_record, run_training
-    from training.submit import is_job_address, submit_training
+    from training.ray.driver import result_record, run_training
+    from training.ray.submit import is_job_address, submit_training
 
     try:
         address = os.environ.get("RAY_ADDRESS")

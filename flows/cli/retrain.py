@@ -36,7 +36,7 @@ _FIELDS = {
 def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.RetrainConfig
     """``--config FILE`` (JSON or YAML of RetrainConfig), or the embedded defaults, with
     the options given on the command line on top. ValueError/ValidationError if invalid."""
-    from flows.cli_config import read_config_file
+    from flows.cli.config_files import read_config_file
     from flows.retrain import RetrainConfig
 
     values: dict[str, Any] = {}
@@ -65,7 +65,7 @@ def prefect_api() -> Iterator[None]:
     if PREFECT_API_URL.value():
         yield
         return
-    from flows.stack import start_prefect, stop_service
+    from flows.local_stack import start_prefect, stop_service
     from training.job import default_local_store
 
     server = start_prefect(
@@ -93,7 +93,7 @@ def _send_pending_logs_and_events(timeout_s: float = 10.0) -> None:
 
 def _retrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.cli_config import config_error
+    from flows.cli.config_files import config_error
 
     try:
         config = retrain_config_from_args(args)  # a ValidationError is a ValueError
@@ -120,7 +120,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.cli_config import config_error
+    from flows.cli.config_files import config_error
     from flows.schedule import retrain_deployment, serve_deployments
 
     try:

@@ -31,9 +31,9 @@ from training.checkpoints import (
 )
 from training.images import make_grid, to_uint8
 from training.job import StageJob
+from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
 from training.optimisation import FiniteLossGuard, make_optimisation
-from training.run_tracker import RunTracker
 from training.stages import get_stage
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank

@@ -1,7 +1,7 @@
 """The driver of a training job: runs the three stages as Ray Train jobs, caches the
 latents in between, and logs and registers the result in MLflow.
 
-``python -m training.launch CONFIG_URL`` runs a job from a JSON :class:`TrainJobConfig`
+``python -m training.ray.driver CONFIG_URL`` runs a job from a JSON :class:`TrainJobConfig`
 (a local path or ``s3://``), which is how a Ray Job submission starts it on a cluster.
 """
 
@@ -30,15 +30,15 @@ from data.manifest import load_manifest, manifest_url
 from training.checkpoints import load_checkpoint_uri
 from training.config import LDMConfig
 from training.job import StageJob, TrainJobConfig
-from training.latents import cache_latents
+from training.latent_diffusion import LatentDiffusion
+from training.mlflow.registry import log_model_version
+from training.mlflow.run_tracker import retry_tracking
+from training.mlflow.tracking import ensure_experiment, flatten, git_commit
 from training.optimisation import NonFiniteLoss
-from training.pipeline import LatentDiffusion
-from training.ray_connection import connect_ray
-from training.ray_loop import train_worker
-from training.registry import log_model_version
-from training.run_tracker import retry_tracking
+from training.ray.connection import connect_ray
+from training.ray.latent_cache import cache_latents
+from training.ray.worker import train_worker
 from training.stages import STAGES, StageName
-from training.tracking import ensure_experiment, flatten, git_commit
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
@@ -241,7 +241,7 @@ def _sha256(data: bytes) -> str:
 
 
 def result_record(result: TrainResult) -> dict[str, Any]:
-    """What a submitter reads back from a finished job (see ``training.submit``)."""
+    """What a submitter reads back from a finished job (see ``training.ray.submit``)."""
     return {
         "run_id": result.run_id,
         "model_name": result.model_version.name,
@@ -252,7 +252,7 @@ def result_record(result: TrainResult) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.launch",
+        prog="python -m training.ray.driver",
         description="Run a training job from its JSON TrainJobConfig (local path or s3://).",
     )
     parser.add_argument("config_url")

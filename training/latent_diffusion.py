@@ -1,0 +1,119 @@
+"""A trained latent diffusion model: autoencoder, denoiser, classifier and their config.
+
+Saved as safetensors weights plus ``config.json``; loading rebuilds each network
+from the config and never unpickles code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from training.config import LDMConfig
+from training.diffusion import GaussianDiffusion, SamplerName
+from training.models import Autoencoder, NoisyLatentClassifier, UNet
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = {
+    "autoencoder": "autoencoder.safetensors",
+    "denoiser": "denoiser.safetensors",
+    "classifier": "classifier.safetensors",
+}
+
+
+@dataclass
+class LatentDiffusion:
+    """Everything needed to sample images. ``denoiser`` holds the EMA weights once trained."""
+
+    config: LDMConfig
+    autoencoder: Autoencoder
+    denoiser: UNet
+    classifier: NoisyLatentClassifier
+
+    @classmethod
+    def build(cls, config: LDMConfig) -> LatentDiffusion:
+        """Freshly initialised networks for ``config``."""
+        return cls(
+            config,
+            Autoencoder(config.autoencoder),
+            UNet(config.denoiser),
+            NoisyLatentClassifier(config.classifier),
+        )
+
+    def with_config(self, config: LDMConfig) -> LatentDiffusion:
+        """These networks under ``config`` (after a stage measured, e.g., the latent
+        scale): the bundle and each network read their settings from it."""
+        self.config = config
+        for name in WEIGHT_FILES:
+            getattr(self, name).config = getattr(config, name)
+        return self
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        return self.config.diffusion.build()
+
+    def eval(self) -> LatentDiffusion:
+        for net in (self.autoencoder, self.denoiser, self.classifier):
+            net.eval().requires_grad_(False)
+        return self
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor | None,
+        num_samples: int | None = None,
+        guidance_scale: float | Tensor = 0.0,
+        classifier_scale: float | Tensor = 0.0,
+        sampler: SamplerName = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Pixels [B, C, H, W] in [-1, 1]. ``labels`` long [B] (or None with
+        ``num_samples`` for unconditional samples); the other arguments are those of
+        :meth:`GaussianDiffusion.sample`."""
+        if labels is None and num_samples is None:
+            raise ValueError("give either labels or num_samples")
+        batch = len(labels) if labels is not None else num_samples
+        z0 = self.diffusion.sample(
+            self.denoiser,
+            (batch, *self.config.latent_shape),
+            y=labels,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            classifier=self.classifier,
+            classifier_scale=classifier_scale,
+            generator=generator,
+        )
+        return self.autoencoder.decode_latents(z0)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and one safetensors file per network into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        for name, filename in WEIGHT_FILES.items():
+            state = {k: v.contiguous() for k, v in getattr(self, name).state_dict().items()}
+            save_file(state, str(directory / filename))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+        """Rebuild from a folder written by :meth:`save`, in eval mode."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a saved model folder")
+        model = cls.build(LDMConfig.model_validate(json.loads(config_path.read_text())))
+        for name, filename in WEIGHT_FILES.items():
+            net = getattr(model, name)
+            net.load_state_dict(load_file(str(directory / filename), device=str(device)))
+            net.to(device)
+        return model.eval()

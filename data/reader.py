@@ -39,7 +39,7 @@ Batch = tuple[Tensor, Tensor]
 
 
 def build_loader(
-    manifest_url: str,
+    dataset_url: str,
     split: Split,
     rank: int,
     world_size: int,
@@ -54,7 +54,7 @@ def build_loader(
     int64 [B])`` of one split for ``rank`` of ``world_size`` in ``epoch``; B = batch_size,
     and every rank gets the same number of batches.
 
-    ``manifest_url``: the dataset folder / ``s3://`` prefix or its ``manifest.json``.
+    ``dataset_url``: the dataset folder / ``s3://`` prefix or its ``manifest.json``.
     ``num_workers``: DataLoader worker processes (0 reads in this process; never more
     than this rank's shards). ``shuffle_buffer``: samples each worker shuffles among
     (1 or 0: no shuffling). The order is reproducible from ``seed``, ``epoch`` and
@@ -62,7 +62,7 @@ def build_loader(
     one batch, :class:`storage.StorageError` when a shard is missing or damaged.
     """
     _check_arguments(split, rank, world_size, batch_size, num_workers)
-    url = manifest_url_of(manifest_url)
+    url = manifest_url_of(dataset_url)
     manifest = load_manifest(url)
     shards = manifest.split_shards(split)
     if len(shards) < world_size:

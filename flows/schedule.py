@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from flows.events import dataset_trigger
-from flows.retrain import RetrainConfig, retrain
+from flows.retrain import retrain
+from flows.retrain_config import RetrainConfig
 
 
 def retrain_deployment(

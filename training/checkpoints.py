@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from training.config import LDMConfig
+from training.models import Autoencoder
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -61,6 +62,15 @@ def load_checkpoint_uri(uri: str) -> tuple[StageState, LDMConfig]:
 
     with ray.train.Checkpoint(uri).as_directory() as folder:
         return load_checkpoint(folder)
+
+
+def load_autoencoder(checkpoint_uri: str) -> Autoencoder:
+    """The trained autoencoder of an autoencoder-stage checkpoint, in eval mode on the
+    CPU, under the config the checkpoint carries (with the measured latent scale)."""
+    state, config = load_checkpoint_uri(checkpoint_uri)
+    autoencoder = Autoencoder(config.autoencoder)
+    autoencoder.load_state_dict(state.model)
+    return autoencoder.eval()
 
 
 def load_checkpoint(directory: str | Path) -> tuple[StageState, LDMConfig]:

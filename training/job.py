@@ -6,15 +6,20 @@ data, the model config, where to log, and how often to checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from data.frozen import FrozenConfig
 from training.config import LDMConfig, StageConfig
+from training.names import PresetName
 from training.stages import StageName, get_stage
+
+RUN_NAME = r"^[A-Za-z0-9._-]+$"
 
 
 def default_local_store() -> Path:
@@ -31,7 +36,16 @@ class ScalingSettings(FrozenConfig):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # torch intra-op threads per worker; more threads than cores per worker slows CPUs down.
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1, description="default: the worker's CPUs (at least 1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threads_follow_cpus(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("torch_threads") is not None:
+            return data
+        cpus = data.get("cpus_per_worker", 1.0)
+        finite = isinstance(cpus, int | float) and math.isfinite(cpus)
+        return {**data, "torch_threads": max(1, int(cpus)) if finite else 1}
 
 
 class TrackingSettings(FrozenConfig):
@@ -58,17 +72,13 @@ def _check_storage(url: str) -> str:
     return url.rstrip("/")
 
 
-class TrainJobConfig(FrozenConfig):
-    """One run of all three stages on one dataset."""
+class JobSettings(FrozenConfig):
+    """The choices of a training job that need no resolving: how it scales, where it is
+    tracked and registered, how often it checkpoints, how long it may take."""
 
-    data_url: str = Field(description="dataset folder / s3:// prefix or its manifest.json")
-    model: LDMConfig
     scaling: ScalingSettings = ScalingSettings()
-    storage_url: str = Field(description="checkpoints and latent shards go under here")
-    run_name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     experiment: str = "ldm"
     model_name: str = "ldm"
-    tracking_uri: str
     checkpoint_every: int = Field(200, ge=1)
     sample_every: int = Field(0, ge=0, description="steps between sample grids; 0: at the end")
     max_failures: int = Field(1, ge=-1)
@@ -78,7 +88,66 @@ class TrainJobConfig(FrozenConfig):
         86_400.0, gt=0, description="a training Ray Job still running by then is stopped"
     )
 
+
+class TrainSettings(JobSettings):
+    """A training job as a user gives it (``ldm train``'s options, a retrain config's
+    ``train``): a preset or a model config, and where it goes when the defaults do not
+    do. :meth:`job` resolves it against a dataset."""
+
+    preset: PresetName = "demo"
+    model: LDMConfig | None = Field(None, description="a model config instead of the preset")
+    storage_url: str | None = Field(None, description="default: LDM_HOME/runs")
+    run_name: str | None = Field(
+        None, pattern=RUN_NAME, description="the same name resumes; default: PRESET-DATE-TIME"
+    )
+    tracking_uri: str | None = Field(
+        None, description="default: MLFLOW_TRACKING_URI, else sqlite under LDM_HOME"
+    )
+
+    _storage = field_validator("storage_url")(lambda url: url and _check_storage(url))
+
+    def job(self, data_url: str, run_prefix: str = "") -> TrainJobConfig:
+        """The job of these settings on ``data_url``, the defaults resolved here (the
+        local store ``LDM_HOME``, the tracking URI, a run name of the current time)."""
+        from training.mlflow.tracking import resolve_tracking_uri
+        from training.presets import get_preset
+
+        store = default_local_store()
+        model = self.model or get_preset(self.preset)
+        chosen = {name: getattr(self, name) for name in JobSettings.model_fields}
+        return TrainJobConfig(
+            **chosen,
+            data_url=data_url,
+            model=model,
+            storage_url=self.storage_url or str(store / "runs"),
+            run_name=self.run_name
+            or f"{run_prefix}{model.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tracking_uri=resolve_tracking_uri(store, self.tracking_uri),
+        )
+
+
+class TrainJobConfig(JobSettings):
+    """One run of every stage on one dataset, everything resolved: what the driver (and,
+    through :class:`StageJob`, each Ray Train worker) reads."""
+
+    data_url: str = Field(description="dataset folder / s3:// prefix or its manifest.json")
+    model: LDMConfig
+    storage_url: str = Field(description="checkpoints and latent shards go under here")
+    run_name: str = Field(pattern=RUN_NAME)
+    tracking_uri: str
+
     _storage = field_validator("storage_url")(_check_storage)
+
+
+class TrainedVersion(FrozenConfig):
+    """What a finished training job leaves: its MLflow run, the registered version
+    (``@candidate``) and the final checkpoint of each stage. The driver writes it as
+    JSON beside a submitted Ray Job; the submitter reads it back."""
+
+    run_id: str
+    model_name: str
+    version: str
+    checkpoints: dict[StageName, str]
 
 
 class StageJob(FrozenConfig):

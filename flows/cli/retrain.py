@@ -15,43 +15,56 @@ from typing import Any, get_args
 
 from training.names import PresetName
 
-# Options shared by retrain and schedule → RetrainConfig field, for those given.
+# Options shared by retrain and schedule → where they go in RetrainConfig, for those given.
 _FIELDS = {
-    "source": "source",
-    "dataset_url": "dataset_url",
-    "preset": "preset",
-    "workers": "workers",
-    "cpus_per_worker": "cpus_per_worker",
-    "storage": "storage_url",
-    "ray_address": "ray_address",
-    "run_name": "run_name",
-    "model_name": "model_name",
-    "tracking_uri": "tracking_uri",
-    "port": "port",
-    "out": "out_dir",
-    "serve_host": "serve_host",
+    "source": ("source",),
+    "dataset_url": ("dataset_url",),
+    "image_size": ("shard", "image_size"),
+    "channels": ("shard", "channels"),
+    "val_fraction": ("shard", "val_fraction"),
+    "preset": ("train", "preset"),
+    "workers": ("train", "scaling", "num_workers"),
+    "cpus_per_worker": ("train", "scaling", "cpus_per_worker"),
+    "storage": ("train", "storage_url"),
+    "run_name": ("train", "run_name"),
+    "model_name": ("train", "model_name"),
+    "tracking_uri": ("train", "tracking_uri"),
+    "ray_address": ("ray_address",),
+    "port": ("serve", "port"),
+    "serve_host": ("serve", "host"),
+    "out": ("out_dir",),
 }
 
 
-def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain.RetrainConfig
+def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain_config.RetrainConfig
     """``--config FILE`` (JSON or YAML of RetrainConfig), or the embedded defaults, with
     the options given on the command line on top. ValueError/ValidationError if invalid."""
     from flows.cli.config_files import read_config_file
-    from flows.retrain import RetrainConfig
+    from flows.retrain_config import DEFAULTS, RetrainConfig
 
-    values: dict[str, Any] = {}
-    if args.config:
-        values = read_config_file(Path(args.config))
-    for option, field in _FIELDS.items():
-        if getattr(args, option) is not None:
-            values[field] = getattr(args, option)
-    given = {k: getattr(args, k) for k in ("image_size", "channels", "val_fraction")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given:
-        values["shard"] = dict(values.get("shard") or {"channels": 1}) | given
-    if args.no_serve:
-        values["serve"] = False
+    defaults = DEFAULTS.model_dump()
+    values = read_config_file(Path(args.config)) if args.config else defaults
+    overrides = {
+        path: getattr(args, option)
+        for option, path in _FIELDS.items()
+        if getattr(args, option) is not None
+    }
+    if getattr(args, "no_serve", False):
+        overrides[("serve", "enabled")] = False
+    for path, value in overrides.items():
+        _override(values, path, value, defaults)
     return RetrainConfig.model_validate(values)
+
+
+def _override(values: dict, path: tuple[str, ...], value: Any, defaults: dict) -> None:
+    """Set ``values[path]``; a section the config file leaves out starts as the default's."""
+    *parents, leaf = path
+    node = values
+    for depth, parent in enumerate(parents):
+        node = node.setdefault(parent, defaults[parent] if depth == 0 else {})
+    node[leaf] = value
+    if leaf == "cpus_per_worker":  # the torch threads follow the CPUs
+        node.pop("torch_threads", None)
 
 
 @contextlib.contextmanager
@@ -108,8 +121,8 @@ def _retrain(args: argparse.Namespace) -> int:
         print(f"ldm retrain: error: {error}", file=sys.stderr)
         return 1
     _print_summary(report)
-    if args.keep_serving and report["endpoint"]:
-        print(f"Serving at {report['endpoint']} (Ctrl-C to stop).")
+    if args.keep_serving and report.endpoint:
+        print(f"Serving at {report.endpoint.url} (Ctrl-C to stop).")
         try:
             while True:
                 time.sleep(3600)
@@ -147,16 +160,16 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(report: dict) -> None:
-    promotion, training = report["promotion"], report["training"]
-    version = training["version"]
-    print(f"\nsample grid: {report['grid']}" if report["grid"] else "\n(no endpoint deployed)")
+def _print_summary(report) -> None:  # flows.report.RetrainReport
+    promotion, training = report.promotion, report.training
+    grid = report.endpoint.grid if report.endpoint else None
+    print(f"\nsample grid: {grid}" if grid else "\n(no endpoint deployed)")
     print(
-        f"model: {report['model_name']} v{version}; "
-        f"{'promoted to @champion' if promotion['promoted'] else 'kept'}: {promotion['reason']}"
+        f"model: {report.model_name} v{training.version}; "
+        f"{'promoted to @champion' if promotion.promoted else 'kept'}: {promotion.reason}"
     )
-    print("metrics:", json.dumps(promotion["metrics"].get(version, {}), indent=2))
-    uri = report["tracking_uri"]
+    print("metrics:", json.dumps(report.metrics, indent=2))
+    uri = report.tracking_uri
     if uri.startswith("sqlite:"):
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     else:

@@ -5,63 +5,56 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import get_args
 
 from training.names import PresetName
 
 
+def train_settings_from_args(args: argparse.Namespace):  # -> training.job.TrainSettings
+    """The TrainSettings of ``ldm train``'s options (the same type a retrain config's
+    ``train`` is). ValueError/ValidationError if invalid."""
+    from flows.cli.config_files import read_config_file
+    from training.config import LDMConfig
+    from training.job import ScalingSettings, TrainSettings
+
+    model = LDMConfig.model_validate(read_config_file(Path(args.config))) if args.config else None
+    return TrainSettings(
+        preset=args.preset,
+        model=model,
+        scaling=ScalingSettings(
+            num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker
+        ),
+        storage_url=args.storage,
+        run_name=args.run_name,
+        experiment=args.experiment,
+        model_name=args.model_name,
+        tracking_uri=args.tracking_uri,
+        checkpoint_every=args.checkpoint_every,
+        max_failures=args.max_failures,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from data.storage import StorageError
-    from flows.cli.config_files import config_error, read_config_file
-    from training.config import LDMConfig
-    from training.job import ScalingSettings, TrainJobConfig, default_local_store
-    from training.mlflow.tracking import resolve_tracking_uri
-    from training.presets import get_preset
+    from flows.cli.config_files import config_error
 
-    store = default_local_store()
     try:
-        if args.config:
-            model = LDMConfig.model_validate(read_config_file(Path(args.config)))
-        else:
-            model = get_preset(args.preset)
-        threads = max(1, int(args.cpus_per_worker))
-        job = TrainJobConfig(
-            data_url=args.data_url,
-            model=model,
-            scaling=ScalingSettings(
-                num_workers=args.workers,
-                use_gpu=args.gpu,
-                cpus_per_worker=args.cpus_per_worker,
-                torch_threads=threads,
-            ),
-            storage_url=args.storage or str(store / "runs"),
-            run_name=args.run_name or f"{model.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-            experiment=args.experiment,
-            model_name=args.model_name,
-            tracking_uri=resolve_tracking_uri(store, args.tracking_uri),
-            checkpoint_every=args.checkpoint_every,
-            max_failures=args.max_failures,
-        )
+        job = train_settings_from_args(args).job(args.data_url)
     except ValueError as error:  # a ValidationError is a ValueError
         return config_error("ldm train", error)
-    from training.ray.driver import result_record, run_training
-    from training.ray.submit import is_job_address, submit_training
+    from training.ray.submit import train_job
 
     try:
-        address = os.environ.get("RAY_ADDRESS")
-        if is_job_address(address):  # a dashboard URL: run the driver as a Ray Job there
-            result = submit_training(job, address)
-        else:
-            result = result_record(run_training(job))
+        result = train_job(job, os.environ.get("RAY_ADDRESS"))
     except (ValueError, StorageError, OSError, RuntimeError) as error:
         print(f"ldm train: error: {error}", file=sys.stderr)
         return 1
+    checkpoints = ", ".join(f"{k}: {v}" for k, v in result.checkpoints.items())
     print(
-        f"Trained run '{job.run_name}' (MLflow run {result['run_id']} at {job.tracking_uri}); "
-        f"registered {result['model_name']} version {result['version']} as @candidate. "
-        f"Checkpoints: {', '.join(f'{k}: {v}' for k, v in result['checkpoints'].items())}."
+        f"Trained run '{job.run_name}' (MLflow run {result.run_id} at {job.tracking_uri}); "
+        f"registered {result.model_name} version {result.version} as @candidate. "
+        f"Checkpoints: {checkpoints}."
     )
     return 0
 

@@ -16,9 +16,12 @@ from prefect.testing.utilities import prefect_test_harness
 from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader
-from flows.retrain import RetrainConfig, retrain, shard, shard_flow
+from flows.retrain import retrain, shard_flow
+from flows.retrain_config import RetrainConfig, ServeSettings
+from flows.tasks import shard
 from tests.integration.services import free_port
 from training.evaluation.scoring import EvaluationSettings
+from training.job import TrainSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,14 +41,15 @@ def config(ray_cluster, mlflow_server, s3_session, tmp_path_factory) -> RetrainC
         source="mnist",
         dataset_url="s3://ldm-data/retrain-mnist",
         shard=ShardOptions(channels=1, shard_max_samples=600),
-        preset="tiny",
-        cpus_per_worker=1,
-        storage_url="s3://ldm-runs/retrain",
-        model_name="retrain-it",
-        tracking_uri=mlflow_server,
+        train=TrainSettings(
+            preset="tiny",
+            storage_url="s3://ldm-runs/retrain",
+            model_name="retrain-it",
+            tracking_uri=mlflow_server,
+        ),
         evaluator_cache="s3://ldm-runs/evaluators",
         evaluation=EvaluationSettings(samples_per_class=10, steps=10),
-        port=free_port(),
+        serve=ServeSettings(port=free_port()),
         out_dir=str(tmp_path_factory.mktemp("retrain")),
     )
 
@@ -72,18 +76,18 @@ async def _artifact_markdown() -> str:
 
 def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, config):
     report = first_report
-    assert report["dataset"]["resharded"] and report["dataset"]["counts"]["train"] == 4500
-    assert report["promotion"]["promoted"]
-    assert "no @champion" in report["promotion"]["reason"]
-    grid = np.asarray(Image.open(report["grid"]))
+    assert report.dataset.resharded and report.dataset.counts["train"] == 4500
+    assert report.promotion.promoted
+    assert "no @champion" in report.promotion.reason
+    grid = np.asarray(Image.open(report.endpoint.grid))
     rows, cols = (grid.shape[0] - 2) // 34, (grid.shape[1] - 2) // 34  # 32×32 cells, 2 px apart
     assert (rows - 1) * cols < 10 <= rows * cols  # one sample of every class
-    with urllib.request.urlopen(f"{report['endpoint']}/v1/model", timeout=30) as response:
+    with urllib.request.urlopen(f"{report.endpoint.url}/v1/model", timeout=30) as response:
         info = json.loads(response.read())
-    assert info["name"] == config.model_name
-    assert str(info["version"]) == report["training"]["version"]
+    assert info["name"] == config.train.model_name
+    assert str(info["version"]) == report.training.version
     markdown = asyncio.run(_artifact_markdown())
-    assert "promoted to @champion" in markdown and report["training"]["run_id"] in markdown
+    assert "promoted to @champion" in markdown and report.training.run_id in markdown
 
 
 def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_itself(
@@ -97,27 +101,27 @@ def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_it
     jobs = [
         job
         for job in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
-        if (job.metadata or {}).get("ldm.model_name") == config.model_name
+        if (job.metadata or {}).get("ldm.model_name") == config.train.model_name
     ]
     assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
     assert "training.ray.driver" in jobs[0].entrypoint
-    assert not second["dataset"]["resharded"]
+    assert not second.dataset.resharded
     with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
-        app = json.loads(r.read())["applications"][config.model_name]
+        app = json.loads(r.read())["applications"][config.train.model_name]
     assert app["source"] == "declarative" and app["status"] == "RUNNING"
-    with urllib.request.urlopen(f"{second['endpoint']}/v1/model", timeout=30) as response:
+    with urllib.request.urlopen(f"{second.endpoint.url}/v1/model", timeout=30) as response:
         info = json.loads(response.read())
-    champion = second["training"]["version"] if second["promotion"]["promoted"] else None
-    assert str(info["version"]) == (champion or first_report["training"]["version"])
-    assert Image.open(second["grid"]).size == Image.open(first_report["grid"]).size
-    decision = second["promotion"]
-    assert decision["reason"].startswith(("better: fd", "not better: fd"))
-    assert set(decision["metrics"]) == {
-        first_report["training"]["version"],
-        second["training"]["version"],
+    champion = second.training.version if second.promotion.promoted else None
+    assert str(info["version"]) == (champion or first_report.training.version)
+    assert Image.open(second.endpoint.grid).size == Image.open(first_report.endpoint.grid).size
+    decision = second.promotion
+    assert decision.reason.startswith(("better: fd", "not better: fd"))
+    assert set(decision.metrics) == {
+        first_report.training.version,
+        second.training.version,
     }
     markdown = asyncio.run(_artifact_markdown())
-    assert decision["reason"] in markdown
+    assert decision.reason in markdown
 
 
 def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
@@ -135,13 +139,13 @@ def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
     url = "s3://ldm-data/flaky-mnist"
 
     @flow
-    def only_shard() -> dict:
+    def only_shard():
         return shard("mnist", url, ShardOptions(channels=1, shard_max_samples=600))
 
     result = only_shard()
     assert len(calls) > 9  # 9 shards, one of them sent twice after the retry
     manifest = load_manifest(url)
-    assert result["counts"] == manifest.counts == {"train": 4500, "val": 500}
+    assert result.counts == manifest.counts == {"train": 4500, "val": 500}
     read = sum(
         len(y) for y in (b[1] for b in build_loader(url, "train", 0, 1, 4500, 0, 0, num_workers=0))
     )
@@ -162,7 +166,7 @@ def test_a_missing_bucket_fails_the_task_at_once_without_retries(
     monkeypatch.setattr(data.shard, "existing_dataset", counted)
 
     @flow
-    def only_shard() -> dict:
+    def only_shard():
         return shard("mnist", "s3://no-such-bucket-ldm/mnist", ShardOptions(channels=1))
 
     with pytest.raises(storage.PermanentStorageError, match="bucket 'no-such-bucket-ldm' does"):
@@ -197,14 +201,14 @@ def test_the_shard_flow_announces_new_shards_only(prefect_harness, s3_session):
     url, options = "s3://ldm-data/announced-mnist", ShardOptions(channels=1, shard_max_samples=600)
     first = shard_flow("mnist", url, options)
     second = shard_flow("mnist", url, options)  # up to date: nothing new to announce
-    assert first["resharded"] and not second["resharded"]
+    assert first.resharded and not second.resharded
     deadline = time.monotonic() + 30
     while not _dataset_events(url) and time.monotonic() < deadline:
         time.sleep(1)
     time.sleep(3)  # a second event, if one were sent, would have arrived by now
     (event,) = _dataset_events(url)
     assert event["payload"]["dataset_url"] == url
-    assert event["payload"]["fingerprint"] == first["fingerprint"]
+    assert event["payload"]["fingerprint"] == first.fingerprint
     assert event["payload"]["counts"] == {"train": 4500, "val": 500}
 
 
@@ -252,7 +256,8 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
 
     from tests.integration.services import stop_process_group
 
-    settings = config.model_copy(update={"serve": False, "ray_address": ray_cluster.dashboard_url})
+    off = config.serve.model_copy(update={"enabled": False})
+    settings = config.model_copy(update={"serve": off, "ray_address": ray_cluster.dashboard_url})
     (tmp_path / "retrain.json").write_text(settings.model_dump_json())
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     ldm = [sys.executable, "-m", "flows.cli"]
@@ -278,7 +283,9 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
     try:
         deployment = asyncio.run(_deployment("retrain/it", timeout=120))
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
-        before = MlflowClient(mlflow_server).search_model_versions(f"name='{config.model_name}'")
+        before = MlflowClient(mlflow_server).search_model_versions(
+            f"name='{config.train.model_name}'"
+        )
 
         url = "s3://ldm-data/published-mnist"
         shard = subprocess.run(
@@ -294,7 +301,9 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
         (run,) = asyncio.run(_finished_runs(deployment.id, timeout=420))
         assert run.state.is_completed(), log.read_text()[-4000:]
         assert run.parameters["new_dataset"] == url
-        after = MlflowClient(mlflow_server).search_model_versions(f"name='{config.model_name}'")
+        after = MlflowClient(mlflow_server).search_model_versions(
+            f"name='{config.train.model_name}'"
+        )
         assert len(after) == len(before) + 1
         assert f"`{url}`" in asyncio.run(_artifact_markdown())
     finally:

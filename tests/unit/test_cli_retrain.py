@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from flows.cli import build_parser
 from flows.cli.retrain import retrain_config_from_args
 from flows.events import DATASET_EVENT, dataset_trigger
-from flows.retrain import DEFAULTS
+from flows.retrain_config import DEFAULTS
 from flows.schedule import retrain_deployment
 
 
@@ -28,19 +28,40 @@ def test_no_options_give_the_embedded_defaults():
 def test_options_override_the_config_file_which_overrides_the_defaults(tmp_path):
     path = tmp_path / "retrain.yaml"
     path.write_text(
-        "preset: tiny\nmodel_name: digits\nshard: {channels: 1, shard_max_samples: 600}\n"
+        "train: {preset: tiny, model_name: digits}\n"
+        "shard: {channels: 1, shard_max_samples: 600}\n"
         "evaluation: {samples_per_class: 10, steps: 10}\n"
+        "serve: {app: {max_batch_size: 4}}\n"
     )
-    config = _config("--config", str(path), "--model-name", "other", "--image-size", "16")
-    assert config.preset == "tiny" and config.model_name == "other"
+    config = _config(
+        "--config", str(path), "--model-name", "other", "--image-size", "16", "--port", "9000"
+    )
+    assert config.train.preset == "tiny" and config.train.model_name == "other"
     assert config.shard.image_size == 16 and config.shard.shard_max_samples == 600
     assert config.evaluation.samples_per_class == 10
-    assert config.ray_address is None and config.serve
+    assert config.ray_address is None and config.serve.enabled
+    assert (config.serve.port, config.serve.app.max_batch_size) == (9000, 4)
+
+
+def test_options_land_in_the_typed_sections_they_belong_to():
+    config = _config("--workers", "2", "--cpus-per-worker", "4", "--no-serve", "--out", "/o")
+    scaling = config.train.scaling
+    assert (scaling.num_workers, scaling.cpus_per_worker, scaling.torch_threads) == (2, 4.0, 4)
+    assert not config.serve.enabled and config.out_dir == "/o"
+    assert config.serve.app == DEFAULTS.serve.app  # the replicas' settings travel as they are
+    assert _config().train.scaling.cpus_per_worker == 2.0  # the laptop default: both cores
+
+
+def test_the_endpoint_model_is_the_retrains_own(tmp_path):
+    path = tmp_path / "retrain.yaml"
+    path.write_text("serve: {app: {model_uri: 'models:/other@champion'}}\n")
+    with pytest.raises(ValidationError, match="set train.model_name"):
+        _config("--config", str(path))
 
 
 def test_a_bad_config_file_is_refused_with_the_field(tmp_path):
     path = tmp_path / "retrain.json"
-    path.write_text(json.dumps({"preset": "huge"}))
+    path.write_text(json.dumps({"train": {"preset": "huge"}}))
     with pytest.raises(ValidationError, match="preset"):
         _config("--config", str(path))
     with pytest.raises(ValueError, match="does not exist"):
@@ -56,8 +77,8 @@ def test_deployment_carries_the_cron_schedule_trigger_and_config():
     (trigger,) = deployment.triggers
     assert trigger.expect == {DATASET_EVENT}
     assert trigger.parameters == {"new_dataset": "{{ event.payload.dataset_url }}"}
-    assert deployment.parameters["config"]["preset"] == "tiny"
-    assert deployment.parameters["config"]["serve"] is False
+    assert deployment.parameters["config"]["train"]["preset"] == "tiny"
+    assert deployment.parameters["config"]["serve"]["enabled"] is False
 
 
 def test_trigger_for_one_dataset_matches_only_its_resource():
@@ -85,5 +106,16 @@ def test_schedule_refuses_what_it_cannot_run(argv, message):
 
 
 def test_the_endpoint_binds_this_machine_only_unless_told_otherwise():
-    assert _config().serve_host == "127.0.0.1"
-    assert _config("--serve-host", "0.0.0.0").serve_host == "0.0.0.0"
+    assert _config().serve.host == "127.0.0.1"
+    assert _config("--serve-host", "0.0.0.0").serve.host == "0.0.0.0"
+
+
+def test_the_readmes_retrain_config_is_a_valid_config(tmp_path):
+    """The example file of the README's retrain section, as a user would copy it."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("one section per stage")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "retrain.yaml").write_text(example)
+    config = _config("--config", str(tmp_path / "retrain.yaml"))
+    assert config.serve.app.max_batch_size == 16 and config.train.scaling.cpus_per_worker == 2

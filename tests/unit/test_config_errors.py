@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from data.manifest import ShardOptions
 from flows.cli import main
-from flows.retrain import RetrainConfig
+from flows.retrain_config import RetrainConfig
 from serving.config import AppConfig
 from training.config import DiffusionConfig, StageConfig
 from training.evaluation.scoring import EvaluationSettings
@@ -31,8 +31,9 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
     [
         ("preset: tiny\nshard: {channels: 1\n", "is not valid YAML at line 3, column 1"),
         ("preset: [tiny\n", "is not valid YAML at line 2, column 1"),
-        ("preset: huge\n", "preset: Input should be 'tiny', 'demo' or 'base'"),
-        ("workers: many\n", "workers: Input should be a valid integer"),
+        ("train: {preset: huge}\n", "train.preset: Input should be 'tiny', 'demo' or 'base'"),
+        ("train: {scaling: {num_workers: many}}\n", "train.scaling.num_workers: Input should be"),
+        ("preset: tiny\n", "preset: unknown field"),  # the layout before train: was nested
         ("shard: {chanels: 1}\n", "shard.chanels: unknown field"),
         ("modelname: x\n", "modelname: unknown field"),
         ("min_improvement: .inf\n", "min_improvement: Input should be a finite number"),

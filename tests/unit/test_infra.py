@@ -12,7 +12,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 
 from flows.events import DATASET_EVENT
-from flows.retrain import RetrainConfig
+from flows.retrain_config import RetrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

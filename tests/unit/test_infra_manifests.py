@@ -92,9 +92,9 @@ def test_kuberay_names_match_the_prefect_deployments():
     assert job["clusterSelector"] == {"ray.io/cluster": cluster}
     assert job["submissionMode"] == "K8sJobMode"
     config_url = shlex.split(job["entrypoint"])[3]
-    assert config_url.startswith(retrain["storage_url"] + "/")
+    assert config_url.startswith(retrain["train"]["storage_url"] + "/")
     served = yaml.safe_load(_load("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
-    assert served["applications"][0]["args"]["tracking_uri"] == retrain["tracking_uri"]
+    assert served["applications"][0]["args"]["tracking_uri"] == retrain["train"]["tracking_uri"]
 
 
 def _gpu_groups(spec: dict) -> list[tuple[dict, int, int]]:
@@ -125,8 +125,9 @@ def test_gpu_worker_groups_request_the_gpus_ray_is_told_about():
 def test_training_cluster_holds_the_retrain_workers_without_scaling_up():
     retrain = _load("prefect/prefect.yaml")["definitions"]["config"]
     ((group, gpus, cpus),) = _gpu_groups(_cluster_specs()["raycluster"])
-    assert retrain["use_gpu"] and group["replicas"] * gpus >= retrain["workers"]
-    assert cpus >= gpus * retrain["cpus_per_worker"]
+    scaling = retrain["train"]["scaling"]
+    assert scaling["use_gpu"] and group["replicas"] * gpus >= scaling["num_workers"]
+    assert cpus >= gpus * scaling["cpus_per_worker"]
 
 
 def test_kuberay_pods_read_credentials_from_the_secret_only():

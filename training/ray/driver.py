@@ -29,7 +29,7 @@ from data import storage
 from data.manifest import load_manifest, manifest_url
 from training.checkpoints import load_checkpoint_uri
 from training.config import LDMConfig
-from training.job import StageJob, TrainJobConfig
+from training.job import StageJob, TrainedVersion, TrainJobConfig
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
 from training.mlflow.run_tracker import retry_tracking
@@ -240,14 +240,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def result_record(result: TrainResult) -> dict[str, Any]:
+def result_record(result: TrainResult) -> TrainedVersion:
     """What a submitter reads back from a finished job (see ``training.ray.submit``)."""
-    return {
-        "run_id": result.run_id,
-        "model_name": result.model_version.name,
-        "version": str(result.model_version.version),
-        "checkpoints": result.checkpoints,
-    }
+    return TrainedVersion(
+        run_id=result.run_id,
+        model_name=result.model_version.name,
+        version=str(result.model_version.version),
+        checkpoints=result.checkpoints,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             storage.write_bytes(args.result, json.dumps(record).encode())
         raise
     if args.result:
-        storage.write_bytes(args.result, json.dumps(result_record(result)).encode())
+        storage.write_bytes(args.result, result_record(result).model_dump_json().encode())
     print(f"registered {result.model_version.name} version {result.model_version.version}")
     return 0
 

@@ -21,9 +21,8 @@ from data import storage
 from data.convert import decode_png
 from data.manifest import Manifest, ShardEntry, load_manifest, manifest_url
 from data.reader import iter_verified_samples, manifest_url_of
-from training.checkpoints import load_checkpoint_uri
+from training.checkpoints import load_autoencoder
 from training.config import LDMConfig
-from training.models import Autoencoder
 
 ENCODE_BATCH = 256
 
@@ -79,10 +78,7 @@ def _encode_shard(
 
     torch.set_num_threads(1)
     entry = ShardEntry.model_validate(entry_json)
-    state, config = load_checkpoint_uri(autoencoder_checkpoint)
-    autoencoder = Autoencoder(config.autoencoder)
-    autoencoder.load_state_dict(state.model)
-    autoencoder.eval()
+    autoencoder = load_autoencoder(autoencoder_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / entry.name
         count = 0

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from data import storage
 from data.environment import settings_env
-from training.job import TrainJobConfig
+from training.job import TrainedVersion, TrainJobConfig
 
 RUN_NAME_KEY, RESULT_URL_KEY = "ldm.run_name", "ldm.result_url"  # Ray Job metadata
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -29,6 +29,19 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def is_job_address(address: str | None) -> bool:
     """A Ray dashboard URL (``http://head:8265``): submit a Ray Job instead of joining."""
     return bool(address) and address.startswith(("http://", "https://"))
+
+
+def train_job(
+    job: TrainJobConfig, address: str | None = None, log: Callable[[str], None] = print
+) -> TrainedVersion:
+    """Run ``job`` where ``address`` says: submitted as a Ray Job when it is a dashboard
+    URL (this machine never joins the cluster), else from this process on the cluster
+    at ``address`` (a GCS address, ``auto``; None: ``RAY_ADDRESS`` or a local Ray)."""
+    if is_job_address(address):
+        return submit_training(job, address, log=log)
+    from training.ray.driver import result_record, run_training
+
+    return result_record(run_training(job, address))
 
 
 def check_reachable_from_cluster(job: TrainJobConfig, address: str) -> None:
@@ -59,7 +72,7 @@ def submit_training(
     poll_interval_s: float = 2.0,
     timeout_s: float | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> TrainedVersion:
     """Submit ``job`` as a Ray Job to the dashboard at ``address`` and wait for it.
 
     A job of the same ``run_name`` that is still running (a retried flow task, a second
@@ -98,7 +111,7 @@ def submit_training(
             f"Ray Job {submission_id} ended {status.value}; the end of its log:\n{tail}"
         )
     log(f"Ray Job {submission_id} succeeded")
-    return json.loads(storage.read_bytes(result_url))
+    return TrainedVersion.model_validate_json(storage.read_bytes(result_url))
 
 
 def raise_recorded_failure(result_url: str) -> None:

@@ -14,30 +14,58 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from data.reader import build_loader
 from training.checkpoints import (
     StageState,
+    load_autoencoder,
     load_checkpoint,
-    load_checkpoint_uri,
     save_checkpoint,
 )
+from training.config import StageConfig
 from training.images import make_grid, to_uint8
 from training.job import StageJob
 from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
-from training.optimisation import FiniteLossGuard, make_optimisation
-from training.stages import get_stage
+from training.optimisation import FiniteLossGuard, Optimisation, make_optimisation
+from training.stages import Stage, get_stage
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
+
+
+@dataclass
+class _Run:
+    """One rank's state in one stage: its networks, its optimiser, where it stands."""
+
+    job: StageJob
+    stage: Stage
+    rank: int
+    world: int
+    device: torch.device
+    net: nn.Module  # the network itself: its weights go into checkpoints
+    model: nn.Module  # ``net`` as Ray Train prepared it (DDP across ranks)
+    optimisation: Optimisation
+    ema: EMA | None
+    tracker: RunTracker | None  # rank 0 only
+    step: int
+    epoch: int
+    into_epoch: int  # batches of ``epoch`` already trained on
+    logged_at: float = field(default_factory=time.perf_counter)  # images/s covers whole
+    logged_step: int = 0  # intervals between two logged steps
+
+    @property
+    def training(self) -> StageConfig:
+        return self.job.training
 
 
 def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
@@ -45,9 +73,22 @@ def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"rank", "step", "epoch"}``, plus ``"nonfinite_step"`` when a loss was
     inf or NaN: every rank then stops at the same check, before any later checkpoint,
-    and the driver raises :class:`training.stages.NonFiniteLoss`.
+    and the driver raises :class:`training.optimisation.NonFiniteLoss`.
     """
-    job = StageJob.model_validate(job_json)
+    run = _start(StageJob.model_validate(job_json))
+    bad_step = _train(run)
+    every = run.job.job.sample_every
+    if run.tracker and run.ema and bad_step is None and (every == 0 or run.step % every):
+        _log_grid(run.tracker, run.job, run.ema.model, run.step)
+    if run.tracker:
+        run.tracker.close()  # waits out an MLflow outage (up to the budget) before finishing
+    result = {"rank": run.rank, "step": run.step, "epoch": run.epoch}
+    return result if bad_step is None else result | {"nonfinite_step": bad_step}
+
+
+def _start(job: StageJob) -> _Run:
+    """Seed this rank, build the stage's network and optimiser, and restore them from
+    the latest checkpoint of the run if there is one."""
     stage = get_stage(job.stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -55,8 +96,6 @@ def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job.job.scaling.torch_threads)
     torch.manual_seed(config.seed * 1000 + rank)
     device = ray.train.torch.get_device()
-    diffusion = config.diffusion.build()
-
     net = stage.build(config).to(device)
     optimisation = make_optimisation(net, training)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
@@ -66,68 +105,90 @@ def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         job.job.tracking.apply_to_client()
         tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
-    if tracker and step > 0:
-        tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
-    guard, distributed = FiniteLossGuard(device), world > 1
+        if step > 0:
+            tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
+    return _Run(
+        job,
+        stage,
+        rank,
+        world,
+        device,
+        net,
+        model,
+        optimisation,
+        ema,
+        tracker,
+        step,
+        epoch,
+        into_epoch,
+        logged_step=step,
+    )
 
-    logged_at, logged_step = time.perf_counter(), step  # images/s covers whole intervals
-    bad_step = None
-    while step < training.steps and bad_step is None:
+
+def _train(run: _Run) -> int | None:
+    """Steps until the budget is spent; returns the first step whose loss was not
+    finite (then every rank stops at the same check), else None."""
+    job, training, config = run.job, run.training, run.job.job.model
+    diffusion = config.diffusion.build()
+    guard, distributed = FiniteLossGuard(run.device), run.world > 1
+    while run.step < training.steps:
         loader = build_loader(
             job.data_url,
             "train",
-            rank,
-            world,
+            run.rank,
+            run.world,
             training.batch_size,
             config.seed,
-            epoch,
+            run.epoch,
             num_workers=job.job.loader_workers,
         )
-        for x, y in itertools.islice(loader, into_epoch, None):
-            x, y = x.to(device), y.to(device)
-            model.train()
+        for x, y in itertools.islice(loader, run.into_epoch, None):
+            x, y = x.to(run.device), y.to(run.device)
+            run.model.train()
             # bf16 autocast on GPUs: matmuls and convolutions in bf16, the loss in fp32.
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                losses = stage.losses(model, x, y, diffusion, config)
-            guard.observe(losses["loss"], step + 1)
-            grad_norm = optimisation.step(losses["loss"], model)
-            if ema is not None:
-                ema.update(model)
-            step, into_epoch = step + 1, into_epoch + 1
-            checkpoint_due = step % job.job.checkpoint_every == 0 or step == training.steps
+            with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
+                losses = run.stage.losses(run.model, x, y, diffusion, config)
+            guard.observe(losses["loss"], run.step + 1)
+            grad_norm = run.optimisation.step(losses["loss"], run.model)
+            if run.ema is not None:
+                run.ema.update(run.model)
+            run.step, run.into_epoch = run.step + 1, run.into_epoch + 1
+            checkpoint_due = run.step % job.job.checkpoint_every == 0 or run.step == training.steps
             # Every rank checks at the same steps (collective), before any checkpoint.
-            if step % training.log_every == 0 or checkpoint_due:
+            if run.step % training.log_every == 0 or checkpoint_due:
                 bad_step = guard.first_bad_step(distributed)
                 if bad_step is not None:
-                    break
-            if tracker and step % training.log_every == 0:
-                now = time.perf_counter()
-                rate = (step - logged_step) * training.batch_size * world / (now - logged_at)
-                logged_at, logged_step = now, step
-                metrics = {k: float(v.detach()) for k, v in losses.items()}
-                metrics |= {
-                    "grad_norm": float(grad_norm),
-                    "images_per_s": rate,
-                    "epoch": epoch,
-                    "learning_rate": optimisation.learning_rate,
-                }
-                tracker.log_metrics({f"{job.stage}/{k}": v for k, v in metrics.items()}, step)
-            if tracker and ema and job.job.sample_every and step % job.job.sample_every == 0:
-                _log_grid(tracker, job, ema.model, step)
+                    return bad_step
+            _log_step(run, losses, grad_norm)
             if checkpoint_due:
-                final = step == training.steps
-                _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader)
-            if step == training.steps:
-                break
-        else:
-            epoch, into_epoch = epoch + 1, 0
-    every = job.job.sample_every
-    if tracker and ema is not None and bad_step is None and (every == 0 or step % every):
-        _log_grid(tracker, job, ema.model, step)
-    if tracker:
-        tracker.close()  # waits out an MLflow outage (up to the budget) before finishing
-    result = {"rank": rank, "step": step, "epoch": epoch}
-    return result if bad_step is None else result | {"nonfinite_step": bad_step}
+                _report(run, final=run.step == training.steps, loader=loader)
+            if run.step == training.steps:
+                return None
+        run.epoch, run.into_epoch = run.epoch + 1, 0
+    return None
+
+
+def _log_step(run: _Run, losses: dict[str, Tensor], grad_norm: Tensor) -> None:
+    """Rank 0 logs the step's metrics every ``log_every`` steps, a sample grid every
+    ``sample_every`` steps (stages with an EMA)."""
+    if run.tracker is None:
+        return
+    training, step = run.training, run.step
+    if step % training.log_every == 0:
+        now = time.perf_counter()
+        images = (step - run.logged_step) * training.batch_size * run.world
+        metrics = {k: float(v.detach()) for k, v in losses.items()}
+        metrics |= {
+            "grad_norm": float(grad_norm),
+            "images_per_s": images / (now - run.logged_at),
+            "epoch": run.epoch,
+            "learning_rate": run.optimisation.learning_rate,
+        }
+        run.logged_at, run.logged_step = now, step
+        run.tracker.log_metrics({f"{run.job.stage}/{k}": v for k, v in metrics.items()}, step)
+    every = run.job.job.sample_every
+    if run.ema is not None and every and step % every == 0:
+        _log_grid(run.tracker, run.job, run.ema.model, step)
 
 
 def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, int]:
@@ -145,27 +206,29 @@ def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, i
     return state.step, state.epoch, state.batches_into_epoch
 
 
-def _report(job, rank, net, optimisation, ema, step, epoch, into_epoch, final, loader) -> None:
-    config, finish = job.job.model, get_stage(job.stage).finish
-    if final and finish is not None and rank == 0:  # e.g. the latent scale, kept with it
-        device = next(net.parameters()).device
-        config = finish(config, net, (x.to(device) for x, _ in loader))
-    metrics = {"step": step, "epoch": epoch, "final": final}
+def _report(run: _Run, final: bool, loader: Iterable) -> None:
+    """A checkpoint of every rank at the same step (``ray.train.report`` is a barrier):
+    rank 0's holds the weights and the optimiser; the final one, each rank's record and,
+    where the stage measures something at its end (the latent scale), the config with it."""
+    config, finish = run.job.job.model, run.stage.finish
+    if final and finish is not None and run.rank == 0:
+        config = finish(config, run.net, (x.to(run.device) for x, _ in loader))
+    metrics = {"step": run.step, "epoch": run.epoch, "final": final}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if final:  # every rank signs the final checkpoint: which node trained what
-            _write_worker_record(Path(tmp), rank, step)
+            _write_worker_record(Path(tmp), run.rank, run.step)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        if rank == 0:
+        if run.rank == 0:
             state = StageState(
-                stage=job.stage,
-                step=step,
-                epoch=epoch,
-                batches_into_epoch=into_epoch,
-                model=net.state_dict(),
-                optimizer=optimisation.optimizer.state_dict(),
-                scheduler=optimisation.scheduler.state_dict(),
-                ema=ema.state_dict() if ema is not None else None,
+                stage=run.job.stage,
+                step=run.step,
+                epoch=run.epoch,
+                batches_into_epoch=run.into_epoch,
+                model=run.net.state_dict(),
+                optimizer=run.optimisation.optimizer.state_dict(),
+                scheduler=run.optimisation.scheduler.state_dict(),
+                ema=run.ema.state_dict() if run.ema is not None else None,
             )
             save_checkpoint(tmp, state, config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -188,10 +251,7 @@ def _write_worker_record(folder: Path, rank: int, step: int) -> None:
 @functools.lru_cache(maxsize=1)
 def _autoencoder(checkpoint_uri: str) -> Autoencoder:
     """The stage's decoder for sample grids, read once per worker process."""
-    state, config = load_checkpoint_uri(checkpoint_uri)
-    autoencoder = Autoencoder(config.autoencoder)
-    autoencoder.load_state_dict(state.model)
-    return autoencoder.eval()
+    return load_autoencoder(checkpoint_uri)
 
 
 def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int) -> None:

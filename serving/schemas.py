@@ -78,7 +78,7 @@ class RequestLimits:
             "num_samples": f"an integer from 1 to {self.max_images}",
             "guidance_scale": f"a number from 0 to {self.max_guidance_scale:g}",
             "classifier_scale": f"a number from 0 to {self.max_classifier_scale:g}",
-            "sampler": "'ddpm' or 'ddim'",
+            "sampler": "'ddim', 'ddpm' or 'dpmpp_2m' (DPM-Solver++, good in 10 to 20 steps)",
             "steps": f"an integer from 1 to {self.max_steps}",
             "eta": "a number from 0 to 1 (DDIM only)",
             "seed": f"an integer from 0 to {MAX_SEED}",
@@ -235,16 +235,17 @@ class ModelVersionInfo(BaseModel):
 
 
 class BatchInfo(BaseModel):
-    """How the request was sampled: ``group_requests`` / ``group_images`` count the
-    compatible requests that shared each network forward; ``call_requests`` counts
-    every request of the ``@serve.batch`` call, incompatible groups included."""
+    """How the request was sampled: its images joined the replica's running forwards, one
+    per denoising step, beside the images of other requests (whatever their settings)."""
 
-    call_requests: int
-    group_requests: int
-    group_images: int
     sampler: str
     steps: int
     eta: float
+    forwards: int = Field(description="network forwards its images took part in")
+    mean_rows_per_forward: float = Field(description="images per forward, all requests")
+    max_rows_per_forward: int
+    max_requests_per_forward: int = Field(description="most requests sharing one forward")
+    queued_s: float = Field(description="from arrival to its first image's first step")
 
 
 class SampleResponse(BaseModel):
@@ -260,4 +261,4 @@ class SampleResponse(BaseModel):
     image_shape: list[int] = Field(description="[H, W, C] of each image")
     images: list[str] = Field(description="base64 PNG per image, in label order")
     elapsed_s: float = Field(description="from request arrival to images ready")
-    sampling_s: float = Field(description="network time of the batch the request joined")
+    sampling_s: float = Field(description="from its first step to its images decoded")

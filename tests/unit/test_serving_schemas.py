@@ -71,7 +71,7 @@ BAD = [
     ({"label": 0, "steps": 0}, "steps", "0 is outside 1 to 100"),
     ({"label": 0, "steps": 101}, "steps", "101 is outside 1 to 100"),
     ({"label": 0, "steps": 2.5}, "steps", "valid integer"),
-    ({"label": 0, "sampler": "euler"}, "sampler", "'ddpm' or 'ddim'"),
+    ({"label": 0, "sampler": "euler"}, "sampler", "'ddpm', 'ddim' or 'dpmpp_2m'"),
     ({"label": 0, "eta": 1.5}, "eta", "1.5 is outside 0 to 1"),
     ({"label": 0, "seed": -1}, "seed", "outside 0"),
     ({"label": 0, "seed": MAX_SEED + 1}, "seed", "outside 0"),

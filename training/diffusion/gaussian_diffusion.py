@@ -1,4 +1,4 @@
-"""Gaussian diffusion: forward noising, the DDPM-IP loss and DDPM / DDIM sampling.
+"""Gaussian diffusion: forward noising, the DDPM-IP loss and DDPM / DDIM / DPM-Solver++ sampling.
 
 Notation follows Ho et al. 2020: β_t is the noise variance added at step t,
 α_t = 1 − β_t and ᾱ_t = ∏_{i≤t} α_i. Timesteps are 0-based, t ∈ {0 … T−1};
@@ -7,19 +7,32 @@ cast to the tensor's dtype when used, so float32 and bf16 callers share one tabl
 
 The model is passed to each call, never stored: the same diffusion serves the
 raw denoiser, its EMA copy and a DDP-wrapped one.
+
+Each sampler's step is a function of the sample, the prediction and a
+:data:`Coefficients` lookup that gives a per-step table's value at *each row's own*
+step. :meth:`GaussianDiffusion.sample` looks every row up at the same step of one
+chain; a step-level scheduler looks each row up in its own chain, so rows of
+different samplers, step counts and positions share one network forward and still
+take exactly the step they would take alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from training.diffusion.guidance import Generators, GuidanceScale, guided_eps, randn
-from training.diffusion.schedules import respace_betas, space_timesteps
+from training.diffusion.schedules import TimestepSpacing, respace_betas, space_timesteps
 from training.names import SamplerName
+
+Coefficients = Callable[[str], Tensor]
+"""The value of one of a chain's per-step tables (an attribute of
+:class:`GaussianDiffusion`, such as ``"alphas_cumprod"``) at each row's step, shaped
+[B, 1, …, 1] in the sample's dtype."""
 
 
 def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
@@ -66,7 +79,33 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(floor, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / denom
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / denom
-        self._respaced: dict[int, GaussianDiffusion] = {}
+        # 1 where an ancestral step adds noise (every step but the last, t = 0).
+        self.nonzero = (np.arange(self.num_timesteps) != 0).astype(np.float64)
+        self._dpm_solver_tables()
+        self._respaced: dict[tuple[int, TimestepSpacing], GaussianDiffusion] = {}
+
+    def _dpm_solver_tables(self) -> None:
+        """Coefficients of DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), from each step
+        t to the chain's next one, t − 1 (ᾱ_{−1} = 1, the clean end).
+
+        With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t) and h = λ_{t−1} − λ_t:
+        x_{t−1} = (σ_{t−1}/σ_t)·x_t − α_{t−1}(e^{−h} − 1)·D, where
+        D = (1 + 1/(2r))·x̂_0(t) − 1/(2r)·x̂_0(t+1) and r = h_{t+1}/h_t (the step before
+        has h_{t+1}). The first step (no history) and the last (h = ∞) are first order,
+        D = x̂_0(t), which is exactly DDIM with η = 0.
+        """
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        alpha_next = np.sqrt(self.alphas_cumprod_prev)
+        sigma_next = np.sqrt(1.0 - self.alphas_cumprod_prev)
+        self.dpm_sigma_ratio = sigma_next / sigma
+        # −α_{t−1}(e^{−h} − 1) with e^{−h} = σ_{t−1}α_t / (α_{t−1}σ_t): finite at the last step.
+        self.dpm_data_coef = alpha_next - sigma_next * alpha / sigma
+        with np.errstate(divide="ignore"):
+            h = np.log(alpha_next / sigma_next) - np.log(alpha / sigma)  # h = ∞ at t = 0
+        history_weight = np.zeros(self.num_timesteps)
+        middle = np.arange(1, self.num_timesteps - 1)
+        history_weight[middle] = h[middle] / (2.0 * h[middle + 1])  # 1/(2r)
+        self.dpm_history_weight = history_weight
 
     # ----------------------------------------------------------------- forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -126,35 +165,38 @@ class GaussianDiffusion:
         return {"loss": loss}
 
     # ----------------------------------------------------------------- sampling
-    def respaced(self, steps: int) -> GaussianDiffusion:
-        """The same process visiting ``steps`` evenly spaced timesteps (cached)."""
+    def respaced(self, steps: int, spacing: TimestepSpacing = "uniform") -> GaussianDiffusion:
+        """The same process visiting ``steps`` of its timesteps (cached), placed by ``spacing``."""
         if steps == self.num_timesteps:
             return self
-        if steps not in self._respaced:
-            kept = space_timesteps(self.num_timesteps, steps)
+        if (steps, spacing) not in self._respaced:
+            kept = space_timesteps(self.num_timesteps, steps, spacing)
             betas = respace_betas(self.alphas_cumprod, kept)
-            self._respaced[steps] = GaussianDiffusion(betas, self.timestep_map[kept])
-        return self._respaced[steps]
+            self._respaced[steps, spacing] = GaussianDiffusion(betas, self.timestep_map[kept])
+        return self._respaced[steps, spacing]
+
+    def chain(self, sampler: SamplerName, steps: int | None) -> GaussianDiffusion:
+        """The chain ``sampler`` runs for ``steps`` (None: every timestep). DPM-Solver++
+        steps are spaced quadratically in t: evenly spaced, its second-order steps near
+        the clean end are too long (on the linear schedule, the first 5% of the
+        timesteps span 45% of the log-SNR range)."""
+        if steps is None:
+            return self
+        return self.respaced(steps, "quadratic" if sampler == "dpmpp_2m" else "uniform")
+
+    def coefficients(self, t: Tensor, like: Tensor) -> Coefficients:
+        """Every row of ``like`` at step ``t`` (long [B]) of this chain."""
+        return lambda name: _extract(getattr(self, name), t, like)
 
     def ddpm_step(self, x_t: Tensor, t: Tensor, eps: Tensor, noise: Tensor) -> Tensor:
         """Ancestral step x_{t−1} = μ̃(x̂_0(ε̂), x_t) + σ̃_t z, no noise at t = 0."""
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        mean, _, log_variance = self.q_posterior_mean_variance(x0, x_t, t)
-        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+        return ddpm_update(self.coefficients(t, x_t), x_t, eps, noise)
 
     def ddim_step(
         self, x_t: Tensor, t: Tensor, eps: Tensor, eta: float, noise: Tensor | None
     ) -> Tensor:
         """DDIM step (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        ab = _extract(self.alphas_cumprod, t, x_t)
-        ab_prev = _extract(self.alphas_cumprod_prev, t, x_t)
-        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        out = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0)) * eps
-        if noise is not None:
-            out = out + sigma * noise
-        return out
+        return ddim_update(self.coefficients(t, x_t), x_t, eps, eta, noise)
 
     @torch.no_grad()
     def sample(
@@ -176,17 +218,20 @@ class GaussianDiffusion:
 
         ``y``: long [B] class ids (None = unconditional). ``guidance_scale`` w ≥ 0 for
         classifier-free guidance, ``classifier_scale`` s ≥ 0 for classifier guidance;
-        either may be a float or a per-sample tensor [B]. ``steps`` respaces the chain;
-        ``eta`` applies to DDIM only. ``generator`` is one torch.Generator or one per
-        sample, so a sample's noise does not depend on what else is in the batch.
+        either may be a float or a per-sample tensor [B]. ``steps`` respaces the chain
+        (see :meth:`chain`); ``eta`` applies to DDIM only; ``dpmpp_2m`` (DPM-Solver++(2M))
+        draws no noise after x_T. ``generator`` is one torch.Generator or one per sample,
+        so a sample's noise does not depend on what else is in the batch.
         """
         _check_sampling_args(sampler, eta, y, guidance_scale, classifier, classifier_scale)
-        chain = self.respaced(steps) if steps is not None else self
+        chain = self.chain(sampler, steps)
         if device is None:
             device = next(model.parameters()).device
         x = randn(shape, generator, device) if x_T is None else x_T.to(device)
+        x0_previous = torch.zeros_like(x)  # DPM-Solver++'s history; unused at the first step
         for i in reversed(range(chain.num_timesteps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
+            coef = chain.coefficients(t, x)
             eps = guided_eps(
                 model,
                 x,
@@ -195,13 +240,15 @@ class GaussianDiffusion:
                 guidance_scale,
                 classifier,
                 classifier_scale,
-                _extract(chain.sqrt_one_minus_alphas_cumprod, t, x),
+                coef("sqrt_one_minus_alphas_cumprod"),
             )
             if sampler == "ddpm":
-                x = chain.ddpm_step(x, t, eps, randn(x.shape, generator, device))
-            else:
+                x = ddpm_update(coef, x, eps, randn(x.shape, generator, device))
+            elif sampler == "ddim":
                 noise = randn(x.shape, generator, device) if eta > 0 else None
-                x = chain.ddim_step(x, t, eps, eta, noise)
+                x = ddim_update(coef, x, eps, eta, noise)
+            else:
+                x, x0_previous = dpmpp_2m_update(coef, x, eps, x0_previous)
         return x
 
     def _model_timesteps(self, t: Tensor) -> Tensor:
@@ -209,9 +256,52 @@ class GaussianDiffusion:
         return torch.from_numpy(self.timestep_map).to(t.device)[t]
 
 
+# ------------------------------------------------------------------- sampler steps
+def predict_x0(coef: Coefficients, x_t: Tensor, eps: Tensor) -> Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, written as √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̂."""
+    return coef("sqrt_recip_alphas_cumprod") * x_t - coef("sqrt_recipm1_alphas_cumprod") * eps
+
+
+def ddpm_update(coef: Coefficients, x_t: Tensor, eps: Tensor, noise: Tensor) -> Tensor:
+    """x_{t−1} = coef1·x̂_0 + coef2·x_t + σ̃_t·z (Ho et al. 2020, eq. 6–7), no noise at t = 0."""
+    x0 = predict_x0(coef, x_t, eps)
+    mean = coef("posterior_mean_coef1") * x0 + coef("posterior_mean_coef2") * x_t
+    log_variance = coef("posterior_log_variance_clipped")
+    return mean + coef("nonzero") * torch.exp(0.5 * log_variance) * noise
+
+
+def ddim_update(
+    coef: Coefficients, x_t: Tensor, eps: Tensor, eta: float | Tensor, noise: Tensor | None
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_{t−1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ²)·ε̂ + σ·z
+    with σ = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}). ``eta`` is a float or [B, 1, …, 1];
+    ``noise`` None (or zero rows) where η = 0."""
+    x0 = predict_x0(coef, x_t, eps)
+    ab, ab_prev = coef("alphas_cumprod"), coef("alphas_cumprod_prev")
+    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+    out = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0)) * eps
+    if noise is not None:
+        out = out + sigma * noise
+    return out
+
+
+def dpmpp_2m_update(
+    coef: Coefficients, x_t: Tensor, eps: Tensor, x0_previous: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step (see :meth:`GaussianDiffusion._dpm_solver_tables`).
+
+    ``x0_previous`` is x̂_0 of the row's previous step (any finite value at its first
+    step, whose history weight is 0). Returns x_{t−1} and this step's x̂_0, the next
+    step's history.
+    """
+    x0 = predict_x0(coef, x_t, eps)
+    data = x0 + coef("dpm_history_weight") * (x0 - x0_previous)
+    return coef("dpm_sigma_ratio") * x_t + coef("dpm_data_coef") * data, x0
+
+
 def _check_sampling_args(sampler, eta, y, guidance_scale, classifier, classifier_scale) -> None:
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if sampler not in get_args(SamplerName):
+        raise ValueError(f"sampler must be one of {get_args(SamplerName)}, got {sampler!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if bool((torch.as_tensor(guidance_scale) < 0).any()):

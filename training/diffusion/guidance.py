@@ -35,24 +35,37 @@ def _per_sample(scale: GuidanceScale, like: Tensor) -> Tensor:
     return scale.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _rows_using(scale: GuidanceScale, batch: int) -> Tensor | None:
+    """Indices of the rows whose scale is non-zero, or None when every row uses it."""
+    scale = torch.as_tensor(scale)
+    if scale.dim() == 0:
+        return None if bool(scale != 0) else torch.zeros(0, dtype=torch.long)
+    rows = torch.nonzero(scale != 0).flatten()
+    return None if len(rows) == batch else rows
+
+
 def classifier_free_eps(
     model: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None, guidance_scale: GuidanceScale
 ) -> Tensor:
     """ε̃ = (1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t, ∅).
 
-    The conditional and the null pass go through the network as one batch of 2B.
-    With ``y`` None the unconditional prediction is returned; with w = 0 everywhere,
-    the plain conditional one (a single pass of B).
+    The conditional pass of every row and the null pass of the rows with w ≠ 0 go
+    through the network as one batch (of 2B when every row is guided), so a row with
+    w = 0 costs one pass. With ``y`` None the unconditional prediction is returned.
     """
     if y is None:
         return model(x_t, t, None)
-    if not bool((torch.as_tensor(guidance_scale) != 0).any()):
+    guided = _rows_using(guidance_scale, len(x_t))
+    if guided is not None and len(guided) == 0:
         return model(x_t, t, y)
-    null = torch.full_like(y, model.num_classes)
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-    cond, uncond = both.chunk(2)
-    w = _per_sample(guidance_scale, cond)
-    return (1 + w) * cond - w * uncond
+    index = slice(None) if guided is None else guided.to(x_t.device)
+    null = torch.full_like(y[index], model.num_classes)
+    both = model(torch.cat([x_t, x_t[index]]), torch.cat([t, t[index]]), torch.cat([y, null]))
+    cond, uncond = both[: len(x_t)], both[len(x_t) :]
+    w = _per_sample(guidance_scale, cond)[index]
+    eps = cond.clone()
+    eps[index] = (1 + w) * cond[index] - w * uncond
+    return eps
 
 
 def classifier_log_prob_grad(classifier: nn.Module, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -77,14 +90,19 @@ def guided_eps(
     """ε̂ with classifier-free guidance, then ε̃ = ε̂ − s·√(1−ᾱ_t)·∇ log p_φ(y | x_t, t).
 
     ``t`` holds the timesteps the networks were trained on; ``sqrt_one_minus_alpha_bar``
-    is √(1−ᾱ_t) shaped [B, 1, …, 1].
+    is √(1−ᾱ_t) shaped [B, 1, …, 1]. The classifier's gradient is computed for the
+    rows with s ≠ 0 only.
     """
     eps = classifier_free_eps(model, x_t, t, y, guidance_scale)
-    if classifier is not None and y is not None:
-        s = _per_sample(classifier_scale, eps)
-        if bool((s != 0).any()):
-            grad = classifier_log_prob_grad(classifier, x_t, t, y)
-            eps = eps - s * sqrt_one_minus_alpha_bar * grad.to(eps.dtype)
+    if classifier is None or y is None:
+        return eps
+    guided = _rows_using(classifier_scale, len(x_t))
+    if guided is not None and len(guided) == 0:
+        return eps
+    index = slice(None) if guided is None else guided.to(x_t.device)
+    s = _per_sample(classifier_scale, eps)[index]
+    grad = classifier_log_prob_grad(classifier, x_t[index], t[index], y[index])
+    eps[index] = eps[index] - s * sqrt_one_minus_alpha_bar[index] * grad.to(eps.dtype)
     return eps
 
 

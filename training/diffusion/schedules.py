@@ -12,6 +12,9 @@ from typing import Literal
 import numpy as np
 
 BetaScheduleName = Literal["linear", "cosine"]
+# uniform: evenly spaced in t (DDPM, DDIM). quadratic: t ∝ (k/n)², denser near the clean
+# end where log-SNR changes fastest (DPM-Solver's "time_quadratic", Lu et al. 2022).
+TimestepSpacing = Literal["uniform", "quadratic"]
 
 
 def get_named_beta_schedule(name: BetaScheduleName, num_timesteps: int) -> np.ndarray:
@@ -41,18 +44,30 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) 
     return np.array(betas, dtype=np.float64)
 
 
-def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """Pick ``steps`` evenly spaced timesteps out of 0 … T−1, always keeping 0 and T−1.
+def space_timesteps(
+    num_timesteps: int, steps: int, spacing: TimestepSpacing = "uniform"
+) -> list[int]:
+    """Pick ``steps`` timesteps out of 0 … T−1, in increasing order, always keeping 0 and T−1.
 
     Keeping T−1 makes sampling start from pure noise; keeping 0 makes the last
-    step the noiseless one.
+    step the noiseless one. ``uniform`` may keep fewer than ``steps`` where rounding
+    meets (never for steps ≤ T/2); ``quadratic`` keeps exactly ``steps``.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
-    kept = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(int)
-    return sorted(set(int(t) for t in kept))
+    if spacing == "uniform":
+        kept = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(int)
+        return sorted(set(int(t) for t in kept))
+    if spacing != "quadratic":
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected 'uniform' or 'quadratic'")
+    kept = [int(t) for t in np.round((num_timesteps - 1) * np.linspace(0, 1, steps) ** 2)]
+    for k in range(1, steps):  # rounding may repeat a timestep near 0: push apart
+        kept[k] = max(kept[k], kept[k - 1] + 1)
+    for k in range(steps - 2, -1, -1):
+        kept[k] = min(kept[k], kept[k + 1] - 1)
+    return kept
 
 
 def respace_betas(alphas_cumprod: np.ndarray, kept: list[int]) -> np.ndarray:

@@ -6,10 +6,12 @@ bearer token. A request passes :mod:`serving.admission` (token, media type, size
 JSON, work budget) before it may wait for a batch, and waits at most
 ``request_timeout_s``; Serve bounds the queue (503 with ``Retry-After`` beyond it).
 A request is validated against the model version current when it arrives and is
-sampled with that version, even if the alias moves meanwhile. Valid requests wait
-in ``@serve.batch``; each batch is split into compatible groups (see
-:mod:`serving.sampler`) and sampled in a worker thread, so the event loop keeps
-accepting requests (and filling the next batch) while the network runs.
+sampled with that version, even if the alias moves meanwhile. Valid requests go to
+the replica's :class:`~serving.scheduler.StepScheduler`, whose loop runs in one
+thread: at every denoising step it admits waiting images and runs one forward over
+all of them, whatever their sampler, steps or guidance, so the event loop keeps
+accepting requests while the network runs, and a request joins at the next step.
+A request whose client leaves or that times out is dropped at the next step.
 """
 
 # No ``from __future__ import annotations`` here: Serve reads the annotation of
@@ -18,9 +20,9 @@ accepting requests (and filling the next batch) while the network runs.
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -42,9 +44,11 @@ from serving.admission import (
 )
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
+from serving.metrics import EngineMetrics
 from serving.model_store import AliasWatcher, LoadedModel, ModelStore
 from serving.page import PAGE_HTML
-from serving.sampler import SampleFailure, SampleJob, SampleResult, sample_batch
+from serving.sampler import SampleFailure, SampleJob, SampleResult
+from serving.scheduler import Outcome, StepScheduler
 from serving.schemas import (
     BatchInfo,
     ModelVersionInfo,
@@ -53,7 +57,6 @@ from serving.schemas import (
     SampleResponse,
     describe_errors,
 )
-from serving.stats import BatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +80,14 @@ def _respond(
         guidance_scale=job.guidance_scale,
         classifier_scale=job.classifier_scale,
         batch=BatchInfo(
-            call_requests=report.call_requests,
-            group_requests=report.group_requests,
-            group_images=report.group_images,
             sampler=job.sampler,
             steps=job.steps,
             eta=job.eta,
+            forwards=report.forwards,
+            mean_rows_per_forward=round(report.mean_rows_per_forward, 3),
+            max_rows_per_forward=report.max_rows_per_forward,
+            max_requests_per_forward=report.max_requests_per_forward,
+            queued_s=round(report.queued_s, 4),
         ),
         image_shape=list(result.images.shape[1:]),
         images=[],
@@ -99,18 +104,24 @@ def _respond(
         "X-Labels": ",".join(map(str, job.labels)),
         "X-Elapsed-S": f"{elapsed:.4f}",
         "X-Sampling-S": f"{report.sampling_s:.4f}",
-        "X-Batch-Call-Requests": str(report.call_requests),
-        "X-Batch-Group-Requests": str(report.group_requests),
-        "X-Batch-Group-Images": str(report.group_images),
+        "X-Queued-S": f"{report.queued_s:.4f}",
+        "X-Batch-Forwards": str(report.forwards),
+        "X-Batch-Max-Rows": str(report.max_rows_per_forward),
+        "X-Batch-Max-Requests": str(report.max_requests_per_forward),
     }
     data = grid_png(result.images) if image_format == "png" else npy_bytes(result.images)
     return Response(data, media_type=MEDIA_TYPES[image_format], headers=headers)
 
 
+def _settle(future: asyncio.Future, outcome: Outcome) -> None:
+    if not future.done():  # it may have been cancelled: the client left or timed out
+        future.set_result(outcome)
+
+
 @serve.deployment(name="LDMSampler", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(api)
 class SamplerDeployment:
-    """One replica: the current model version, its alias watcher and the batch queue."""
+    """One replica: the current model version, its alias watcher and its sampling loop."""
 
     def __init__(self, config: AppConfig):
         self.config = config
@@ -120,11 +131,18 @@ class SamplerDeployment:
         self.store = ModelStore(config.model_ref, str(config.tracking_uri), config.resolved_device)
         self.current: LoadedModel = self.store.load_current()
         self._limits: tuple[LoadedModel, RequestLimits] | None = None
-        self.stats = BatchStats()
-        # One thread: batches run one after another; the event loop stays free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
-        self._sample_batch.set_max_batch_size(config.max_batch_size)
-        self._sample_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.scheduler = StepScheduler(
+            config.resolved_max_rows_per_forward,
+            config.join_running,
+            after_step=EngineMetrics().after_step,
+        )
+        self.stats = self.scheduler.stats
+        # One thread runs every step; the event loop stays free for requests.
+        self._stop = threading.Event()
+        self._sampling = threading.Thread(
+            target=self.scheduler.run, args=(self._stop,), name="sampler", daemon=True
+        )
+        self._sampling.start()
         self.watcher: AliasWatcher | None = None
         if config.model_ref.alias is not None and config.reload_interval_s > 0:
             self.watcher = AliasWatcher(
@@ -143,10 +161,15 @@ class SamplerDeployment:
     def check_health(self) -> None:
         if self.watcher is not None and not self.watcher.is_alive():
             raise RuntimeError("the alias watcher thread stopped; replace this replica")
+        if not self._sampling.is_alive():
+            raise RuntimeError("the sampling thread stopped; replace this replica")
 
     def __del__(self) -> None:
         if getattr(self, "watcher", None) is not None:
             self.watcher.stop()
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+            self.scheduler.wake()
 
     def limits_for(self, loaded: LoadedModel) -> RequestLimits:
         """The request limits for one model version (cached for the current one)."""
@@ -211,8 +234,8 @@ class SamplerDeployment:
                 "token_required": self._token is not None,
             },
             "batching": {
-                "max_batch_size": c.max_batch_size,
-                "batch_wait_timeout_s": c.batch_wait_timeout_s,
+                "scheduling": "step" if c.join_running else "request",
+                "max_rows_per_forward": c.resolved_max_rows_per_forward,
                 "max_ongoing_requests": c.resolved_max_ongoing_requests,
                 "max_queued_requests": c.max_queued_requests,
             },
@@ -221,7 +244,7 @@ class SamplerDeployment:
                 "last_check": watcher.last_check if watcher else None,
                 "last_failure": watcher.last_failure if watcher else None,
             },
-            "stats": self.stats.as_dict(),
+            "stats": self.stats.as_dict(self.scheduler.waiting_rows, self.scheduler.active_rows),
         }
 
     @api.post("/v1/samples")
@@ -236,7 +259,7 @@ class SamplerDeployment:
             return refusal.response()
         timeout = self.config.request_timeout_s
         try:
-            outcome = await asyncio.wait_for(self._sample_batch((loaded, job)), timeout)
+            outcome = await self._sample(loaded, job, timeout)
         except TimeoutError:
             self.stats.timed_out += 1
             return error_response(
@@ -277,17 +300,20 @@ class SamplerDeployment:
         check_budget(job, self.config.max_evaluations_per_request)
         return parsed, job
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _sample_batch(
-        self, work: list[tuple[LoadedModel, SampleJob]]
-    ) -> list[SampleResult | SampleFailure]:
-        # Requests whose client left, or that timed out while queued, were cancelled
-        # and are not in ``work``: Serve drops cancelled requests from a batch.
-        pairs = [(loaded.model, job) for loaded, job in work]
+    async def _sample(self, loaded: LoadedModel, job: SampleJob, timeout: float) -> Outcome:
+        """Hand ``job`` to the scheduler and wait for its images. If this coroutine is
+        cancelled (the client left) or times out, the scheduler drops the job at its
+        next step."""
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, sample_batch, pairs)
-        self.stats.record(results)
-        return results
+        future: asyncio.Future = loop.create_future()
+        ticket = self.scheduler.submit(
+            loaded.model, job, lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)
+        )
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            if future.cancelled() or not future.done():
+                self.scheduler.cancel(ticket)
 
 
 def build_app(args: AppConfig) -> Application:

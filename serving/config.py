@@ -59,10 +59,22 @@ class AppConfig(FrozenConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed)")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when num_gpus > 0
     torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
-    # ----------------------------------------------------------- batching
-    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per batch; 1: off")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10)
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default 2·max_batch_size")
+    # ----------------------------------------------------------- step-level batching
+    max_rows_per_forward: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="network rows per denoising step, across requests (an image with "
+        "classifier-free guidance counts twice); default 64 on CPU, 256 on GPU",
+    )
+    join_running: bool = Field(
+        True,
+        description="admit requests at every step; false: only when no chain is running "
+        "(request-level batching, for comparison)",
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests a replica holds at once; default 64"
+    )
     max_queued_requests: int = Field(
         64,
         ge=-1,
@@ -140,9 +152,13 @@ class AppConfig(FrozenConfig):
         return self.default_steps or min(50, self.max_steps)
 
     @property
+    def resolved_max_rows_per_forward(self) -> int:
+        return self.max_rows_per_forward or (256 if self.resolved_device == "cuda" else 64)
+
+    @property
     def resolved_max_ongoing_requests(self) -> int:
-        # A replica must accept a whole batch while it samples the previous one.
-        return self.max_ongoing_requests or max(8, 2 * self.max_batch_size)
+        # Requests waiting for rows are held by the replica's scheduler, not by Serve.
+        return self.max_ongoing_requests or 64
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options`` for these settings."""

@@ -34,7 +34,8 @@ PAGE_HTML = """<!doctype html>
   <label for="guidance">guidance scale <span id="guidance-value">3</span></label>
   <input id="guidance" type="range" min="0" max="10" step="0.5" value="3">
   <label for="sampler">sampler</label>
-  <select id="sampler"><option value="ddim">DDIM</option><option value="ddpm">DDPM</option>
+  <select id="sampler"><option value="ddim">DDIM</option>
+  <option value="dpmpp_2m">DPM-Solver++ (fewer steps)</option><option value="ddpm">DDPM</option>
   </select>
   <label for="steps">steps</label><input id="steps" type="number" min="1" value="50">
   <label for="seed">seed (empty: random)</label><input id="seed" type="number" min="0">

@@ -21,8 +21,7 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         tracking_uri=args.tracking_uri,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_rows_per_forward=args.max_rows_per_forward,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
         max_evaluations_per_request=args.max_evaluations,
@@ -174,13 +173,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
     serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
     serve.add_argument(
-        "--max-batch-size", type=int, default=16, help="requests per batch, 1: off (default: 16)"
-    )
-    serve.add_argument(
-        "--batch-wait-timeout-s",
-        type=float,
-        default=0.02,
-        help="how long a batch waits to fill (default: 0.02)",
+        "--max-rows-per-forward",
+        type=int,
+        help="images per denoising step across requests, an image with classifier-free "
+        "guidance counting twice (default: 64 on CPU, 256 on GPU)",
     )
     serve.add_argument(
         "--max-images-per-request", type=int, default=64, help="request limit (default: 64)"

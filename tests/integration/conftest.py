@@ -168,6 +168,7 @@ class RayTestCluster:
     address: str  # GCS address, joined in-process
     dashboard_url: str  # Ray Jobs and the Serve REST API
     session_dir: str  # the cluster's logs, among others
+    metrics_urls: tuple[str, ...]  # each node's Prometheus endpoint
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +197,11 @@ def ray_cluster(s3_session: S3Server) -> Iterator[RayTestCluster]:
     ray.init(address=cluster.address)
     try:
         session = cluster.head_node.get_session_dir_path()
-        yield RayTestCluster(cluster.address, f"http://127.0.0.1:{port}", session)
+        metrics = tuple(
+            f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+            for node in cluster.list_all_nodes()
+        )
+        yield RayTestCluster(cluster.address, f"http://127.0.0.1:{port}", session, metrics)
     finally:
         ray.shutdown()
         cluster.shutdown()

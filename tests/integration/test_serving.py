@@ -1,6 +1,7 @@
 """The sampling app over real HTTP: ``serve.run`` on the two-node test cluster, a tiny
-model registered in the real MLflow server, requests good and bad, batching under
-concurrency, seeds, the page, and the switch when @champion moves."""
+model registered in the real MLflow server, requests good and bad, step-level batching
+of mixed requests under concurrency, seeds, the page, and the switch when @champion
+moves."""
 
 from __future__ import annotations
 
@@ -37,8 +38,7 @@ MODEL_NAME = "ldm-serve-it"
 APP_ARGS = {
     "num_cpus": 0.5,
     "torch_threads": 1,
-    "max_batch_size": 16,
-    "batch_wait_timeout_s": 0.2,  # wide, so concurrent test requests meet in one batch
+    "max_rows_per_forward": 32,
     "max_images_per_request": 8,
     "max_steps": 20,
     "max_evaluations_per_request": 400,
@@ -153,7 +153,7 @@ BAD_REQUESTS = [
     ("too many steps", {"label": 3, "steps": 21}, 422, "21 is outside 1 to 20"),
     ("too many images", {"label": 3, "num_samples": 9}, 422, "9 images asked for, allowed 1 to 8"),
     ("too many labels", {"labels": [1] * 9}, 422, "9 labels asked for, allowed 1 to 8"),
-    ("unknown sampler", {"label": 3, "sampler": "euler"}, 422, "'ddpm' or 'ddim'"),
+    ("unknown sampler", {"label": 3, "sampler": "euler"}, 422, "'ddpm', 'ddim' or 'dpmpp_2m'"),
     ("eta above 1", {"label": 3, "eta": 1.5}, 422, "1.5 is outside 0 to 1"),
     ("labels as a string", {"labels": "3"}, 422, "valid array"),
     ("steps as a string", {"label": 3, "steps": "5"}, 422, "valid integer"),
@@ -253,21 +253,22 @@ def _all_at_once(
         return list(pool.map(fire, requests))
 
 
-def test_concurrent_compatible_requests_share_a_batch_and_match_their_solo_images(app_url):
+def test_concurrent_mixed_requests_share_forwards_and_match_their_solo_images(app_url):
     requests = _concurrent_requests()
     alone = [_images(_post(app_url, r)) for r in requests]
-    for _ in range(3):  # batches depend on arrival times; three rounds leave no doubt
+    for _ in range(3):  # sharing depends on arrival times; three rounds leave no doubt
         responses = _all_at_once(app_url, requests)
         batches = [r.json()["batch"] for r in responses]
         for request, batch, response, solo in zip(requests, batches, responses, alone, strict=True):
             assert (batch["sampler"], batch["steps"]) == (request["sampler"], request["steps"])
+            assert batch["forwards"] == request["steps"]
             assert _close(_images(response), solo)  # same seed, same images, batched or not
-        assert all(b["group_requests"] <= 6 for b in batches[:6])
-        assert batches[6]["group_requests"] == 1 and batches[7]["group_requests"] == 1
-        if max(b["group_requests"] for b in batches) > 1:
+        # Another sampler and another step count share forwards with the rest.
+        if all(b["max_requests_per_forward"] > 1 for b in batches):
             break
-    assert max(b["group_requests"] for b in batches) > 1, batches
-    assert httpx.get(f"{app_url}/v1/model").json()["stats"]["max_group_requests"] > 1
+    assert all(b["max_requests_per_forward"] > 1 for b in batches), batches
+    stats = httpx.get(f"{app_url}/v1/model").json()["stats"]
+    assert stats["max_rows_per_forward"] > 2 and stats["waiting_rows"] == 0
 
 
 def test_ldm_sample_writes_the_grid(app_url, tmp_path, capsys):
@@ -378,7 +379,7 @@ def test_moving_the_alias_switches_replicas_without_failing_requests(app_url, ml
 # ------------------------------------------------------------------ an exposed endpoint
 TOKEN = "it-token-5f2c9a"  # a test's own token, not a credential
 GUARDED_ARGS = APP_ARGS | {
-    "max_batch_size": 1,
+    "max_rows_per_forward": 8,
     "max_ongoing_requests": 2,  # one sampling, one waiting in the replica
     "max_queued_requests": 1,  # and one waiting for the replica; more: 503
     "retry_after_s": 3,
@@ -437,6 +438,8 @@ def test_a_burst_beyond_the_queue_gets_503_with_retry_after_and_no_500(guarded_u
 
 
 def test_a_slow_request_times_out_and_a_departed_client_is_not_sampled(guarded_url):
+    """Both are dropped at the next step: the long chain stops when it times out, and the
+    request whose client left never gets a row."""
     before = _stats(guarded_url)
     long = {
         "label": 4,
@@ -448,16 +451,34 @@ def test_a_slow_request_times_out_and_a_departed_client_is_not_sampled(guarded_u
     }
     with ThreadPoolExecutor(2) as pool:
         slow = pool.submit(_post, guarded_url, long, 60, AUTH)
-        time.sleep(0.5)  # the long chain is running; this one waits for the sampler
+        time.sleep(0.5)  # the long request fills the forward; this one waits behind it
         with pytest.raises(httpx.TimeoutException):
             _post(guarded_url, {"label": 5, "steps": 3}, timeout=0.5, headers=AUTH)
         answer = slow.result()
     assert answer.status_code == 504 and "1.5 s" in answer.json()["detail"]
-    deadline = time.monotonic() + 60
-    while _stats(guarded_url)["calls"] == before["calls"]:  # the long chain still runs on
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    time.sleep(2)  # had the departed request been kept, it would have been sampled by now
-    after = _stats(guarded_url)
-    assert after["requests"] - before["requests"] == 1  # the long one only
-    assert after["timed_out"] - before["timed_out"] == 1
+    deadline = time.monotonic() + 30
+    while (stats := _stats(guarded_url))["active_rows"] or stats["waiting_rows"]:
+        assert time.monotonic() < deadline, stats  # the long chain does not run on
+        time.sleep(0.2)
+    assert stats["requests"] == before["requests"]  # neither was answered with images
+    assert stats["cancelled"] - before["cancelled"] == 2
+    assert stats["timed_out"] - before["timed_out"] == 1
+
+
+def test_engine_metrics_reach_prometheus(app_url, ray_cluster):
+    """The scheduler's figures on the nodes' Prometheus endpoints, tagged with the
+    deployment (Ray exports them every few seconds)."""
+    assert _post(app_url, {"label": 1, "steps": 3}).status_code == 200
+    names = ("ldm_images_total", "ldm_images_per_forward_bucket", "ldm_step_seconds_bucket")
+    deadline = time.monotonic() + 90
+    while True:
+        text = "\n".join(httpx.get(url, timeout=10).text for url in ray_cluster.metrics_urls)
+        ours = [line for line in text.splitlines() if 'deployment="LDMSampler"' in line]
+        found = {name for name in names if any(line.startswith(f"ray_{name}") for line in ours)}
+        if found == set(names):
+            break
+        assert time.monotonic() < deadline, f"missing {set(names) - found}"
+        time.sleep(2)
+    totals = [float(line.rsplit(" ", 1)[1]) for line in ours if "ldm_images_total" in line]
+    assert sum(totals) > 0
+    assert any(line.startswith("ray_ldm_waiting_images") for line in ours)

@@ -31,7 +31,7 @@ def test_options_override_the_config_file_which_overrides_the_defaults(tmp_path)
         "train: {preset: tiny, model_name: digits}\n"
         "shard: {channels: 1, shard_max_samples: 600}\n"
         "evaluation: {samples_per_class: 10, steps: 10}\n"
-        "serve: {app: {max_batch_size: 4}}\n"
+        "serve: {app: {max_rows_per_forward: 4}}\n"
     )
     config = _config(
         "--config", str(path), "--model-name", "other", "--image-size", "16", "--port", "9000"
@@ -40,7 +40,7 @@ def test_options_override_the_config_file_which_overrides_the_defaults(tmp_path)
     assert config.shard.image_size == 16 and config.shard.shard_max_samples == 600
     assert config.evaluation.samples_per_class == 10
     assert config.ray_address is None and config.serve.enabled
-    assert (config.serve.port, config.serve.app.max_batch_size) == (9000, 4)
+    assert (config.serve.port, config.serve.app.max_rows_per_forward) == (9000, 4)
 
 
 def test_options_land_in_the_typed_sections_they_belong_to():
@@ -118,4 +118,4 @@ def test_the_readmes_retrain_config_is_a_valid_config(tmp_path):
     example = readme.split("one section per stage")[1].split("```yaml\n")[1].split("```")[0]
     (tmp_path / "retrain.yaml").write_text(example)
     config = _config("--config", str(tmp_path / "retrain.yaml"))
-    assert config.serve.app.max_batch_size == 16 and config.train.scaling.cpus_per_worker == 2
+    assert config.serve.app.max_rows_per_forward == 16 and config.train.scaling.cpus_per_worker == 2

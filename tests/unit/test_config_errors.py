@@ -88,7 +88,7 @@ FLOAT_FIELDS: list[tuple[type[BaseModel], dict, str]] = [
     (TrackingSettings, {}, "outage_budget_s"),
     (ShardOptions, {}, "val_fraction"),
     (AppConfig, {}, "max_guidance_scale"),
-    (AppConfig, {}, "batch_wait_timeout_s"),
+    (AppConfig, {}, "request_timeout_s"),
     (RetrainConfig, {}, "min_improvement"),
     (EvaluationSettings, {}, "guidance_scale"),
 ]

@@ -118,6 +118,6 @@ def test_sample_says_when_nothing_listens(tmp_path, capsys):
 
 
 def test_serve_rejects_bad_options_before_starting_ray(capsys):
-    assert main(["serve", "--model-uri", "runs:/x", "--max-batch-size", "0"]) == 2
+    assert main(["serve", "--model-uri", "runs:/x", "--max-rows-per-forward", "0"]) == 2
     err = capsys.readouterr().err
-    assert "--model-uri" in err and "--max-batch-size" in err
+    assert "--model-uri" in err and "--max-rows-per-forward" in err

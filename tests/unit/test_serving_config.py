@@ -28,7 +28,7 @@ def test_defaults_give_one_cpu_replica_following_the_champion_with_a_bounded_que
     options = config.deployment_options()
     assert options == {
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
-        "max_ongoing_requests": 32,
+        "max_ongoing_requests": 64,
         "max_queued_requests": 64,
         "backpressure_config": {"status_code": 503, "retry_after_s": 2},
         "num_replicas": 1,
@@ -44,7 +44,7 @@ def test_serve_run_strings_are_parsed():
             "model_uri": "models:/digits/2",
             "autoscaling_config": '{"min_replicas": 1, "max_replicas": 3}',
             "num_gpus": "0.5",
-            "max_batch_size": "32",
+            "max_rows_per_forward": "32",
             "max_steps": "20",
         }
     )
@@ -55,6 +55,12 @@ def test_serve_run_strings_are_parsed():
     assert options["ray_actor_options"]["num_gpus"] == 0.5
     assert config.resolved_device == "cuda"
     assert config.resolved_default_steps == 20
+    assert config.resolved_max_rows_per_forward == 32
+
+
+def test_rows_per_forward_default_to_the_device():
+    assert AppConfig().resolved_max_rows_per_forward == 64
+    assert AppConfig(num_gpus=1).resolved_max_rows_per_forward == 256
 
 
 @pytest.mark.parametrize(
@@ -67,7 +73,7 @@ def test_serve_run_strings_are_parsed():
         ({"autoscaling_config": "{max"}, "not valid JSON"),
         ({"max_steps": 10, "default_steps": 20}, "default_steps (20) must not exceed"),
         ({"device": "cuda"}, "needs num_gpus > 0"),
-        ({"max_batch_size": 0}, "greater than or equal to 1"),
+        ({"max_rows_per_forward": 0}, "greater than or equal to 1"),
         ({"max_batch": 8}, "Extra inputs"),
     ],
 )
@@ -117,7 +123,8 @@ def test_serve_run_builds_the_app_from_string_arguments():
         "model_uri": "models:/digits@champion",
         "tracking_uri": "sqlite:////tmp/x.db",
         "num_replicas": "2",
-        "max_batch_size": "8",
+        "max_rows_per_forward": "8",
+        "max_ongoing_requests": "16",
         "num_cpus": "0.5",
     }
     app = call_user_app_builder_with_args_if_necessary(build_app, args)
@@ -126,8 +133,8 @@ def test_serve_run_builds_the_app_from_string_arguments():
     assert deployment.num_replicas == 2
     assert deployment.ray_actor_options["num_cpus"] == 0.5
     assert deployment.max_ongoing_requests == 16
-    with pytest.raises(ValidationError, match="max_batch_size"):
-        call_user_app_builder_with_args_if_necessary(build_app, {"max_batch_size": "zero"})
+    with pytest.raises(ValidationError, match="max_rows_per_forward"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"max_rows_per_forward": "zero"})
 
 
 def test_a_remote_cluster_is_not_given_an_endpoint_bound_to_its_own_loopback():

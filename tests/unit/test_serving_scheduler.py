@@ -1,0 +1,243 @@
+"""Step-level scheduling: every image reproducible alone, in a mix and joining mid-chain;
+short requests not held behind long ones; guidance costs only the rows that use it;
+first come, first served under a row cap; cancellation and faults stay local."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from serving.sampler import SampleFailure, SampleJob, SampleResult, generators_for
+from serving.scheduler import StepScheduler
+from training.images import to_uint8
+from training.latent_diffusion import LatentDiffusion
+from training.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def model() -> LatentDiffusion:
+    torch.manual_seed(0)
+    model = LatentDiffusion.build(get_preset("tiny").for_data(32, 1, 10))
+    with torch.no_grad():  # a fresh UNet predicts ε = 0; make the network matter
+        model.denoiser.conv_out.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+def _job(labels, seed, guidance=0.0, classifier=0.0, sampler="ddim", steps=4, eta=0.0):
+    return SampleJob(tuple(labels), guidance, classifier, sampler, steps, eta, seed)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to ±2 levels on at most 1% of the pixels (batch-size rounding)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return a.shape == b.shape and diff.max() <= 2 and (diff > 0).mean() <= 0.01
+
+
+class Collector:
+    """Outcomes by request, in the order they were answered."""
+
+    def __init__(self):
+        self.outcomes: dict[int, SampleResult | SampleFailure] = {}
+        self.order: list[int] = []
+
+    def __call__(self, key):
+        def done(outcome):
+            assert key not in self.outcomes, "on_done called twice"
+            self.outcomes[key] = outcome
+            self.order.append(key)
+
+        return done
+
+
+def _run(scheduler, limit=10_000):
+    for _ in range(limit):
+        if not scheduler.step():
+            return
+    raise AssertionError("the scheduler did not finish")
+
+
+def _alone(model, job) -> np.ndarray:
+    """The request sampled by itself, through GaussianDiffusion.sample (not the scheduler)."""
+    pixels = model.sample(
+        torch.tensor(job.labels),
+        guidance_scale=job.guidance_scale,
+        classifier_scale=job.classifier_scale,
+        sampler=job.sampler,
+        steps=job.steps,
+        eta=job.eta,
+        generator=generators_for(job.seed, len(job.labels)),
+    )
+    return to_uint8(pixels)
+
+
+MIX = [
+    _job([3, 3], seed=1, guidance=3.0),
+    _job([1], seed=2),  # w = 0 beside w = 3
+    _job([7, 2, 5], seed=3, classifier=1.0),
+    _job([4], seed=4, sampler="ddpm", steps=3),
+    _job([0, 9], seed=5, steps=6, eta=0.5),
+    _job([6, 8], seed=6, sampler="dpmpp_2m", steps=5, guidance=1.5, classifier=0.5),
+]
+
+
+def test_a_request_alone_matches_the_single_process_sampler(model):
+    for job in MIX:
+        scheduler, got = StepScheduler(), Collector()
+        scheduler.submit(model, job, got(0))
+        _run(scheduler)
+        result = got.outcomes[0]
+        assert isinstance(result, SampleResult)
+        assert _close(result.images, _alone(model, job)), job
+        assert result.report.forwards == job.steps
+
+
+def test_a_mix_of_samplers_steps_and_guidance_matches_each_alone(model):
+    scheduler, got = StepScheduler(), Collector()
+    for key, job in enumerate(MIX):
+        scheduler.submit(model, job, got(key))
+    _run(scheduler)
+    assert scheduler.stats.forwards == max(job.steps for job in MIX)  # one forward a step
+    for key, job in enumerate(MIX):
+        result = got.outcomes[key]
+        assert _close(result.images, _alone(model, job)), job
+        assert result.report.max_requests_per_forward == len(MIX)
+
+
+def test_a_request_joining_mid_chain_matches_it_alone(model):
+    scheduler, got = StepScheduler(), Collector()
+    scheduler.submit(model, _job([1, 2], seed=10, sampler="dpmpp_2m", steps=12), got("long"))
+    for _ in range(3):
+        scheduler.step()
+    for key, job in enumerate(MIX):
+        scheduler.submit(model, job, got(key))
+    _run(scheduler)
+    assert got.outcomes["long"].report.max_requests_per_forward == 1 + len(MIX)
+    for key, job in enumerate(MIX):
+        assert _close(got.outcomes[key].images, _alone(model, job)), job
+    long_alone = _alone(model, _job([1, 2], seed=10, sampler="dpmpp_2m", steps=12))
+    assert _close(got.outcomes["long"].images, long_alone)
+
+
+def test_a_short_request_finishes_in_its_own_steps_beside_long_ones(model):
+    scheduler, got = StepScheduler(), Collector()
+    for key in range(4):
+        scheduler.submit(model, _job([key], seed=key, steps=100), got(f"long{key}"))
+    for _ in range(5):
+        scheduler.step()
+    scheduler.submit(model, _job([5], seed=5, steps=10), got("short"))
+    for _ in range(10):
+        scheduler.step()
+    assert list(got.outcomes) == ["short"]  # done after its own 10 steps, long ones running
+    assert got.outcomes["short"].report.forwards == 10
+    assert scheduler.active_rows == 4
+
+
+class CountingNet(torch.nn.Module):
+    """Wraps a network and records the batch size of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.sizes = net, []
+        self.num_classes = getattr(net, "num_classes", None)
+
+    def forward(self, *args):
+        self.sizes.append(len(args[0]))
+        return self.net(*args)
+
+
+def test_guidance_costs_only_the_rows_that_use_it(model):
+    counted = LatentDiffusion(
+        model.config,
+        model.autoencoder,
+        CountingNet(model.denoiser),
+        CountingNet(model.classifier),
+    )
+    scheduler, got = StepScheduler(), Collector()
+    scheduler.submit(counted, _job([1, 2, 3], seed=0, steps=2), got(0))  # w = 0, s = 0
+    scheduler.submit(counted, _job([4], seed=0, steps=2, guidance=2.0), got(1))  # CFG
+    scheduler.submit(counted, _job([5, 6], seed=0, steps=2, classifier=1.0), got(2))
+    _run(scheduler)
+    assert counted.denoiser.sizes == [6 + 1, 6 + 1]  # six conditional rows, one null row
+    assert counted.classifier.sizes == [2, 2]
+
+
+def test_rows_are_capped_and_admitted_first_come_first_served(model):
+    counted = LatentDiffusion(
+        model.config, model.autoencoder, CountingNet(model.denoiser), model.classifier
+    )
+    scheduler, got = StepScheduler(max_rows_per_forward=4), Collector()
+    scheduler.submit(counted, _job([1, 2, 3], seed=0, steps=6), got("a"))
+    scheduler.submit(counted, _job([4, 5], seed=0, steps=2, guidance=1.0), got("b"))  # 2 rows each
+    scheduler.submit(counted, _job([6], seed=0, steps=2), got("c"))  # fits, but must not overtake b
+    _run(scheduler)
+    # a's three rows leave room for 1: b's first CFG row (2) waits, and c (1 row, it
+    # would fit) waits behind b; then b's two guided rows fill the forward of 4.
+    assert counted.denoiser.sizes == [3] * 6 + [4] * 2 + [1] * 2
+    assert got.order == ["a", "b", "c"]
+
+
+def test_without_joining_a_request_waits_for_the_running_batch(model):
+    scheduler, got = StepScheduler(join_running=False), Collector()
+    scheduler.submit(model, _job([1], seed=0, steps=20), got("long"))
+    scheduler.step()
+    scheduler.submit(model, _job([2], seed=0, steps=2), got("short"))
+    _run(scheduler)
+    assert got.order == ["long", "short"]
+    assert got.outcomes["short"].report.max_requests_per_forward == 1
+
+
+def test_a_cancelled_request_is_dropped_at_the_next_step(model):
+    scheduler, got = StepScheduler(), Collector()
+    ticket = scheduler.submit(model, _job([1, 2], seed=0, steps=10), got("gone"))
+    scheduler.submit(model, _job([3], seed=0, steps=10), got("kept"))
+    scheduler.step()
+    scheduler.cancel(ticket)
+    scheduler.step()
+    assert scheduler.active_rows == 1
+    _run(scheduler)
+    assert list(got.outcomes) == ["kept"] and scheduler.stats.cancelled == 1
+
+
+def test_a_failing_request_does_not_fail_the_others(model):
+    scheduler, got = StepScheduler(), Collector()
+    # A class id past the embedding: a server-side fault inside the shared forward.
+    scheduler.submit(model, _job([42], seed=0, steps=3), got("bad"))
+    scheduler.submit(model, _job([1], seed=0, steps=3), got("good"))
+    _run(scheduler)
+    assert isinstance(got.outcomes["bad"], SampleFailure)
+    assert "sampling failed" in got.outcomes["bad"].message
+    assert _close(got.outcomes["good"].images, _alone(model, _job([1], seed=0, steps=3)))
+    assert (scheduler.stats.failed, scheduler.stats.requests) == (1, 1)
+
+
+def test_two_model_versions_share_a_step_but_not_a_forward(model):
+    other = LatentDiffusion.build(model.config).eval()
+    with torch.no_grad():
+        other.denoiser.conv_out.weight.normal_(0, 0.05)
+    scheduler, got = StepScheduler(), Collector()
+    scheduler.submit(model, _job([1], seed=0), got("a"))
+    scheduler.submit(other, _job([1], seed=0), got("b"))
+    _run(scheduler)
+    assert _close(got.outcomes["a"].images, _alone(model, _job([1], seed=0)))
+    assert _close(got.outcomes["b"].images, _alone(other, _job([1], seed=0)))
+    assert not np.array_equal(got.outcomes["a"].images, got.outcomes["b"].images)
+
+
+def test_the_sampling_thread_answers_and_stops(model):
+    scheduler, got, stop = StepScheduler(), Collector(), threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(stop,))
+    thread.start()
+    answered = threading.Event()
+    scheduler.submit(model, _job([1], seed=0), lambda outcome: answered.set())
+    assert answered.wait(30)
+    stop.set()
+    scheduler.wake()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert got.outcomes == {} and scheduler.stats.requests == 1
+
+
+def test_max_rows_must_be_positive():
+    with pytest.raises(ValueError, match="max_rows_per_forward"):
+        StepScheduler(max_rows_per_forward=0)

@@ -31,6 +31,7 @@ runs :meth:`StepScheduler.run` in one thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -60,6 +61,7 @@ from training.images import to_uint8
 from training.latent_diffusion import LatentDiffusion
 
 Outcome = SampleResult | SampleFailure
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -96,6 +98,14 @@ class Row:
     x: Tensor  # [C, h, w] latent at its current step
     generator: torch.Generator
     x0_previous: Tensor  # DPM-Solver++'s history
+
+
+def _deliver(ticket: Ticket, outcome: Outcome) -> None:
+    """Hand ``outcome`` to its request; a failing callback never stops the sampling loop."""
+    try:
+        ticket.on_done(outcome)
+    except Exception:
+        logger.exception("could not deliver the outcome of a request")
 
 
 def _row_coefficients(rows: Sequence[Row], like: Tensor) -> Coefficients:
@@ -355,7 +365,7 @@ class StepScheduler:
         )
         self.stats.record_answer(len(images))
         self._forget_model_if_idle(ticket.model)
-        ticket.on_done(SampleResult(images, report))
+        _deliver(ticket, SampleResult(images, report))
 
     def _fail(self, tickets: Sequence[Ticket] | object, error: Exception) -> None:
         tickets = list(tickets)
@@ -366,7 +376,7 @@ class StepScheduler:
         for ticket in tickets:
             self.stats.failed += 1
             ticket.cancelled = True  # rows of it still in this step's list are ignored
-            ticket.on_done(SampleFailure(f"sampling failed: {type(error).__name__}: {error}"))
+            _deliver(ticket, SampleFailure(f"sampling failed: {type(error).__name__}: {error}"))
 
     def _forget_model_if_idle(self, model: LatentDiffusion) -> None:
         with self._wakeup:

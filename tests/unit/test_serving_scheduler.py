@@ -241,3 +241,15 @@ def test_the_sampling_thread_answers_and_stops(model):
 def test_max_rows_must_be_positive():
     with pytest.raises(ValueError, match="max_rows_per_forward"):
         StepScheduler(max_rows_per_forward=0)
+
+
+def test_a_failing_callback_does_not_stop_the_loop(model):
+    scheduler, got = StepScheduler(), Collector()
+
+    def broken(outcome):
+        raise RuntimeError("the caller's loop is closed")
+
+    scheduler.submit(model, _job([1], seed=0, steps=2), broken)
+    scheduler.submit(model, _job([2], seed=0, steps=3), got("next"))
+    _run(scheduler)
+    assert isinstance(got.outcomes["next"], SampleResult)

@@ -4,12 +4,14 @@ closer to a 200-step DDIM chain than 20 DDIM steps do."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from training.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from training.diffusion.gaussian_diffusion import ddim_update, dpmpp_2m_update
+from training.diffusion.schedules import log_snr_timesteps
 
 MEAN, STD = 0.5, 1.5  # the toy data: every coordinate ~ N(MEAN, STD²)
 
@@ -72,13 +74,13 @@ def _errors(diffusion, sampler, steps):
 
 
 def test_error_falls_at_the_solvers_order(diffusion):
-    steps = (10, 20, 40)
+    steps = (20, 40, 80)
     orders = {}
     for sampler in ("ddim", "dpmpp_2m"):
         errors = _errors(diffusion, sampler, steps)
         orders[sampler] = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:], strict=True)]
     # Doubling the steps halves DDIM's error (first order) and at least quarters
-    # DPM-Solver++'s (second order; its quadratic spacing does better still here).
+    # DPM-Solver++'s (second order).
     assert all(0.9 < order < 1.2 for order in orders["ddim"]), orders
     assert all(order > 1.8 for order in orders["dpmpp_2m"]), orders
 
@@ -135,9 +137,21 @@ def test_twenty_dpm_solver_steps_are_closer_to_a_long_chain_than_ddim(diffusion,
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 50, 99, 100])
-def test_quadratic_spacing_keeps_exactly_the_steps_asked_for(steps):
+def test_quadratic_and_log_snr_spacings_keep_exactly_the_steps_asked_for(steps, diffusion):
     kept = space_timesteps(100, steps, "quadratic")
     assert len(kept) == steps and kept == sorted(set(kept))
     assert kept[-1] == 99 and (steps == 1 or kept[0] == 0)
     if steps == 5:  # t = 99·(k/4)²: dense near the clean end
         assert kept == [0, 6, 25, 56, 99]
+    short = GaussianDiffusion(get_named_beta_schedule("linear", 100))
+    kept = log_snr_timesteps(short.alphas_cumprod, steps)
+    assert len(kept) == steps and kept == sorted(set(kept))
+    assert kept[-1] == 99 and (steps == 1 or kept[0] == 0)
+
+
+def test_log_snr_spacing_is_even_in_log_snr(diffusion):
+    kept = log_snr_timesteps(diffusion.alphas_cumprod, 10)
+    ab = diffusion.alphas_cumprod[kept]
+    gaps = np.diff(0.5 * np.log(ab / (1 - ab)))
+    assert np.allclose(gaps, gaps.mean(), rtol=0.1)  # the nearest timesteps: within 10%
+    assert kept[1] - kept[0] < kept[-1] - kept[-2]  # crowded where log-SNR moves fastest

@@ -13,8 +13,9 @@ import numpy as np
 
 BetaScheduleName = Literal["linear", "cosine"]
 # uniform: evenly spaced in t (DDPM, DDIM). quadratic: t ∝ (k/n)², denser near the clean
-# end where log-SNR changes fastest (DPM-Solver's "time_quadratic", Lu et al. 2022).
-TimestepSpacing = Literal["uniform", "quadratic"]
+# end (DPM-Solver's "time_quadratic"). log_snr: evenly spaced in λ = log(α/σ), the variable
+# DPM-Solver integrates in (its "logSNR", Lu et al. 2022).
+TimestepSpacing = Literal["uniform", "quadratic", "log_snr"]
 
 
 def get_named_beta_schedule(name: BetaScheduleName, num_timesteps: int) -> np.ndarray:
@@ -62,10 +63,32 @@ def space_timesteps(
         return sorted(set(int(t) for t in kept))
     if spacing != "quadratic":
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected 'uniform' or 'quadratic'")
-    kept = [int(t) for t in np.round((num_timesteps - 1) * np.linspace(0, 1, steps) ** 2)]
-    for k in range(1, steps):  # rounding may repeat a timestep near 0: push apart
+    spaced = np.round((num_timesteps - 1) * np.linspace(0, 1, steps) ** 2)
+    return _strictly_increasing(spaced, num_timesteps)
+
+
+def log_snr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
+    """``steps`` timesteps whose λ_t = log(√ᾱ_t/√(1−ᾱ_t)) are as evenly spaced as the
+    schedule allows, from T−1 to 0: each target λ takes its nearest timestep."""
+    num_timesteps = len(alphas_cumprod)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    log_snr = 0.5 * np.log(alphas_cumprod / (1.0 - alphas_cumprod))  # decreasing in t
+    targets = np.linspace(log_snr[0], log_snr[-1], steps)
+    nearest = np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1)
+    return _strictly_increasing(nearest, num_timesteps)
+
+
+def _strictly_increasing(values: np.ndarray, num_timesteps: int) -> list[int]:
+    """Sorted timesteps from 0 to T−1 made distinct: rounding may repeat a timestep where
+    they crowd (near 0), so each is pushed past the one before, then back below the next."""
+    kept = [int(t) for t in np.sort(values)]
+    for k in range(1, len(kept)):
         kept[k] = max(kept[k], kept[k - 1] + 1)
-    for k in range(steps - 2, -1, -1):
+    kept[-1] = min(kept[-1], num_timesteps - 1)
+    for k in range(len(kept) - 2, -1, -1):
         kept[k] = min(kept[k], kept[k + 1] - 1)
     return kept
 

@@ -12,10 +12,12 @@ after the other, in the same run:
 - ``request``: the same loop with ``join_running`` false, so a batch runs to its
   longest chain before waiting requests start (request-level batching, like the
   ``@serve.batch`` grouping it replaced, except that it also mixes settings);
-- ``unbatched``: one image per forward (``max_rows_per_forward`` 1).
+- ``unbatched``: one image per forward (``max_rows_per_forward`` 1);
+- ``step-2-replicas``: step-level batching on two replicas, each reserving half the
+  CPUs (scaling out on one machine: each replica is its own process).
 
-Each deployment is one replica reserving all ``--cpus`` and running ``--threads`` torch
-threads. Workloads, each at concurrency 1, 8 and 32 (closed-loop HTTP clients, one
+Each deployment of one replica reserves all ``--cpus``; every replica runs ``--threads``
+torch threads. Workloads, each at concurrency 1, 8 and 32 (closed-loop HTTP clients, one
 image per request, PNG answers, after a warm-up round):
 
 - ``uniform``: DDIM 20 steps, classifier-free guidance w = 3;
@@ -61,6 +63,7 @@ MODES = {  # name: AppConfig fields
     "step": {"max_rows_per_forward": 64},
     "request": {"max_rows_per_forward": 64, "join_running": False},
     "unbatched": {"max_rows_per_forward": 1},
+    "step-2-replicas": {"max_rows_per_forward": 64, "num_replicas": 2},
 }
 
 
@@ -127,11 +130,12 @@ def one_round(url: str, workload: str, concurrency: int, total: int) -> dict:
 
 
 def bench_mode(args, tracking_uri: str, port: int, mode: str) -> list[dict]:
+    replicas = MODES[mode].get("num_replicas", 1)
     app = build_app(
         {
             "model_uri": f"models:/{MODEL_NAME}@champion",
             "tracking_uri": tracking_uri,
-            "num_cpus": args.cpus,
+            "num_cpus": args.cpus / replicas,
             "torch_threads": args.threads,
             "max_ongoing_requests": 64,
             "reload_interval_s": 0,
@@ -145,12 +149,20 @@ def bench_mode(args, tracking_uri: str, port: int, mode: str) -> list[dict]:
         for concurrency in args.concurrency:
             one_round(url, workload, concurrency, concurrency)  # warm-up
             total = max(args.requests if concurrency > 1 else args.requests // 8, concurrency)
+            before = httpx.get(f"{url}/v1/model").json()["stats"]
             result = one_round(url, workload, concurrency, total)
-            stats = httpx.get(f"{url}/v1/model").json()["stats"]
+            after = httpx.get(f"{url}/v1/model").json()["stats"]
+            # Images per forward in this round; /v1/model answers from one replica.
+            forwards = after["forwards"] - before["forwards"]
+            mean_rows = (
+                f"{(after['rows'] - before['rows']) / forwards:.1f}"
+                if replicas == 1 and forwards
+                else "–"
+            )
             rows.append(
                 {"mode": mode, "workload": workload, "concurrency": concurrency}
                 | result
-                | {"mean_rows": stats["mean_rows_per_forward"]}
+                | {"mean_rows": mean_rows}
             )
             print(format_row(rows[-1]), flush=True)
     serve.delete(mode)

@@ -42,6 +42,7 @@ from serving.admission import (
     parse_json,
     read_body,
 )
+from serving.autoscaling import ACTIVE_ROWS, WAITING_ROWS
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
 from serving.metrics import EngineMetrics
@@ -163,6 +164,12 @@ class SamplerDeployment:
             raise RuntimeError("the alias watcher thread stopped; replace this replica")
         if not self._sampling.is_alive():
             raise RuntimeError("the sampling thread stopped; replace this replica")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The work this replica holds, for :class:`serving.autoscaling.WaitingWorkPolicy`
+        (Serve calls it when the deployment autoscales)."""
+        active, waiting = self.scheduler.network_rows()
+        return {ACTIVE_ROWS: active, WAITING_ROWS: waiting}
 
     def __del__(self) -> None:
         if getattr(self, "watcher", None) is not None:

@@ -24,11 +24,22 @@ class AutoscalingSettings(FrozenConfig):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    # Requests in flight per replica that Serve aims for; with batching, about the
-    # batch size that keeps one replica busy.
-    target_ongoing_requests: float = Field(8.0, gt=0)
+    # Replicas follow the network rows they hold (target_rows_per_replica, below); the
+    # request count is a second rule for requests that have not reached a replica yet:
+    # requests in flight per replica that Serve aims for, about max_ongoing_requests.
+    target_ongoing_requests: float = Field(64.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    # The window Serve averages the replicas' load over, and how often they report it
+    # (None: Serve's 10 s; Ray deprecates the field for RAY_SERVE_*_METRIC_PUSH_INTERVAL_S).
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    target_rows_per_replica: float | None = Field(
+        None,
+        gt=0,
+        description="network rows (active and waiting) one replica should hold; more "
+        "adds replicas (see serving.autoscaling); default max_rows_per_forward",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
@@ -169,7 +180,22 @@ class AppConfig(FrozenConfig):
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
         if self.autoscaling_config is not None:
-            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+            options["autoscaling_config"] = self.serve_autoscaling_config()
         else:
             options["num_replicas"] = self.num_replicas or 1
+        return options
+
+    def serve_autoscaling_config(self) -> dict[str, Any]:
+        """Serve's ``autoscaling_config``, with the policy that counts waiting work."""
+        from serving.autoscaling import POLICY_PATH
+
+        settings = self.autoscaling_config
+        if settings is None:
+            raise ValueError("this app has no autoscaling_config")
+        target = settings.target_rows_per_replica or self.resolved_max_rows_per_forward
+        options = settings.model_dump(exclude_none=True, exclude={"target_rows_per_replica"})
+        options["policy"] = {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"target_rows_per_replica": target},
+        }
         return options

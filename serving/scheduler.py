@@ -180,6 +180,18 @@ class StepScheduler:
     def active_rows(self) -> int:
         return len(self._active)
 
+    def network_rows(self) -> tuple[int, int]:
+        """Network rows per forward of the active images and of the waiting ones (an
+        image with classifier-free guidance takes two): the work autoscaling sees."""
+        with self._wakeup:
+            active = sum(r.ticket.row_cost for r in self._active)
+            waiting = sum(
+                (len(t.job.labels) - t.admitted) * t.row_cost
+                for t in self._waiting
+                if not t.cancelled
+            )
+        return active, waiting
+
     def run(self, stop: threading.Event) -> None:
         """Step until ``stop`` is set, sleeping while there is nothing to sample."""
         while not stop.is_set():

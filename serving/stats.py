@@ -53,6 +53,7 @@ class EngineStats:
             "rejected": self.rejected,
             "timed_out": self.timed_out,
             "forwards": self.forwards,
+            "rows": self.rows,
             "mean_rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else 0,
             "max_rows_per_forward": max(self.rows_per_forward, default=0),
             "mean_step_s": round(self.step_s / self.forwards, 5) if self.forwards else 0,

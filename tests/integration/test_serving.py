@@ -482,3 +482,74 @@ def test_engine_metrics_reach_prometheus(app_url, ray_cluster):
     totals = [float(line.rsplit(" ", 1)[1]) for line in ours if "ldm_images_total" in line]
     assert sum(totals) > 0
     assert any(line.startswith("ray_ldm_waiting_images") for line in ours)
+
+
+# ------------------------------------------------------------------ scaling out
+def _replicas(app: str, deployment: str) -> dict[str, int]:
+    """Replicas of ``deployment`` by state, e.g. {"RUNNING": 2}."""
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return {str(getattr(state, "value", state)): count for state, count in states.items()}
+
+
+def _load(url: str, request: dict, stop: threading.Event, seen: list[int]) -> None:
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set():
+            seen.append(client.post(f"{url}/v1/samples", json=request).status_code)
+
+
+def _wait_for(app: str, deployment: str, running: int, seconds: float) -> float:
+    """Seconds until exactly ``running`` replicas run and none starts or stops."""
+    started = time.monotonic()
+    while (states := _replicas(app, deployment)) != {"RUNNING": running}:
+        assert time.monotonic() - started < seconds, f"still {states} after {seconds} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def test_autoscale_adds_a_replica_when_images_wait_and_removes_it_when_idle(app_url, mlflow_server):
+    """``ldm serve --autoscale 1:2`` on the two-node cluster (short delays set here). A
+    few requests of many images keep images waiting for rows: the request count alone
+    (3 requests against a target of 1,000) would never add a replica, the waiting rows
+    do; under light load the second replica goes. No request fails during either move."""
+    from flows.cli import build_parser
+    from flows.cli.serve import app_config_from_args
+    from serving.app import SamplerDeployment
+
+    options = ["--autoscale", "1:2", "--model-uri", f"models:/{MODEL_NAME}/1"]
+    options += ["--tracking-uri", mlflow_server, "--num-cpus", "0.5", "--max-steps", "20"]
+    options += ["--max-rows-per-forward", "4", "--reload-interval-s", "0"]
+    config = app_config_from_args(build_parser().parse_args(["serve", *options]))
+    quick = {"upscale_delay_s": 1.0, "downscale_delay_s": 4.0, "target_ongoing_requests": 1000}
+    quick |= {"metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+    scaling = config.autoscaling_config.model_copy(update=quick)
+    config = config.model_copy(update={"autoscaling_config": scaling, "torch_threads": 1})
+    app = SamplerDeployment.options(name="Scaled", **config.deployment_options()).bind(config)
+    serve.run(app, name="ldm-scaled", route_prefix="/scaled")
+    url = f"{app_url}/scaled"
+    heavy = {"label": 3, "num_samples": 4, "steps": 20}  # a whole forward of 4 rows each
+    stop, seen = threading.Event(), []
+    workers = [threading.Thread(target=_load, args=(url, heavy, stop, seen)) for _ in range(3)]
+    try:
+        assert _replicas("ldm-scaled", "Scaled") == {"RUNNING": 1}
+        for worker in workers:
+            worker.start()
+        _wait_for("ldm-scaled", "Scaled", running=2, seconds=90)
+        answered_before = len(seen)
+        time.sleep(3)  # both replicas answer
+        assert len(seen) > answered_before
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        light_stop, light = threading.Event(), []
+        light_worker = threading.Thread(target=_hammer, args=(url, light_stop, light))
+        light_worker.start()  # one image of 3 steps at a time: under one forward's rows
+        try:
+            _wait_for("ldm-scaled", "Scaled", running=1, seconds=90)
+        finally:
+            light_stop.set()
+            light_worker.join(60)
+    finally:
+        stop.set()
+        serve.delete("ldm-scaled")
+    assert seen and set(seen) == {200}, sorted(set(seen))
+    assert light and {status for status, _ in light} == {200}, light

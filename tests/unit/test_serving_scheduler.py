@@ -177,6 +177,22 @@ def test_rows_are_capped_and_admitted_first_come_first_served(model):
     assert got.order == ["a", "b", "c"]
 
 
+def test_network_rows_count_the_work_held_and_waiting(model):
+    """What autoscaling sees: rows of active images and of waiting ones, a guided image
+    counting twice, a cancelled request not at all."""
+    scheduler = StepScheduler(max_rows_per_forward=4)
+    scheduler.submit(model, _job([1, 2, 3], seed=0, steps=6), lambda _: None)
+    guided = scheduler.submit(model, _job([4, 5], seed=0, guidance=1.0), lambda _: None)
+    scheduler.submit(model, _job([6], seed=0), lambda _: None)
+    assert scheduler.network_rows() == (0, 3 + 2 * 2 + 1)
+    scheduler.step()
+    assert scheduler.network_rows() == (3, 2 * 2 + 1)
+    scheduler.cancel(guided)
+    assert scheduler.network_rows() == (3, 1)
+    _run(scheduler)
+    assert scheduler.network_rows() == (0, 0)
+
+
 def test_without_joining_a_request_waits_for_the_running_batch(model):
     scheduler, got = StepScheduler(join_running=False), Collector()
     scheduler.submit(model, _job([1], seed=0, steps=20), got("long"))

@@ -136,6 +136,7 @@ class SamplerDeployment:
             config.resolved_max_rows_per_forward,
             config.join_running,
             after_step=EngineMetrics().after_step,
+            autocast=config.autocast_dtype,
         )
         self.stats = self.scheduler.stats
         # One thread runs every step; the event loop stays free for requests.
@@ -242,6 +243,7 @@ class SamplerDeployment:
             },
             "batching": {
                 "scheduling": "step" if c.join_running else "request",
+                "autocast": c.autocast,
                 "max_rows_per_forward": c.resolved_max_rows_per_forward,
                 "max_ongoing_requests": c.resolved_max_ongoing_requests,
                 "max_queued_requests": c.max_queued_requests,

@@ -70,6 +70,12 @@ class AppConfig(FrozenConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed)")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when num_gpus > 0
     torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="run the networks' forward under autocast to this dtype (GPU "
+        "replicas; the samplers' updates stay float32); check images against 'off' with "
+        "benchmarks/gpu_check.sh before turning it on",
+    )
     # ----------------------------------------------------------- step-level batching
     max_rows_per_forward: int | None = Field(
         None,
@@ -153,6 +159,14 @@ class AppConfig(FrozenConfig):
         if self.device == "auto":
             return "cuda" if self.num_gpus > 0 else "cpu"
         return self.device
+
+    @property
+    def autocast_dtype(self) -> Any:  # torch.dtype | None; torch is imported on use
+        if self.autocast == "off":
+            return None
+        import torch
+
+        return torch.bfloat16 if self.autocast == "bf16" else torch.float16
 
     @property
     def resolved_torch_threads(self) -> int:

@@ -143,11 +143,15 @@ class StepScheduler:
         max_rows_per_forward: int = 64,
         join_running: bool = True,
         after_step: Callable[[StepScheduler], None] | None = None,
+        autocast: torch.dtype | None = None,
     ):
         if max_rows_per_forward < 1:
             raise ValueError(f"max_rows_per_forward must be >= 1, got {max_rows_per_forward}")
         self.max_rows_per_forward = max_rows_per_forward
         self.join_running = join_running
+        # The networks' forward under autocast to this dtype (bf16/fp16 on a GPU); the
+        # guidance combination and the samplers' updates stay float32.
+        self.autocast = autocast
         self.after_step = after_step  # e.g. metrics, called from the sampling thread
         self.stats = EngineStats()
         self._waiting: deque[Ticket] = deque()
@@ -307,16 +311,17 @@ class StepScheduler:
         scales = [[j.guidance_scale for j in jobs], [j.classifier_scale for j in jobs]]
         w, s = (torch.tensor(v, dtype=torch.float32, device=device) for v in scales)
         coef = _row_coefficients(rows, x)
-        eps = guided_eps(
-            model.denoiser,
-            x,
-            model_t,
-            labels,
-            w,
-            model.classifier,
-            s,
-            coef("sqrt_one_minus_alphas_cumprod"),
-        )
+        with torch.autocast(device.type, self.autocast, enabled=self.autocast is not None):
+            eps = guided_eps(
+                model.denoiser,
+                x,
+                model_t,
+                labels,
+                w,
+                model.classifier,
+                s,
+                coef("sqrt_one_minus_alphas_cumprod"),
+            )
         out, history = torch.empty_like(x), {}
         for sampler in {j.sampler for j in jobs}:
             index = [i for i, j in enumerate(jobs) if j.sampler == sampler]

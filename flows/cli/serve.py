@@ -21,6 +21,7 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         tracking_uri=args.tracking_uri,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
+        autocast=args.autocast,
         max_rows_per_forward=args.max_rows_per_forward,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
@@ -172,6 +173,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
     serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    serve.add_argument(
+        "--autocast",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="run the networks in this precision on a GPU replica (default: off, float32)",
+    )
     serve.add_argument(
         "--max-rows-per-forward",
         type=int,

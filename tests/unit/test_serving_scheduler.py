@@ -119,6 +119,32 @@ def test_a_request_joining_mid_chain_matches_it_alone(model):
     assert _close(got.outcomes["long"].images, long_alone)
 
 
+def test_under_bf16_autocast_an_image_is_the_same_alone_in_a_mix_and_joining(model):
+    """The network runs in bf16 (seen by a hook), the updates in float32; each request's
+    images keep the tolerance of serving.sampler between the three situations."""
+    dtypes = set()
+    hook = model.denoiser.conv_out.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    try:
+        alone = {}
+        for key, job in enumerate(MIX):
+            scheduler, got = StepScheduler(autocast=torch.bfloat16), Collector()
+            scheduler.submit(model, job, got(key))
+            _run(scheduler)
+            alone[key] = got.outcomes[key].images
+        mixed, got = StepScheduler(autocast=torch.bfloat16), Collector()
+        mixed.submit(model, _job([1, 2], seed=10, steps=12), got("long"))
+        for _ in range(3):
+            mixed.step()
+        for key, job in enumerate(MIX):
+            mixed.submit(model, job, got(key))
+        _run(mixed)
+    finally:
+        hook.remove()
+    assert dtypes == {torch.bfloat16}
+    for key, job in enumerate(MIX):
+        assert _close(got.outcomes[key].images, alone[key]), job
+
+
 def test_a_short_request_finishes_in_its_own_steps_beside_long_ones(model):
     scheduler, got = StepScheduler(), Collector()
     for key in range(4):

@@ -54,13 +54,15 @@ def classifier_free_eps(
     w = 0 costs one pass. With ``y`` None the unconditional prediction is returned.
     """
     if y is None:
-        return model(x_t, t, None)
+        return model(x_t, t, None).float()
     guided = _rows_using(guidance_scale, len(x_t))
     if guided is not None and len(guided) == 0:
-        return model(x_t, t, y)
+        return model(x_t, t, y).float()
     index = slice(None) if guided is None else guided.to(x_t.device)
     null = torch.full_like(y[index], model.num_classes)
+    # float32 from here on, also when the network ran under bf16/fp16 autocast.
     both = model(torch.cat([x_t, x_t[index]]), torch.cat([t, t[index]]), torch.cat([y, null]))
+    both = both.float()
     cond, uncond = both[: len(x_t)], both[len(x_t) :]
     w = _per_sample(guidance_scale, cond)[index]
     eps = cond.clone()

@@ -1,0 +1,140 @@
+"""The sampling engine on one GPU: images/s at 1, 32 and 128 concurrent requests in
+float32 and under bf16/fp16 autocast, and whether autocast keeps images reproducible.
+
+    python benchmarks/gpu_serve_check.py [--preset demo] [--steps 20] [--json FILE]
+    (a smoke run without a GPU: --device cpu --concurrency 1 4 --steps 4)
+
+Runs :class:`serving.scheduler.StepScheduler` in this process (what a replica runs,
+without HTTP) on an untrained model of ``--preset`` whose output layer is perturbed so
+the network matters. For each precision:
+
+- throughput: ``c`` one-image requests (DDIM ``--steps``, classifier-free guidance
+  w = 3) submitted at once and stepped to the end, for c in 1, 32, 128, after a
+  warm-up; images/s = c / wall time (the replica's forward width is c rows × 2);
+- reproducibility: six requests of mixed samplers, steps and guidance, each sampled
+  alone and then in a mix that joins a running chain mid-way; the largest pixel
+  difference and the share of differing pixels (the tolerance of
+  ``serving/sampler.py``: ±2 levels on at most 1% of the pixels), and the same
+  between the precision and float32 (how far half precision moves an image).
+
+Needs torch, numpy and pydantic (``gpu_check.sh`` shows how to install pydantic
+offline from wheels); downloads nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from serving.sampler import SampleJob, SampleResult
+from serving.scheduler import StepScheduler
+from training.latent_diffusion import LatentDiffusion
+from training.presets import PRESETS, get_preset
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIX = [
+    SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
+    SampleJob((1,), 0.0, 0.0, "ddim", 20, 0.0, 2),
+    SampleJob((7, 2, 5), 0.0, 1.0, "ddim", 20, 0.0, 3),
+    SampleJob((4,), 0.0, 0.0, "ddpm", 10, 0.0, 4),
+    SampleJob((0, 9), 0.0, 0.0, "ddim", 15, 0.5, 5),
+    SampleJob((6, 8), 1.5, 0.5, "dpmpp_2m", 12, 0.0, 6),
+]
+
+
+def build_model(preset: str, device: str) -> LatentDiffusion:
+    torch.manual_seed(0)
+    model = LatentDiffusion.build(get_preset(preset).for_data(32, 1, 10))
+    with torch.no_grad():  # a fresh UNet predicts ε = 0; make the weights matter
+        model.denoiser.conv_out.weight.normal_(0, 0.05)
+    for net in (model.autoencoder, model.denoiser, model.classifier):
+        net.to(device)
+    return model.eval()
+
+
+def run(model: LatentDiffusion, jobs: list[SampleJob], dtype, width: int, head=None) -> list:
+    """Images of ``jobs`` (submitted together; after three steps of ``head`` if given)."""
+    scheduler = StepScheduler(max_rows_per_forward=width, autocast=dtype)
+    outcomes: dict[int, SampleResult] = {}
+    if head is not None:
+        scheduler.submit(model, head, lambda outcome: outcomes.setdefault(-1, outcome))
+        for _ in range(3):
+            scheduler.step()
+    for key, job in enumerate(jobs):
+        scheduler.submit(model, job, lambda outcome, key=key: outcomes.setdefault(key, outcome))
+    while scheduler.step():
+        pass
+    failures = [o for o in outcomes.values() if not isinstance(o, SampleResult)]
+    if failures:
+        raise RuntimeError(f"sampling failed: {failures[0]}")
+    return [outcomes[key].images for key in range(len(jobs))]
+
+
+def difference(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
+    diffs = [np.abs(x.astype(int) - y.astype(int)) for x, y in zip(a, b, strict=True)]
+    return {
+        "max_levels": int(max(d.max() for d in diffs)),
+        "share_differing": float(np.mean(np.concatenate([(d > 0).ravel() for d in diffs]))),
+    }
+
+
+def throughput(model: LatentDiffusion, dtype, concurrency: int, steps: int, device: str) -> float:
+    jobs = [SampleJob((i % 10,), 3.0, 0.0, "ddim", steps, 0.0, i) for i in range(concurrency)]
+    width = 2 * concurrency
+    run(model, jobs, dtype, width)  # warm-up: kernels, autotuning, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(model, jobs, dtype, width)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return concurrency / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_serve_check: no CUDA device; use --device cpu for a smoke run")
+    model = build_model(args.preset, args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
+    print(f"{name}; torch {torch.__version__}; preset {args.preset}; DDIM {args.steps}, w = 3")
+    head = SampleJob((1, 2), 0.0, 0.0, "dpmpp_2m", 24, 0.0, 10)
+    reference = [run(model, [job], None, 256)[0] for job in MIX]
+    results = []
+    for precision in args.precisions:
+        dtype = PRECISIONS[precision]
+        alone = [run(model, [job], dtype, 256)[0] for job in MIX]
+        mixed = run(model, MIX, dtype, 256, head=head)
+        row = {
+            "precision": precision,
+            "images_per_s": {
+                c: round(throughput(model, dtype, c, args.steps, args.device), 1)
+                for c in args.concurrency
+            },
+            "mixed_vs_alone": difference(mixed, alone),
+            "vs_fp32": difference(alone, reference),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

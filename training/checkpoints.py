@@ -1,9 +1,19 @@
-"""Resumable training state of one stage, written to a folder that Ray Train uploads.
+"""Resumable training state of one stage, written to a folder that Ray Train uploads
+(and that rank 0 logs to the MLflow run, see :mod:`training.mlflow.checkpoint_upload`).
 
-``state.pt`` holds tensors and plain numbers only (model, EMA, optimiser and
-scheduler state, step, data epoch and batches read in it) and is read with
-``weights_only=True``, so a checkpoint cannot run code when loaded.
-``config.json`` is the model config the stage was built with.
+Safetensors and JSON only, so loading a checkpoint cannot run code:
+
+- ``model.safetensors``: the network's weights; ``ema.safetensors``: its EMA weights
+  (stages that keep one);
+- ``optimizer.safetensors``: the optimiser's tensors (AdamW's moments and step counts),
+  keyed ``<parameter index>.<name>``;
+- ``state.json``: stage, step, data epoch and batches read in it, the optimiser's
+  parameter groups and non-tensor state, the learning-rate scheduler's state;
+- ``config.json``: the model config the stage was built with (with what the stage
+  measured, e.g. the latent scale, in its final checkpoint).
+
+Checkpoints written before this format (one ``state.pt``) are still read, with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,12 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from training.config import LDMConfig
 from training.models import Autoencoder
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LEGACY_STATE_FILE = "state.pt"
+
+
+def checkpoint_artifact_path(stage: str, step: int) -> str:
+    """Where a stage's checkpoint at ``step`` lies among its MLflow run's artifacts."""
+    return f"checkpoints/{stage}/step-{step:07d}"
 
 
 @dataclass
@@ -39,21 +59,52 @@ class StageState:
 def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "stage": state.stage,
-            "step": state.step,
-            "epoch": state.epoch,
-            "batches_into_epoch": state.batches_into_epoch,
-            "model": state.model,
-            "optimizer": state.optimizer,
-            "scheduler": state.scheduler,
-            "ema": state.ema,
-        },
-        directory / STATE_FILE,
-    )
+    tensors, optimizer_json = _split_optimizer(state.optimizer)
+    record = {
+        "stage": state.stage,
+        "step": state.step,
+        "epoch": state.epoch,
+        "batches_into_epoch": state.batches_into_epoch,
+        "optimizer": optimizer_json,
+        "scheduler": state.scheduler,
+        "has_ema": state.ema is not None,
+    }
+    text = json.dumps(record, indent=2)  # fails here, before any file, if not plain data
+    save_file(_plain(state.model), str(directory / MODEL_FILE))
+    if state.ema is not None:
+        save_file(_plain(state.ema), str(directory / EMA_FILE))
+    save_file(tensors, str(directory / OPTIMIZER_FILE))
     (directory / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+    (directory / STATE_FILE).write_text(text)  # last: a folder with it is complete
     return directory
+
+
+def _plain(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, one storage each, as safetensors stores them."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser's state_dict as (tensors by "<index>.<name>", the rest as JSON data)."""
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                other.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "state": other}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {
+        int(index): dict(values) for index, values in data["state"].items()
+    }
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": data["param_groups"]}
 
 
 def load_checkpoint_uri(uri: str) -> tuple[StageState, LDMConfig]:
@@ -75,9 +126,28 @@ def load_autoencoder(checkpoint_uri: str) -> Autoencoder:
 
 def load_checkpoint(directory: str | Path) -> tuple[StageState, LDMConfig]:
     directory = Path(directory)
-    path = directory / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a stage checkpoint folder")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    config = LDMConfig.model_validate(json.loads((directory / CONFIG_FILE).read_text()))
-    return StageState(**raw), config
+    config_path = directory / CONFIG_FILE
+    if (directory / STATE_FILE).is_file():
+        record = json.loads((directory / STATE_FILE).read_text())
+        ema = load_file(str(directory / EMA_FILE)) if record["has_ema"] else None
+        state = StageState(
+            stage=record["stage"],
+            step=record["step"],
+            epoch=record["epoch"],
+            batches_into_epoch=record["batches_into_epoch"],
+            model=load_file(str(directory / MODEL_FILE)),
+            optimizer=_join_optimizer(
+                load_file(str(directory / OPTIMIZER_FILE)), record["optimizer"]
+            ),
+            scheduler=record["scheduler"],
+            ema=ema,
+        )
+    elif (directory / LEGACY_STATE_FILE).is_file():
+        raw = torch.load(directory / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
+        state = StageState(**raw)
+    else:
+        raise FileNotFoundError(
+            f"{directory} is not a stage checkpoint folder (no {STATE_FILE} or {LEGACY_STATE_FILE})"
+        )
+    config = LDMConfig.model_validate(json.loads(config_path.read_text()))
+    return state, config

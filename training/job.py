@@ -80,6 +80,12 @@ class JobSettings(FrozenConfig):
     experiment: str = "ldm"
     model_name: str = "ldm"
     checkpoint_every: int = Field(200, ge=1)
+    mlflow_checkpoints: str = Field(
+        "last:2",
+        pattern=r"^(all|final|last:[1-9][0-9]*)$",
+        description="checkpoints logged to the MLflow run, per stage: 'last:K' keeps the "
+        "K newest (the final one among them), 'final' only the final one, 'all' every one",
+    )
     sample_every: int = Field(0, ge=0, description="steps between sample grids; 0: at the end")
     max_failures: int = Field(1, ge=-1)
     loader_workers: int = Field(1, ge=0)
@@ -87,6 +93,19 @@ class JobSettings(FrozenConfig):
     job_timeout_s: float = Field(
         86_400.0, gt=0, description="a training Ray Job still running by then is stopped"
     )
+
+    def logs_checkpoint(self, final: bool) -> bool:
+        """Whether a checkpoint goes to the MLflow run (all but 'final' log every one)."""
+        return final or self.mlflow_checkpoints != "final"
+
+    @property
+    def mlflow_checkpoints_kept(self) -> int | None:
+        """How many of a stage's checkpoints the MLflow run keeps; None: all."""
+        if self.mlflow_checkpoints == "all":
+            return None
+        if self.mlflow_checkpoints == "final":
+            return 1
+        return int(self.mlflow_checkpoints.split(":", 1)[1])
 
 
 class TrainSettings(JobSettings):

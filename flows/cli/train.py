@@ -31,6 +31,7 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
         model_name=args.model_name,
         tracking_uri=args.tracking_uri,
         checkpoint_every=args.checkpoint_every,
+        mlflow_checkpoints=args.mlflow_checkpoints,
         max_failures=args.max_failures,
     )
 
@@ -124,6 +125,13 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
+    )
+    train.add_argument(
+        "--mlflow-checkpoints",
+        default="last:2",
+        metavar="last:K|final|all",
+        help="checkpoints each stage logs to its MLflow run under checkpoints/STAGE/step-N/: "
+        "the K newest, the final one only, or every one (default: last:2)",
     )
     train.add_argument(
         "--max-failures",

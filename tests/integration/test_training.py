@@ -20,8 +20,9 @@ import torch
 from mlflow import MlflowClient
 
 from data import storage
-from training.checkpoints import load_checkpoint_uri
+from training.checkpoints import load_checkpoint, load_checkpoint_uri
 from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
+from training.mlflow.checkpoint_artifacts import logged_checkpoints
 from training.mlflow.registry import load_model_version
 from training.optimisation import NonFiniteLoss
 from training.presets import get_preset
@@ -103,7 +104,9 @@ def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outa
 def trained(ray_cluster, mlflow_process, mnist_url):
     """The e2e run, with the tracking server down for 20 s during the denoiser stage."""
     quick_to_fail = TrackingSettings(request_timeout_s=5, request_retries=0, outage_budget_s=300)
-    job = _job(mnist_url, mlflow_process.url, "e2e", tracking=quick_to_fail)
+    job = _job(
+        mnist_url, mlflow_process.url, "e2e", tracking=quick_to_fail, mlflow_checkpoints="last:1"
+    )
     outage = Outage()
     stopper = threading.Thread(
         target=_stop_tracking_during_the_denoiser, args=(mlflow_process, job, outage)
@@ -160,6 +163,35 @@ def test_mlflow_run_holds_params_tags_metrics_and_grids(trained, mlflow_server, 
     assert client.get_metric_history(result.run_id, "classifier/accuracy")
     grids = [a.path for a in client.list_artifacts(result.run_id, "samples")]
     assert f"samples/denoiser_step_{steps:07d}.png" in grids
+
+
+def test_every_stage_logged_its_newest_checkpoints_to_the_run(trained, mlflow_server, tmp_path):
+    """checkpoints/STAGE/step-N/ in the MLflow run (here only the newest is kept: the
+    older one was deleted through the tracking server), safetensors and JSON only, with
+    the weights of the stage's final checkpoint in storage. The denoiser's first one was
+    logged while the tracking server was down."""
+    import mlflow
+
+    job, result, _ = trained
+    client = MlflowClient(mlflow_server)
+    for stage, uri in result.checkpoints.items():
+        steps = getattr(job.model, f"{stage}_training").steps
+        folders = logged_checkpoints(client, result.run_id, f"checkpoints/{stage}")
+        newest = [f"checkpoints/{stage}/step-{steps:07d}"]
+        assert folders == newest, stage
+        local = mlflow.artifacts.download_artifacts(
+            run_id=result.run_id,
+            artifact_path=newest[-1],
+            dst_path=str(tmp_path / stage),
+            tracking_uri=mlflow_server,
+        )
+        names = {p.name for p in Path(local).rglob("*") if p.is_file()}
+        assert all(n.endswith((".safetensors", ".json")) for n in names), names
+        logged, logged_config = load_checkpoint(local)
+        stored, stored_config = load_checkpoint_uri(uri)
+        assert logged.step == stored.step == steps and logged_config == stored_config
+        for name, tensor in stored.model.items():
+            assert torch.equal(logged.model[name], tensor), (stage, name)
 
 
 def test_the_run_outlived_a_tracking_outage_and_lost_nothing(trained, mlflow_server):

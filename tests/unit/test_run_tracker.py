@@ -90,3 +90,46 @@ def test_a_wrong_request_surfaces_at_the_next_call_and_at_close(sqlite_run):
     tracker.log_metrics({"loss": 1.0}, 1)
     with pytest.raises(TrackingUnavailable, match="failed"):
         tracker.close(timeout_s=30)
+
+
+def _checkpoint(folder, step: int):
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(f'{{"step": {step}}}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_checkpoints_are_uploaded_and_only_the_newest_kept(sqlite_run, tmp_path):
+    uri, run_id = sqlite_run
+    with RunTracker(uri, run_id) as tracker:
+        for step in (10, 20, 30):
+            folder = _checkpoint(tmp_path / str(step), step)
+            tracker.log_checkpoint(folder, f"checkpoints/denoiser/step-{step:07d}", keep_last=2)
+            assert folder.is_dir()  # the caller's folder is left as it was
+    client = MlflowClient(uri)
+    kept = [a.path for a in client.list_artifacts(run_id, "checkpoints/denoiser")]
+    assert kept == ["checkpoints/denoiser/step-0000020", "checkpoints/denoiser/step-0000030"]
+    files = client.list_artifacts(run_id, "checkpoints/denoiser/step-0000030")
+    assert sorted(f.path.rsplit("/", 1)[1] for f in files) == ["model.safetensors", "state.json"]
+    # Uploads that lag behind skip the oldest waiting one, never the newest.
+    assert tracker.checkpoints_sent[-1] == "checkpoints/denoiser/step-0000030"
+    assert len(tracker.checkpoints_sent) + len(tracker.checkpoints_lost) == 3
+
+
+def test_a_checkpoint_that_cannot_be_sent_is_given_up_without_failing_the_run(
+    tmp_path, monkeypatch
+):
+    """The tracking server does not answer at all: the upload is retried until the
+    budget is spent, then dropped with a warning; closing the tracker does not raise."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tracker = RunTracker(f"http://127.0.0.1:{port}", "0" * 32, outage_budget_s=2)
+    tracker.log_checkpoint(_checkpoint(tmp_path / "c", 10), "checkpoints/x/step-0000010", 2)
+    tracker.close(timeout_s=60)
+    assert tracker.checkpoints_lost == ["checkpoints/x/step-0000010"]
+    assert tracker.checkpoints_sent == []

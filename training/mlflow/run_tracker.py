@@ -8,6 +8,10 @@ each metric's original timestamp and step. Only an outage longer than the budget
 an error that retrying cannot fix (a deleted run, a rejected value), is raised: at the
 next log call or at :meth:`RunTracker.close`.
 
+:meth:`RunTracker.log_checkpoint` uploads a checkpoint folder as run artifacts the same
+way, except that one which still cannot be sent after the budget is given up with a
+warning instead of failing the run (training has it in its storage either way).
+
 :func:`retry_tracking` does the same for one call of the driver (creating the run,
 registering the model, finishing the run).
 """
@@ -15,11 +19,14 @@ registering the model, finishing the run).
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,6 +35,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from data.environment import redact
+from training.mlflow.checkpoint_artifacts import prune_checkpoints
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -35,6 +43,11 @@ _T = TypeVar("_T")
 DEFAULT_OUTAGE_BUDGET_S = 1800.0
 MAX_BUFFERED_METRICS = 100_000
 MAX_BUFFERED_IMAGES = 32
+MAX_BUFFERED_CHECKPOINTS = 2  # beyond it the oldest waiting one is skipped
+# At close, checkpoint uploads get this long once everything else is sent: a stage does
+# not wait out an outage for them (its checkpoints are in storage; the driver logs the
+# final ones, see training.mlflow.checkpoint_artifacts).
+CHECKPOINT_GRACE_S = 30.0
 BATCH_LIMIT = 1000  # metrics per log_batch call (MLflow's own limit)
 # Errors that say the request itself is wrong: waiting for the server cannot help.
 _PERMANENT_CODES = {
@@ -100,15 +113,18 @@ class RunTracker:
         self, tracking_uri: str, run_id: str, outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S
     ):
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.outage_budget_s = outage_budget_s
         self.dropped = 0  # items dropped because the buffer was full
+        self.checkpoints_sent: list[str] = []
+        self.checkpoints_lost: list[str] = []  # skipped, or given up after the budget
         self._pending: deque[tuple[str, Any]] = deque()
         self._metrics = 0
         self._images = 0
         self._error: BaseException | None = None
         self._closing = False
-        self._busy = False
+        self._busy: str | None = None  # the kind of item being sent
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
         self._thread.start()
@@ -123,14 +139,39 @@ class RunTracker:
         """uint8 [H, W] or [H, W, C] as a PNG artifact of the run."""
         self._put("image", (np.array(image, copy=True), artifact_file), 0)
 
+    def log_checkpoint(self, folder: str | Path, artifact_path: str, keep_last: int | None) -> None:
+        """Upload a copy of checkpoint ``folder`` to the run's ``artifact_path`` (e.g.
+        ``checkpoints/denoiser/step-0000400``), then delete its older siblings beyond the
+        ``keep_last`` newest (None: keep every one). Copied now, sent in the background."""
+        staging = Path(tempfile.mkdtemp(prefix="ldm-checkpoint-"))
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        with self._cv:
+            waiting = [item for kind, item in self._pending if kind == "checkpoint"]
+            if len(waiting) >= MAX_BUFFERED_CHECKPOINTS:  # uploads lag: skip the oldest
+                oldest = waiting[0]
+                self._pending.remove(("checkpoint", oldest))
+                shutil.rmtree(oldest[0], ignore_errors=True)
+                self.checkpoints_lost.append(oldest[1])
+                logger.warning("checkpoint %s not logged to MLflow: uploads lag", oldest[1])
+            self._pending.append(("checkpoint", (staging, artifact_path, keep_last)))
+            self._cv.notify_all()
+
     def close(self, timeout_s: float | None = None) -> None:
         """Wait until everything buffered is sent (at most the outage budget, or
-        ``timeout_s``); raises :class:`TrackingUnavailable` if it cannot be."""
+        ``timeout_s``); raises :class:`TrackingUnavailable` if it cannot be. Checkpoint
+        uploads left when all else is sent get :data:`CHECKPOINT_GRACE_S` more, then
+        are given up (never an error)."""
         deadline = time.monotonic() + (self.outage_budget_s if timeout_s is None else timeout_s)
+        grace_ends = None
         with self._cv:
             self._closing = True
             self._cv.notify_all()
             while (self._pending or self._busy) and self._error is None:
+                if self._only_checkpoints_left():
+                    grace_ends = grace_ends or time.monotonic() + CHECKPOINT_GRACE_S
+                    if time.monotonic() >= min(grace_ends, deadline):
+                        self._give_up_checkpoints()
+                        break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._error = TrackingUnavailable(
@@ -142,6 +183,17 @@ class RunTracker:
             self._cv.notify_all()
         self._thread.join(5)
         self._raise_if_failed()
+
+    def _only_checkpoints_left(self) -> bool:
+        kinds = {kind for kind, _ in self._pending} | ({self._busy} if self._busy else set())
+        return kinds == {"checkpoint"}
+
+    def _give_up_checkpoints(self) -> None:
+        for kind, item in list(self._pending):
+            self._pending.remove((kind, item))
+            shutil.rmtree(item[0], ignore_errors=True)
+            self.checkpoints_lost.append(item[1])
+            logger.warning("checkpoint %s not logged to MLflow before the stage ended", item[1])
 
     def __enter__(self) -> RunTracker:
         return self
@@ -182,18 +234,21 @@ class RunTracker:
                 if not self._pending:
                     return
                 kind, item = self._take()
-                self._busy = True
+                self._busy = kind
             try:
-                retry_tracking(
-                    partial(self._send, kind, item), "MLflow logging", self.outage_budget_s
-                )
+                if kind == "checkpoint":
+                    self._send_checkpoint(*item)
+                else:
+                    retry_tracking(
+                        partial(self._send, kind, item), "MLflow logging", self.outage_budget_s
+                    )
             except BaseException as error:  # handed to the caller's thread
                 with self._cv:
-                    self._error, self._busy = error, False
+                    self._error, self._busy = error, None
                     self._cv.notify_all()
                 return
             with self._cv:
-                self._busy = False
+                self._busy = None
                 self._cv.notify_all()
 
     def _take(self) -> tuple[str, Any]:
@@ -217,3 +272,28 @@ class RunTracker:
         else:
             image, artifact_file = item
             self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def _send_checkpoint(self, staging: Path, artifact_path: str, keep_last: int | None) -> None:
+        """Upload and prune; a checkpoint that cannot be sent is lost, not the run."""
+        try:
+            retry_tracking(
+                lambda: self.client.log_artifacts(self.run_id, str(staging), artifact_path),
+                f"logging checkpoint {artifact_path}",
+                self.outage_budget_s,
+            )
+            self.checkpoints_sent.append(artifact_path)
+            if keep_last is not None:
+                retry_tracking(
+                    lambda: prune_checkpoints(
+                        self.client, self.tracking_uri, self.run_id, artifact_path, keep_last
+                    ),
+                    f"pruning the checkpoints beside {artifact_path}",
+                    self.outage_budget_s,
+                )
+        except Exception as error:
+            self.checkpoints_lost.append(artifact_path)
+            logger.warning(
+                "checkpoint %s not logged to MLflow: %s", artifact_path, redact(str(error))[:300]
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

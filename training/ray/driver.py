@@ -27,10 +27,11 @@ from ray.train.torch import TorchTrainer
 
 from data import storage
 from data.manifest import load_manifest, manifest_url
-from training.checkpoints import load_checkpoint_uri
+from training.checkpoints import checkpoint_artifact_path, load_checkpoint_uri
 from training.config import LDMConfig
 from training.job import StageJob, TrainedVersion, TrainJobConfig
 from training.latent_diffusion import LatentDiffusion
+from training.mlflow.checkpoint_artifacts import checkpoint_logged, prune_checkpoints
 from training.mlflow.registry import log_model_version
 from training.mlflow.run_tracker import retry_tracking
 from training.mlflow.tracking import ensure_experiment, flatten, git_commit
@@ -38,7 +39,7 @@ from training.optimisation import NonFiniteLoss
 from training.ray.connection import connect_ray
 from training.ray.latent_cache import cache_latents
 from training.ray.worker import train_worker
-from training.stages import STAGES, StageName
+from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
@@ -89,6 +90,8 @@ def _train_and_register(
     job: TrainJobConfig, run_id: str
 ) -> tuple[dict[str, str], LatentDiffusion, ModelVersion]:
     checkpoints, config = _train_stages(job, run_id)
+    for stage, uri in checkpoints.items():
+        _log_final_checkpoint(job, run_id, stage, uri)
     model = assemble_model(checkpoints, config)
     budget = job.tracking.outage_budget_s
     version = retry_tracking(
@@ -122,6 +125,24 @@ def _train_stages(job: TrainJobConfig, run_id: str) -> tuple[dict[str, str], LDM
             _, config = load_checkpoint_uri(checkpoints[stage.name])
             job = job.model_copy(update={"model": config})
     return checkpoints, job.model
+
+
+def _log_final_checkpoint(job: TrainJobConfig, run_id: str, stage: StageName, uri: str) -> None:
+    """The stage's final checkpoint in its MLflow run (rank 0 logged it unless the
+    tracking server was down as the stage ended: then it is uploaded from storage here,
+    after the last stage, so that no stage waits for MLflow), and the run's retention
+    applied."""
+    client = MlflowClient(job.tracking_uri)
+    path = checkpoint_artifact_path(stage, get_stage(stage).training(job.model).steps)
+
+    def ensure() -> None:
+        if not checkpoint_logged(client, run_id, path):
+            with ray.train.Checkpoint(uri).as_directory() as folder:
+                client.log_artifacts(run_id, folder, path)
+        if job.mlflow_checkpoints_kept is not None:
+            prune_checkpoints(client, job.tracking_uri, run_id, path, job.mlflow_checkpoints_kept)
+
+    retry_tracking(ensure, f"logging the final {stage} checkpoint", job.tracking.outage_budget_s)
 
 
 def _run_root(job: TrainJobConfig) -> str:

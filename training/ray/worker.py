@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from data.reader import build_loader
 from training.checkpoints import (
     StageState,
+    checkpoint_artifact_path,
     load_autoencoder,
     load_checkpoint,
     save_checkpoint,
@@ -232,6 +233,13 @@ def _report(run: _Run, final: bool, loader: Iterable) -> None:
             )
             save_checkpoint(tmp, state, config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            settings = run.job.job
+            if run.tracker is not None and settings.logs_checkpoint(final):
+                run.tracker.log_checkpoint(
+                    tmp,
+                    checkpoint_artifact_path(run.job.stage, run.step),
+                    settings.mlflow_checkpoints_kept,
+                )
         ray.train.report(metrics, checkpoint=checkpoint)
 
 

@@ -8,7 +8,8 @@ Safetensors and JSON only, so loading a checkpoint cannot run code:
 - ``optimizer.safetensors``: the optimiser's tensors (AdamW's moments and step counts),
   keyed ``<parameter index>.<name>``;
 - ``state.json``: stage, step, data epoch and batches read in it, the optimiser's
-  parameter groups and non-tensor state, the learning-rate scheduler's state;
+  parameter groups and non-tensor state, the learning-rate scheduler's state, the
+  MLflow run that wrote it;
 - ``config.json``: the model config the stage was built with (with what the stage
   measured, e.g. the latent scale, in its final checkpoint).
 
@@ -19,6 +20,7 @@ Checkpoints written before this format (one ``state.pt``) are still read, with
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,12 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LEGACY_STATE_FILE = "state.pt"
+
+
+# A checkpoint logged to MLflow, as ``ldm train --resume-from`` takes it.
+RUNS_CHECKPOINT_URI = re.compile(
+    r"^runs:/(?P<run>[0-9a-f]{32})/(?P<path>checkpoints/(?P<stage>[a-z]+)/step-(?P<step>\d{7}))/?$"
+)
 
 
 def checkpoint_artifact_path(stage: str, step: int) -> str:
@@ -54,6 +62,7 @@ class StageState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     ema: dict[str, torch.Tensor] | None = None
+    run_id: str | None = None  # the MLflow run that wrote it
 
 
 def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig) -> Path:
@@ -68,6 +77,7 @@ def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig)
         "optimizer": optimizer_json,
         "scheduler": state.scheduler,
         "has_ema": state.ema is not None,
+        "run_id": state.run_id,
     }
     text = json.dumps(record, indent=2)  # fails here, before any file, if not plain data
     save_file(_plain(state.model), str(directory / MODEL_FILE))
@@ -141,6 +151,7 @@ def load_checkpoint(directory: str | Path) -> tuple[StageState, LDMConfig]:
             ),
             scheduler=record["scheduler"],
             ema=ema,
+            run_id=record.get("run_id"),
         )
     elif (directory / LEGACY_STATE_FILE).is_file():
         raw = torch.load(directory / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)

@@ -88,11 +88,34 @@ class JobSettings(FrozenConfig):
     )
     sample_every: int = Field(0, ge=0, description="steps between sample grids; 0: at the end")
     max_failures: int = Field(1, ge=-1)
+    resume_from: str | None = Field(
+        None,
+        description="continue a stage from this checkpoint, in a new run: "
+        "runs:/RUN_ID/checkpoints/STAGE/step-N or a checkpoint folder in storage",
+    )
     loader_workers: int = Field(1, ge=0)
     tracking: TrackingSettings = TrackingSettings()
     job_timeout_s: float = Field(
         86_400.0, gt=0, description="a training Ray Job still running by then is stopped"
     )
+
+    @field_validator("resume_from")
+    @classmethod
+    def _check_resume_from(cls, uri: str | None) -> str | None:
+        from training.checkpoints import RUNS_CHECKPOINT_URI
+
+        if uri is None or RUNS_CHECKPOINT_URI.match(uri) or uri.startswith(("s3://", "/")):
+            return uri
+        if uri.startswith("models:/"):
+            raise ValueError(
+                f"{uri} is a registered model: its weights, not a stage's training state. "
+                "Resume from a checkpoint of its run (runs:/RUN_ID/checkpoints/STAGE/step-N; "
+                "the version's run id is in the registry)"
+            )
+        raise ValueError(
+            f"resume_from must be runs:/RUN_ID/checkpoints/STAGE/step-NNNNNNN or a "
+            f"checkpoint folder (an absolute path or s3://), got {uri!r}"
+        )
 
     def logs_checkpoint(self, final: bool) -> bool:
         """Whether a checkpoint goes to the MLflow run (all but 'final' log every one)."""
@@ -177,6 +200,7 @@ class StageJob(FrozenConfig):
     data_url: str = Field(description="images (autoencoder) or cached latents (others)")
     run_id: str
     autoencoder_checkpoint: str | None = None  # decodes sample grids of the denoiser
+    start_from: str | None = None  # a checkpoint to start from when the run has none yet
 
     @property
     def training(self) -> StageConfig:

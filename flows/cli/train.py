@@ -32,6 +32,7 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
         tracking_uri=args.tracking_uri,
         checkpoint_every=args.checkpoint_every,
         mlflow_checkpoints=args.mlflow_checkpoints,
+        resume_from=args.resume_from,
         max_failures=args.max_failures,
     )
 
@@ -125,6 +126,14 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
+    )
+    train.add_argument(
+        "--resume-from",
+        metavar="URI",
+        help="continue a stage from a checkpoint, in a new run: "
+        "runs:/RUN_ID/checkpoints/STAGE/step-N (as logged to MLflow) or a checkpoint "
+        "folder in storage; the stages before it are taken from the run that wrote it, "
+        "the step budgets from this command",
     )
     train.add_argument(
         "--mlflow-checkpoints",

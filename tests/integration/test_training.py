@@ -230,6 +230,62 @@ def test_registered_candidate_reloads_and_samples_exactly(trained, mlflow_server
     torch.testing.assert_close(draw(loaded), draw(result.model), rtol=0, atol=0)
 
 
+def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_server, mnist_url):
+    """``--resume-from runs:/…/checkpoints/denoiser/step-0000020`` with a budget of 30
+    denoiser steps: a new run takes the earlier run's autoencoder as it is, trains the
+    denoiser from step 20 on (its optimiser and EMA restored) and the classifier, and
+    records where it came from. A checkpoint already at the budget is refused before
+    any run starts."""
+    job, result, _ = trained
+    source = f"runs:/{result.run_id}/checkpoints/denoiser/step-0000020"
+    at_budget = _job(mnist_url, mlflow_server, "resumed-too-far", resume_from=source)
+    with pytest.raises(ValueError, match="give the stage more steps"):
+        run_training(at_budget)
+    tiny = get_preset("tiny")
+    longer = tiny.model_copy(
+        update={
+            "denoiser_training": tiny.denoiser_training.model_copy(update={"steps": 30}),
+            "classifier_training": tiny.classifier_training.model_copy(update={"steps": 10}),
+        }
+    )
+    resumed = run_training(
+        _job(
+            mnist_url,
+            mlflow_server,
+            "resumed",
+            model=longer,
+            model_name=f"{MODEL_NAME}-resumed",
+            resume_from=source,
+        )
+    )
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(resumed.run_id)
+    assert run.data.tags["ldm.resumed_from"] == source
+    assert run.data.tags["ldm.resumed_from.run_id"] == result.run_id
+    assert "autoencoder/loss" not in run.data.metrics  # taken, not trained
+    history = client.get_metric_history(resumed.run_id, "denoiser/loss")
+    assert [m.step for m in history] == [25, 30]
+    assert run.data.metrics["denoiser/resumed_from_step"] == 20
+    assert len(client.get_metric_history(resumed.run_id, "classifier/loss")) == 2
+    earlier, _ = load_checkpoint_uri(result.checkpoints["autoencoder"])
+    taken, _ = load_checkpoint_uri(resumed.checkpoints["autoencoder"])
+    assert all(torch.equal(taken.model[k], v) for k, v in earlier.model.items())
+    assert (
+        resumed.model.config.autoencoder.scale_factor
+        == result.model.config.autoencoder.scale_factor
+    )
+    logged = {
+        stage: logged_checkpoints(client, resumed.run_id, f"checkpoints/{stage}")[-1]
+        for stage in ("autoencoder", "denoiser", "classifier")
+    }
+    assert logged == {
+        "autoencoder": "checkpoints/autoencoder/step-0000020",
+        "denoiser": "checkpoints/denoiser/step-0000030",
+        "classifier": "checkpoints/classifier/step-0000010",
+    }
+    assert resumed.model_version.run_id == resumed.run_id
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
     ray_cluster, mlflow_server, mnist_url, tmp_path
 ):

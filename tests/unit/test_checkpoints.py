@@ -103,3 +103,17 @@ def test_an_earlier_state_pt_checkpoint_still_loads_and_a_folder_without_one_is_
     assert state.step == 7 and state.ema is None
     with pytest.raises(FileNotFoundError, match="not a stage checkpoint folder"):
         load_checkpoint(tmp_path / "nothing")
+
+
+def test_resume_from_takes_a_logged_checkpoint_or_a_folder_and_explains_the_rest():
+    from pydantic import ValidationError
+
+    from training.job import TrainSettings
+
+    run = "0123456789abcdef0123456789abcdef"
+    for good in (f"runs:/{run}/checkpoints/denoiser/step-0000400", "s3://b/runs/x-denoiser/c"):
+        assert TrainSettings(resume_from=good).resume_from == good
+    with pytest.raises(ValidationError, match="registered model: its weights"):
+        TrainSettings(resume_from="models:/ldm@champion")
+    with pytest.raises(ValidationError, match="runs:/RUN_ID/checkpoints/STAGE/step-NNNNNNN"):
+        TrainSettings(resume_from=f"runs:/{run}/model")

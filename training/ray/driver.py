@@ -38,10 +38,12 @@ from training.mlflow.tracking import ensure_experiment, flatten, git_commit
 from training.optimisation import NonFiniteLoss
 from training.ray.connection import connect_ray
 from training.ray.latent_cache import cache_latents
+from training.ray.resume import ResumePlan, plan_resume
 from training.ray.worker import train_worker
 from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
+RESUMED_FROM_TAG = "ldm.resumed_from"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
 
 
@@ -65,9 +67,12 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
     )
     job = job.model_copy(update={"model": config})
+    plan = plan_resume(job) if job.resume_from else None  # a bad checkpoint: before the run
+    if plan is not None:  # the checkpoint's networks, this job's step budgets
+        job = job.model_copy(update={"model": plan.config})
     run_id = _start_run(job)
     try:
-        checkpoints, model, version = _train_and_register(job, run_id)
+        checkpoints, model, version = _train_and_register(job, run_id, plan)
     except BaseException:
         # Marked FAILED (a re-run with the same name resumes it); never left RUNNING.
         with contextlib.suppress(Exception):
@@ -87,9 +92,9 @@ def _register_once(model: LatentDiffusion, job: TrainJobConfig, run_id: str) -> 
 
 
 def _train_and_register(
-    job: TrainJobConfig, run_id: str
+    job: TrainJobConfig, run_id: str, plan: ResumePlan | None = None
 ) -> tuple[dict[str, str], LatentDiffusion, ModelVersion]:
-    checkpoints, config = _train_stages(job, run_id)
+    checkpoints, config = _train_stages(job, run_id, plan)
     for stage, uri in checkpoints.items():
         _log_final_checkpoint(job, run_id, stage, uri)
     model = assemble_model(checkpoints, config)
@@ -102,14 +107,25 @@ def _train_and_register(
     return checkpoints, model, version
 
 
-def _train_stages(job: TrainJobConfig, run_id: str) -> tuple[dict[str, str], LDMConfig]:
+def _train_stages(
+    job: TrainJobConfig, run_id: str, plan: ResumePlan | None = None
+) -> tuple[dict[str, str], LDMConfig]:
     """Each stage of the table as a Ray Train job, in order; the latents are cached once,
     by the trained autoencoder, before the first stage that trains on them. Returns the
-    final checkpoint of each stage and the config they measured (the latent scale)."""
+    final checkpoint of each stage and the config they measured (the latent scale).
+    With a resume ``plan``, the stages before its stage are taken as they are and its
+    stage starts from its checkpoint."""
     checkpoints: dict[str, str] = {}
+    if plan is not None:
+        _tag_resumed(job, run_id, plan)
+        checkpoints.update(plan.finished)  # the stages before the resumed one
     latents_url = None
     for stage in STAGES:
-        extra = {}
+        if stage.name in checkpoints:
+            continue
+        extra: dict[str, Any] = {}
+        if plan is not None and stage.name == plan.stage:
+            extra["start_from"] = plan.start_uri
         if stage.inputs == "latents":
             if latents_url is None:
                 latents_url = cache_latents(
@@ -125,6 +141,23 @@ def _train_stages(job: TrainJobConfig, run_id: str) -> tuple[dict[str, str], LDM
             _, config = load_checkpoint_uri(checkpoints[stage.name])
             job = job.model_copy(update={"model": config})
     return checkpoints, job.model
+
+
+def _tag_resumed(job: TrainJobConfig, run_id: str, plan: ResumePlan) -> None:
+    """The run records where it came from."""
+    client = MlflowClient(job.tracking_uri)
+    tags = {
+        RESUMED_FROM_TAG: job.resume_from or "",
+        f"{RESUMED_FROM_TAG}.run_id": plan.source_run_id,
+        f"{RESUMED_FROM_TAG}.stage": plan.stage,
+        f"{RESUMED_FROM_TAG}.step": str(plan.step),
+    }
+    for key, value in tags.items():
+        retry_tracking(
+            lambda key=key, value=value: client.set_tag(run_id, key, value),
+            "tagging the run",
+            job.tracking.outage_budget_s,
+        )
 
 
 def _log_final_checkpoint(job: TrainJobConfig, run_id: str, stage: StageName, uri: str) -> None:

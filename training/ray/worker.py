@@ -100,7 +100,7 @@ def _start(job: StageJob) -> _Run:
     net = stage.build(config).to(device)
     optimisation = make_optimisation(net, training)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
-    step, epoch, into_epoch = _restore(net, optimisation, ema)
+    step, epoch, into_epoch = _restore(net, optimisation, ema, job.start_from)
     model = ray.train.torch.prepare_model(net)
     tracker = None
     if rank == 0:
@@ -192,9 +192,14 @@ def _log_step(run: _Run, losses: dict[str, Tensor], grad_norm: Tensor) -> None:
         _log_grid(run.tracker, run.job, run.ema.model, step)
 
 
-def _restore(net: nn.Module, optimisation, ema: EMA | None) -> tuple[int, int, int]:
-    """Load the latest checkpoint of this run (after a restart or a re-run), if any."""
+def _restore(
+    net: nn.Module, optimisation, ema: EMA | None, start_from: str | None
+) -> tuple[int, int, int]:
+    """Load the latest checkpoint of this run (after a restart or a re-run), else the
+    checkpoint the stage starts from (``ldm train --resume-from``), if any."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and start_from is not None:
+        checkpoint = ray.train.Checkpoint(start_from)
     if checkpoint is None:
         return 0, 0, 0
     with checkpoint.as_directory() as folder:
@@ -230,6 +235,7 @@ def _report(run: _Run, final: bool, loader: Iterable) -> None:
                 optimizer=run.optimisation.optimizer.state_dict(),
                 scheduler=run.optimisation.scheduler.state_dict(),
                 ema=run.ema.state_dict() if run.ema is not None else None,
+                run_id=run.job.run_id,
             )
             save_checkpoint(tmp, state, config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

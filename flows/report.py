@@ -68,6 +68,7 @@ def report_markdown(report: RetrainReport) -> str:
         f"- **Dataset**: `{dataset.url}` ({dataset.counts}; "
         f"{'re-sharded' if dataset.resharded else 're-sharding skipped'})",
         f"- **MLflow run**: `{training.run_id}` at `{report.tracking_uri}`",
+        f"- **Started from**: {training.parent_version or 'scratch'}",
         f"- **Decision**: {'promoted to @champion' if promotion.promoted else 'kept'} "
         f"— {promotion.reason}",
         f"- **Endpoint**: {endpoint.url if endpoint else 'not deployed'}",

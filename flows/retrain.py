@@ -15,7 +15,15 @@ from data.manifest import ShardOptions
 from flows.events import emit_dataset_event
 from flows.report import DatasetSummary, Endpoint, RetrainReport, report_markdown
 from flows.retrain_config import DEFAULTS, RetrainConfig, ServeSettings
-from flows.tasks import deploy, evaluate_and_promote, sample_grid, shard, train, use_dataset
+from flows.tasks import (
+    deploy,
+    evaluate_and_promote,
+    sample_grid,
+    shard,
+    train,
+    use_dataset,
+    warm_start_from_champion,
+)
 from training.evaluation.promotion import PromotionResult, require_val_split
 from training.job import TrainedVersion, TrainJobConfig, default_local_store
 
@@ -84,6 +92,8 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
         data = shard_flow(config.source, dataset_url, config.shard, announce=False)
     require_val_split(dataset_url)  # promotion needs one: fail before training, not after
     job = config.train.job(dataset_url, run_prefix="retrain-")
+    if config.warm_start.from_champion:
+        job = warm_start_from_champion(job, config.warm_start.reuse_autoencoder)
     tracking_uri = job.tracking_uri
     trained = train_flow(job, ray_address)
     decision = promote_flow(config, tracking_uri, trained.version)

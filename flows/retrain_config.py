@@ -55,6 +55,18 @@ class ServeSettings(FrozenConfig):
         return self
 
 
+class WarmStartSettings(FrozenConfig):
+    """Retraining from the current champion instead of from scratch (see ``ldm train
+    --init-from``); the first retrain, with no champion yet, starts from scratch."""
+
+    from_champion: bool = Field(
+        False, description="start every network from train.model_name@champion"
+    )
+    reuse_autoencoder: bool = Field(
+        False, description="keep the champion's autoencoder and latent scale as they are"
+    )
+
+
 class RetrainConfig(FrozenConfig):
     """Everything ``ldm retrain`` does, with embedded defaults for a laptop."""
 
@@ -62,6 +74,7 @@ class RetrainConfig(FrozenConfig):
     dataset_url: str | None = Field(None, description="default: LDM_HOME/data/<name>")
     shard: ShardOptions = ShardOptions(channels=1)
     train: TrainSettings = TrainSettings(scaling=ScalingSettings(cpus_per_worker=2.0))
+    warm_start: WarmStartSettings = WarmStartSettings()
     ray_address: str | None = Field(
         None,
         description="default: RAY_ADDRESS, else a local Ray. A dashboard URL "
@@ -81,6 +94,16 @@ class RetrainConfig(FrozenConfig):
             raise ValueError(
                 "shard.val_fraction is 0, but evaluation and promotion need a val split: "
                 "use --val-fraction 0.1 (or any value above 0)"
+            )
+        if self.warm_start.from_champion and self.train.init_from:
+            raise ValueError(
+                "warm_start.from_champion and train.init_from both name where training "
+                "starts: keep one"
+            )
+        if self.warm_start.reuse_autoencoder and not self.warm_start.from_champion:
+            raise ValueError(
+                "warm_start.reuse_autoencoder keeps the champion's autoencoder: set "
+                "warm_start.from_champion too (--warm-start)"
             )
         return self
 

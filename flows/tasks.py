@@ -63,6 +63,28 @@ def use_dataset(dataset_url: str) -> DatasetSummary:
     return DatasetSummary.of(dataset_url, manifest, resharded=False)
 
 
+@io_task
+def warm_start_from_champion(job: TrainJobConfig, reuse_autoencoder: bool) -> TrainJobConfig:
+    """``job`` starting from the current ``@champion`` (pinned to its version, so that
+    the run records which one), or as it is while there is no champion."""
+    from mlflow import MlflowClient
+
+    from training.mlflow.registry import alias_version
+
+    log = get_run_logger()
+    version = alias_version(MlflowClient(job.tracking_uri), job.model_name, "champion")
+    if version is None:
+        log.info("no %s@champion yet: training from scratch", job.model_name)
+        return job
+    log.info("warm start from %s version %s (@champion)", job.model_name, version)
+    return job.model_copy(
+        update={
+            "init_from": f"models:/{job.model_name}/{version}",
+            "reuse_autoencoder": reuse_autoencoder,
+        }
+    )
+
+
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
 def train(job: TrainJobConfig, ray_address: str | None = None) -> TrainedVersion:
     """Every stage on Ray: a Ray Job when ``ray_address`` is a dashboard URL, else in

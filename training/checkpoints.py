@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
+from data import storage
 from training.config import LDMConfig
 from training.models import Autoencoder
 
@@ -115,6 +116,16 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> d
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = tensor
     return {"state": state, "param_groups": data["param_groups"]}
+
+
+def save_weights(url: str, weights: dict[str, torch.Tensor]) -> None:
+    """One network's weights as a safetensors file at ``url`` (a path or ``s3://``)."""
+    storage.write_bytes(url, save(_plain(weights)))
+
+
+def load_weights(url: str) -> dict[str, torch.Tensor]:
+    """The weights :func:`save_weights` wrote, on the CPU."""
+    return load(storage.read_bytes(url))
 
 
 def load_checkpoint_uri(uri: str) -> tuple[StageState, LDMConfig]:

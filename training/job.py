@@ -93,6 +93,17 @@ class JobSettings(FrozenConfig):
         description="continue a stage from this checkpoint, in a new run: "
         "runs:/RUN_ID/checkpoints/STAGE/step-N or a checkpoint folder in storage",
     )
+    init_from: str | None = Field(
+        None,
+        description="start every network from this registered version's weights "
+        "(models:/NAME@ALIAS or models:/NAME/VERSION) and fine-tune it for the job's "
+        "step budgets, in a new run",
+    )
+    reuse_autoencoder: bool = Field(
+        False,
+        description="with init_from: keep its autoencoder and latent scale as they are "
+        "and skip the autoencoder stage (the data's image size and channels must match)",
+    )
     loader_workers: int = Field(1, ge=0)
     tracking: TrackingSettings = TrackingSettings()
     job_timeout_s: float = Field(
@@ -116,6 +127,34 @@ class JobSettings(FrozenConfig):
             f"resume_from must be runs:/RUN_ID/checkpoints/STAGE/step-NNNNNNN or a "
             f"checkpoint folder (an absolute path or s3://), got {uri!r}"
         )
+
+    @field_validator("init_from")
+    @classmethod
+    def _check_init_from(cls, uri: str | None) -> str | None:
+        from training.mlflow.model_uri import parse_model_uri
+
+        if uri is None:
+            return uri
+        if uri.startswith("runs:/"):
+            raise ValueError(
+                f"{uri} is a run's checkpoint: continue it with resume_from (--resume-from); "
+                "init_from takes a registered version, models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
+        return parse_model_uri(uri).uri
+
+    @model_validator(mode="after")
+    def _one_start(self) -> JobSettings:
+        if self.init_from and self.resume_from:
+            raise ValueError(
+                "give init_from (start from a registered version's weights) or resume_from "
+                "(continue a stage from its checkpoint), not both"
+            )
+        if self.reuse_autoencoder and not self.init_from:
+            raise ValueError(
+                "reuse_autoencoder keeps the autoencoder of the version named by init_from: "
+                "give init_from (--init-from models:/NAME@champion) too"
+            )
+        return self
 
     def logs_checkpoint(self, final: bool) -> bool:
         """Whether a checkpoint goes to the MLflow run (all but 'final' log every one)."""
@@ -190,6 +229,7 @@ class TrainedVersion(FrozenConfig):
     model_name: str
     version: str
     checkpoints: dict[StageName, str]
+    parent_version: str | None = None  # NAME/VERSION it was warm-started from
 
 
 class StageJob(FrozenConfig):
@@ -201,6 +241,7 @@ class StageJob(FrozenConfig):
     run_id: str
     autoencoder_checkpoint: str | None = None  # decodes sample grids of the denoiser
     start_from: str | None = None  # a checkpoint to start from when the run has none yet
+    init_weights: str | None = None  # the network's first weights (safetensors), not random
 
     @property
     def training(self) -> StageConfig:

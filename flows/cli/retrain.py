@@ -29,6 +29,8 @@ _FIELDS = {
     "run_name": ("train", "run_name"),
     "model_name": ("train", "model_name"),
     "tracking_uri": ("train", "tracking_uri"),
+    "warm_start": ("warm_start", "from_champion"),
+    "reuse_autoencoder": ("warm_start", "reuse_autoencoder"),
     "ray_address": ("ray_address",),
     "port": ("serve", "port"),
     "serve_host": ("serve", "host"),
@@ -163,9 +165,10 @@ def _schedule(args: argparse.Namespace) -> int:
 def _print_summary(report) -> None:  # flows.report.RetrainReport
     promotion, training = report.promotion, report.training
     grid = report.endpoint.grid if report.endpoint else None
+    parent = f" (warm start from {training.parent_version})" if training.parent_version else ""
     print(f"\nsample grid: {grid}" if grid else "\n(no endpoint deployed)")
     print(
-        f"model: {report.model_name} v{training.version}; "
+        f"model: {report.model_name} v{training.version}{parent}; "
         f"{'promoted to @champion' if promotion.promoted else 'kept'}: {promotion.reason}"
     )
     print("metrics:", json.dumps(report.metrics, indent=2))
@@ -206,6 +209,18 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     add("--run-name", help="training run name; the same name resumes")
     add("--model-name", help="registered model (default: ldm)")
     add("--tracking-uri", help="MLflow tracking URI (default: sqlite under LDM_HOME)")
+    add(
+        "--warm-start",
+        action="store_true",
+        default=None,
+        help="start training from the champion's weights (from scratch while there is none)",
+    )
+    add(
+        "--reuse-autoencoder",
+        action="store_true",
+        default=None,
+        help="with --warm-start: keep the champion's autoencoder, skipping its stage",
+    )
     add("--no-serve", action="store_true", help="skip deploying and sampling")
     add("--port", type=int, help="HTTP port of the endpoint (default: 8000)")
     add(

@@ -33,6 +33,8 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
         checkpoint_every=args.checkpoint_every,
         mlflow_checkpoints=args.mlflow_checkpoints,
         resume_from=args.resume_from,
+        init_from=args.init_from,
+        reuse_autoencoder=args.reuse_autoencoder,
         max_failures=args.max_failures,
     )
 
@@ -134,6 +136,20 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         "runs:/RUN_ID/checkpoints/STAGE/step-N (as logged to MLflow) or a checkpoint "
         "folder in storage; the stages before it are taken from the run that wrote it, "
         "the step budgets from this command",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="MODEL_URI",
+        help="start every network from a registered version's weights "
+        "(models:/NAME@champion or models:/NAME/VERSION) and fine-tune each stage for "
+        "this command's step budgets; the run and the new version are tagged "
+        "ldm.parent_version",
+    )
+    train.add_argument(
+        "--reuse-autoencoder",
+        action="store_true",
+        help="with --init-from: keep the version's autoencoder and latent scale and skip "
+        "the autoencoder stage",
     )
     train.add_argument(
         "--mlflow-checkpoints",

@@ -17,7 +17,7 @@ from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader
 from flows.retrain import retrain, shard_flow
-from flows.retrain_config import RetrainConfig, ServeSettings
+from flows.retrain_config import RetrainConfig, ServeSettings, WarmStartSettings
 from flows.tasks import shard
 from tests.integration.services import free_port
 from training.evaluation.scoring import EvaluationSettings
@@ -93,11 +93,15 @@ def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, c
 def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_itself(
     first_report, config, ray_cluster
 ):
-    """The second run goes through the cluster's dashboard: training as a Ray Job,
-    the endpoint updated by a config-file deploy through the Serve REST API."""
+    """The second run goes through the cluster's dashboard: training as a Ray Job that
+    warm-starts from the champion (the first run's version, its autoencoder kept), the
+    endpoint updated by a config-file deploy through the Serve REST API."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    second = retrain(config.model_copy(update={"ray_address": ray_cluster.dashboard_url}))
+    warm = WarmStartSettings(from_champion=True, reuse_autoencoder=True)
+    second = retrain(
+        config.model_copy(update={"ray_address": ray_cluster.dashboard_url, "warm_start": warm})
+    )
     jobs = [
         job
         for job in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
@@ -106,6 +110,9 @@ def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_it
     assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
     assert "training.ray.driver" in jobs[0].entrypoint
     assert not second.dataset.resharded
+    assert second.training.parent_version == (
+        f"{config.train.model_name}/{first_report.training.version}"
+    )
     with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
         app = json.loads(r.read())["applications"][config.train.model_name]
     assert app["source"] == "declarative" and app["status"] == "RUNNING"
@@ -122,6 +129,7 @@ def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_it
     }
     markdown = asyncio.run(_artifact_markdown())
     assert decision.reason in markdown
+    assert f"**Started from**: {second.training.parent_version}" in markdown
 
 
 def test_a_failed_upload_is_retried_and_the_dataset_is_complete(

@@ -286,6 +286,56 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     assert resumed.model_version.run_id == resumed.run_id
 
 
+def test_a_warm_start_begins_from_the_registered_weights(trained, mlflow_server, mnist_url):
+    """``--init-from models:/NAME/V --reuse-autoencoder`` with a learning rate too small
+    to move a weight: the new version is the registered one (the autoencoder taken as it
+    is, with its latent scale; the denoiser and classifier fine-tuned from its weights),
+    and the run and the version name their parent. A version that does not exist is
+    refused before any run starts."""
+    _, result, _ = trained
+    missing = _job(mnist_url, mlflow_server, "warm-missing", init_from=f"models:/{MODEL_NAME}@nope")
+    with pytest.raises(ValueError, match="has no alias @nope"):
+        run_training(missing)
+    parent = f"{MODEL_NAME}/{result.model_version.version}"
+    tiny = get_preset("tiny")
+    unmoving = {"steps": 5, "learning_rate": 1e-12, "warmup_steps": 0}
+    model = tiny.model_copy(
+        update={
+            name: getattr(tiny, name).model_copy(update=unmoving)
+            for name in ("denoiser_training", "classifier_training")
+        }
+    )
+    warm = run_training(
+        _job(
+            mnist_url,
+            mlflow_server,
+            "warm",
+            model=model,
+            model_name=f"{MODEL_NAME}-warm",
+            init_from=f"models:/{parent}",
+            reuse_autoencoder=True,
+        )
+    )
+    client = MlflowClient(mlflow_server)
+    tags = client.get_run(warm.run_id).data.tags
+    assert tags["ldm.init_from"] == f"models:/{parent}"
+    assert tags["ldm.parent_version"] == parent
+    assert tags["ldm.parent_version.run_id"] == result.run_id
+    assert tags["ldm.reused_autoencoder"] == "true"
+    version = client.get_model_version(f"{MODEL_NAME}-warm", warm.model_version.version)
+    assert version.tags["ldm.parent_version"] == parent
+    metrics = client.get_run(warm.run_id).data.metrics
+    assert "autoencoder/loss" not in metrics and "denoiser/loss" in metrics
+    assert warm.model.config.autoencoder == result.model.config.autoencoder  # the latent scale
+    for name in ("autoencoder", "denoiser", "classifier"):
+        ours, theirs = getattr(warm.model, name).state_dict(), getattr(result.model, name)
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-6, msg=f"{name}.{key}")
+    assert logged_checkpoints(client, warm.run_id, "checkpoints/autoencoder") == [
+        "checkpoints/autoencoder/step-0000020"
+    ]
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
     ray_cluster, mlflow_server, mnist_url, tmp_path
 ):

@@ -117,3 +117,40 @@ def test_resume_from_takes_a_logged_checkpoint_or_a_folder_and_explains_the_rest
         TrainSettings(resume_from="models:/ldm@champion")
     with pytest.raises(ValidationError, match="runs:/RUN_ID/checkpoints/STAGE/step-NNNNNNN"):
         TrainSettings(resume_from=f"runs:/{run}/model")
+
+
+def test_a_warm_start_names_a_registered_version_and_excludes_a_resume():
+    from pydantic import ValidationError
+
+    from flows.retrain_config import RetrainConfig
+    from training.job import TrainSettings
+
+    settings = TrainSettings(init_from=" models:/ldm@champion", reuse_autoencoder=True)
+    assert settings.init_from == "models:/ldm@champion"
+    assert TrainSettings(init_from="models:/ldm/3").init_from == "models:/ldm/3"
+    run = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(ValidationError, match="continue it with resume_from"):
+        TrainSettings(init_from=f"runs:/{run}/checkpoints/denoiser/step-0000400")
+    with pytest.raises(ValidationError, match="models:/NAME@ALIAS"):
+        TrainSettings(init_from="ldm@champion")
+    with pytest.raises(ValidationError, match="not both"):
+        TrainSettings(
+            init_from="models:/ldm/3", resume_from=f"runs:/{run}/checkpoints/denoiser/step-0000400"
+        )
+    with pytest.raises(ValidationError, match="give init_from"):
+        TrainSettings(reuse_autoencoder=True)
+    with pytest.raises(ValidationError, match="set warm_start.from_champion"):
+        RetrainConfig(warm_start={"reuse_autoencoder": True})
+    with pytest.raises(ValidationError, match="keep one"):
+        RetrainConfig(warm_start={"from_champion": True}, train={"init_from": "models:/ldm/1"})
+
+
+def test_weights_written_to_storage_load_back_exactly(tmp_path):
+    from training.checkpoints import load_weights, save_weights
+
+    net = get_stage("classifier").build(get_preset("tiny"))
+    url = str(tmp_path / "run" / "init" / "classifier" / "model.safetensors")
+    save_weights(url, net.state_dict())
+    loaded = load_weights(url)
+    assert loaded.keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import ray.train
 from mlflow import MlflowClient
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -38,12 +38,13 @@ from training.mlflow.tracking import ensure_experiment, flatten, git_commit
 from training.optimisation import NonFiniteLoss
 from training.ray.connection import connect_ray
 from training.ray.latent_cache import cache_latents
-from training.ray.resume import ResumePlan, plan_resume
+from training.ray.resume import plan_resume
+from training.ray.starting_point import StartingPoint
+from training.ray.warm_start import PARENT_VERSION_TAG, plan_warm_start
 from training.ray.worker import train_worker
 from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
-RESUMED_FROM_TAG = "ldm.resumed_from"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
 
 
@@ -59,7 +60,8 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     """Autoencoder → latent cache → denoiser → classifier → registered model version.
 
     Re-running a job with the same ``run_name`` and storage resumes each stage from
-    its latest checkpoint and logs into the same MLflow run.
+    its latest checkpoint and logs into the same MLflow run. A job with ``resume_from``
+    or ``init_from`` starts from an earlier run's checkpoint or a registered version.
     """
     manifest = load_manifest(job.data_url)  # a wrong data URL fails before Ray starts
     connect_ray(ray_address)
@@ -67,12 +69,12 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
     )
     job = job.model_copy(update={"model": config})
-    plan = plan_resume(job) if job.resume_from else None  # a bad checkpoint: before the run
-    if plan is not None:  # the checkpoint's networks, this job's step budgets
-        job = job.model_copy(update={"model": plan.config})
+    start = _starting_point(job)  # an unusable checkpoint or version: before the run
+    if start is not None:  # its networks, this job's step budgets
+        job = job.model_copy(update={"model": start.config})
     run_id = _start_run(job)
     try:
-        checkpoints, model, version = _train_and_register(job, run_id, plan)
+        checkpoints, model, version = _train_and_register(job, run_id, start)
     except BaseException:
         # Marked FAILED (a re-run with the same name resumes it); never left RUNNING.
         with contextlib.suppress(Exception):
@@ -81,26 +83,46 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     return TrainResult(run_id, model, version, checkpoints)
 
 
-def _register_once(model: LatentDiffusion, job: TrainJobConfig, run_id: str) -> ModelVersion:
-    """Log and register the model, or return the version an earlier attempt registered
-    (a retry after a lost answer must not register it twice)."""
+def _starting_point(job: TrainJobConfig) -> StartingPoint | None:
+    if job.resume_from:
+        return plan_resume(job)
+    if job.init_from:
+        return plan_warm_start(job)
+    return None
+
+
+def _register_once(
+    model: LatentDiffusion, job: TrainJobConfig, run_id: str, tags: dict[str, str]
+) -> ModelVersion:
+    """Log and register the model with ``tags``, or return the version an earlier
+    attempt registered (a retry after a lost answer must not register it twice)."""
     client = MlflowClient(job.tracking_uri)
-    for found in client.search_model_versions(f"run_id = '{run_id}'"):
-        if found.name == job.model_name:
-            return found
-    return log_model_version(model, job.tracking_uri, run_id, job.model_name)
+    registered = [
+        found
+        for found in client.search_model_versions(f"run_id = '{run_id}'")
+        if found.name == job.model_name
+    ]
+    version = (
+        registered[0]
+        if registered
+        else log_model_version(model, job.tracking_uri, run_id, job.model_name)
+    )
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    return client.get_model_version(version.name, version.version) if tags else version
 
 
 def _train_and_register(
-    job: TrainJobConfig, run_id: str, plan: ResumePlan | None = None
+    job: TrainJobConfig, run_id: str, start: StartingPoint | None = None
 ) -> tuple[dict[str, str], LatentDiffusion, ModelVersion]:
-    checkpoints, config = _train_stages(job, run_id, plan)
+    checkpoints, config = _train_stages(job, run_id, start)
     for stage, uri in checkpoints.items():
         _log_final_checkpoint(job, run_id, stage, uri)
     model = assemble_model(checkpoints, config)
     budget = job.tracking.outage_budget_s
+    tags = start.version_tags if start is not None else {}
     version = retry_tracking(
-        lambda: _register_once(model, job, run_id), "registering the model", budget
+        lambda: _register_once(model, job, run_id, tags), "registering the model", budget
     )
     client = MlflowClient(job.tracking_uri)
     retry_tracking(lambda: client.set_terminated(run_id, "FINISHED"), "finishing the run", budget)
@@ -108,24 +130,22 @@ def _train_and_register(
 
 
 def _train_stages(
-    job: TrainJobConfig, run_id: str, plan: ResumePlan | None = None
+    job: TrainJobConfig, run_id: str, start: StartingPoint | None = None
 ) -> tuple[dict[str, str], LDMConfig]:
     """Each stage of the table as a Ray Train job, in order; the latents are cached once,
     by the trained autoencoder, before the first stage that trains on them. Returns the
     final checkpoint of each stage and the config they measured (the latent scale).
-    With a resume ``plan``, the stages before its stage are taken as they are and its
-    stage starts from its checkpoint."""
+    From a ``start``, the stages it finished are taken as they are and the others start
+    where it says (a checkpoint, initial weights)."""
     checkpoints: dict[str, str] = {}
-    if plan is not None:
-        _tag_resumed(job, run_id, plan)
-        checkpoints.update(plan.finished)  # the stages before the resumed one
+    if start is not None:
+        _tag_run(job, run_id, start.tags)
+        checkpoints.update(start.finished)
     latents_url = None
     for stage in STAGES:
         if stage.name in checkpoints:
             continue
-        extra: dict[str, Any] = {}
-        if plan is not None and stage.name == plan.stage:
-            extra["start_from"] = plan.start_uri
+        extra: dict[str, Any] = dict(start.stage_options.get(stage.name, {})) if start else {}
         if stage.inputs == "latents":
             if latents_url is None:
                 latents_url = cache_latents(
@@ -143,21 +163,14 @@ def _train_stages(
     return checkpoints, job.model
 
 
-def _tag_resumed(job: TrainJobConfig, run_id: str, plan: ResumePlan) -> None:
+def _tag_run(job: TrainJobConfig, run_id: str, tags: dict[str, str]) -> None:
     """The run records where it came from."""
     client = MlflowClient(job.tracking_uri)
-    tags = {
-        RESUMED_FROM_TAG: job.resume_from or "",
-        f"{RESUMED_FROM_TAG}.run_id": plan.source_run_id,
-        f"{RESUMED_FROM_TAG}.stage": plan.stage,
-        f"{RESUMED_FROM_TAG}.step": str(plan.step),
-    }
-    for key, value in tags.items():
-        retry_tracking(
-            lambda key=key, value=value: client.set_tag(run_id, key, value),
-            "tagging the run",
-            job.tracking.outage_budget_s,
-        )
+    retry_tracking(
+        lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+        "tagging the run",
+        job.tracking.outage_budget_s,
+    )
 
 
 def _log_final_checkpoint(job: TrainJobConfig, run_id: str, stage: StageName, uri: str) -> None:
@@ -301,6 +314,7 @@ def result_record(result: TrainResult) -> TrainedVersion:
         model_name=result.model_version.name,
         version=str(result.model_version.version),
         checkpoints=result.checkpoints,
+        parent_version=result.model_version.tags.get(PARENT_VERSION_TAG),
     )
 
 

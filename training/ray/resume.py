@@ -14,7 +14,6 @@ Ray workers on any node read them the way they read their own.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -23,25 +22,15 @@ from mlflow import MlflowClient
 
 from data import storage
 from training.checkpoints import RUNS_CHECKPOINT_URI, checkpoint_artifact_path, load_checkpoint
-from training.config import LDMConfig
 from training.job import TrainJobConfig
 from training.mlflow.checkpoint_artifacts import logged_checkpoints
+from training.ray.starting_point import StartingPoint, with_budgets
 from training.stages import STAGE_NAMES, StageName, get_stage
 
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """Where each stage starts in the new run."""
-
-    stage: StageName  # the stage that continues
-    step: int  # from this step
-    start_uri: str  # its checkpoint, in storage
-    finished: dict[StageName, str]  # the stages before it: their final checkpoints
-    config: LDMConfig  # the model config: the checkpoint's networks, the job's budgets
-    source_run_id: str
+RESUMED_FROM_TAG = "ldm.resumed_from"
 
 
-def plan_resume(job: TrainJobConfig) -> ResumePlan:
+def plan_resume(job: TrainJobConfig) -> StartingPoint:
     """Read ``job.resume_from``, copy what is needed into the run's storage, and say
     where each stage starts. ValueError when the URI or what it names is not usable."""
     uri = job.resume_from or ""
@@ -70,8 +59,18 @@ def plan_resume(job: TrainJobConfig) -> ResumePlan:
     for earlier in STAGE_NAMES[: STAGE_NAMES.index(stage)]:
         path = _final_checkpoint(client, run_id, earlier, config)
         finished[earlier] = _import(client, run_id, path, imported)
-    budgets = {f"{name}_training": getattr(job.model, f"{name}_training") for name in STAGE_NAMES}
-    return ResumePlan(stage, state.step, start, finished, config.model_copy(update=budgets), run_id)
+    tags = {
+        RESUMED_FROM_TAG: uri,
+        f"{RESUMED_FROM_TAG}.run_id": run_id,
+        f"{RESUMED_FROM_TAG}.stage": stage,
+        f"{RESUMED_FROM_TAG}.step": str(state.step),
+    }
+    return StartingPoint(
+        config=with_budgets(config, job.model),
+        finished=finished,
+        stage_options={stage: {"start_from": start}},
+        tags=tags,
+    )
 
 
 def _read(uri: str):

@@ -30,6 +30,7 @@ from training.checkpoints import (
     checkpoint_artifact_path,
     load_autoencoder,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 from training.config import StageConfig
@@ -88,8 +89,9 @@ def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start(job: StageJob) -> _Run:
-    """Seed this rank, build the stage's network and optimiser, and restore them from
-    the latest checkpoint of the run if there is one."""
+    """Seed this rank, build the stage's network (from its initial weights, if given)
+    and optimiser, and restore them from the latest checkpoint of the run if there is
+    one."""
     stage = get_stage(job.stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -97,7 +99,10 @@ def _start(job: StageJob) -> _Run:
     torch.set_num_threads(job.job.scaling.torch_threads)
     torch.manual_seed(config.seed * 1000 + rank)
     device = ray.train.torch.get_device()
-    net = stage.build(config).to(device)
+    net = stage.build(config)
+    if job.init_weights is not None:  # a warm start; a checkpoint of the run overrides it
+        net.load_state_dict(load_weights(job.init_weights))
+    net = net.to(device)
     optimisation = make_optimisation(net, training)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     step, epoch, into_epoch = _restore(net, optimisation, ema, job.start_from)

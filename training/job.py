@@ -105,6 +105,13 @@ class JobSettings(FrozenConfig):
         "and skip the autoencoder stage (the data's image size and channels must match)",
     )
     loader_workers: int = Field(1, ge=0)
+    loader_memory_mb: int = Field(
+        256,
+        ge=0,
+        description="a rank whose whole training split decodes into this many MiB reads "
+        "it once and serves every later epoch from memory, in the same order (0: stream "
+        "the shards every epoch)",
+    )
     tracking: TrackingSettings = TrackingSettings()
     job_timeout_s: float = Field(
         86_400.0, gt=0, description="a training Ray Job still running by then is stopped"

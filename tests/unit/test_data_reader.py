@@ -107,6 +107,30 @@ def test_order_is_reproducible_from_seed_and_epoch(dataset):
     assert _identities(unshuffled) != order(0, 0)
 
 
+@pytest.mark.parametrize(("rank", "world_size", "workers"), [(0, 1, 0), (0, 1, 2), (1, 2, 1)])
+def test_a_split_kept_in_memory_gives_the_streamed_batches_in_order(
+    dataset, rank, world_size, workers
+):
+    """Within the memory budget the split is decoded once and every epoch's batches are
+    those streaming the shards gives, in the same order, whatever the workers."""
+    folder = str(dataset[0])
+    for epoch in (0, 1):
+        args = (folder, "train", rank, world_size, 8, 4, epoch)
+        streamed = build_loader(*args, num_workers=workers)
+        kept = build_loader(*args, num_workers=workers, memory_budget=1 << 20)
+        assert streamed.decoded is None and kept.decoded is not None
+        pairs = list(zip(streamed, kept, strict=True))
+        assert len(pairs) == len(streamed)
+        for (x, y), (x_kept, y_kept) in pairs:
+            assert torch.equal(x, x_kept) and torch.equal(y, y_kept)
+
+
+def test_a_split_over_the_memory_budget_is_streamed(dataset):
+    loader = build_loader(str(dataset[0]), "train", 0, 1, 8, 0, 0, memory_budget=COUNT * 255)
+    assert loader.decoded is None  # 110 images of 16×16 bytes do not fit
+    assert len(list(loader)) == len(loader)
+
+
 def test_a_shard_that_fails_its_checksum_is_reported(dataset, tmp_path):
     folder = _copy(dataset[0], tmp_path / "ds")
     shard = folder / "train-000003.tar"
@@ -115,6 +139,8 @@ def test_a_shard_that_fails_its_checksum_is_reported(dataset, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(StorageError, match="train-000003.tar does not match the manifest"):
         list(build_loader(str(folder), "train", 0, 1, 10, 0, 0, num_workers=0))
+    with pytest.raises(StorageError, match="train-000003.tar does not match the manifest"):
+        build_loader(str(folder), "train", 0, 1, 10, 0, 0, memory_budget=1 << 20)  # decoding
 
 
 def test_a_damaged_image_names_its_shard(dataset, tmp_path):

@@ -147,6 +147,7 @@ def _train(run: _Run) -> int | None:
             config.seed,
             run.epoch,
             num_workers=job.job.loader_workers,
+            memory_budget=job.job.loader_memory_mb << 20,
         )
         for x, y in itertools.islice(loader, run.into_epoch, None):
             x, y = x.to(run.device), y.to(run.device)

@@ -147,7 +147,7 @@ class JobSettings(FrozenConfig):
                 f"{uri} is a run's checkpoint: continue it with resume_from (--resume-from); "
                 "init_from takes a registered version, models:/NAME@ALIAS or models:/NAME/VERSION"
             )
-        return parse_model_uri(uri).uri
+        return parse_model_uri(uri, "a registered model URI").uri
 
     @model_validator(mode="after")
     def _one_start(self) -> JobSettings:

@@ -26,12 +26,13 @@ class ModelRef:
         return f"models:/{self.name}/{version}"
 
 
-def parse_model_uri(uri: str) -> ModelRef:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → :class:`ModelRef`."""
+def parse_model_uri(uri: str, setting: str = "model_uri") -> ModelRef:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → :class:`ModelRef`; the
+    error names ``setting``, the option or field the URI came from."""
     match = _MODEL_URI.match(uri.strip())
     if match is None:
         raise ValueError(
-            f"model_uri must look like models:/NAME@ALIAS (e.g. models:/ldm@champion) "
+            f"{setting} must look like models:/NAME@ALIAS (e.g. models:/ldm@champion) "
             f"or models:/NAME/VERSION (e.g. models:/ldm/3), got {uri!r}"
         )
     return ModelRef(match["name"], match["alias"], match["version"])

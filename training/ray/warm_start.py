@@ -47,7 +47,7 @@ def plan_warm_start(job: TrainJobConfig) -> StartingPoint:
         name, version = resolve_model_version(uri, job.tracking_uri)
         parent = load_model_version(f"models:/{name}/{version}", job.tracking_uri)
     except LookupError as error:
-        raise ValueError(f"--init-from {uri}: {error}") from None
+        raise ValueError(f"--init-from: {error}") from None
     _check_fits(parent.config, job.model, uri)
     config = with_budgets(parent.config, job.model).model_copy(
         update={"seed": job.model.seed, "class_names": job.model.class_names}

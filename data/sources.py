@@ -1,9 +1,12 @@
 """Where samples come from: the built-in MNIST digits, a folder of images, or an ``.npz``.
 
-``open_source(spec)`` lists a source without decoding it: which inputs there are, their
-labels, the class names, and the inputs already known to be unusable (a file that is
-not an image, an empty class folder, an ``.npz`` label out of range) with the reason.
-``Source.read`` then fetches one input's raw content; decoding happens in the writer.
+Array sources (``mnist``, ``.npz``) are loaded whole by :func:`open_array_source`;
+folders are walked as a stream (:func:`walk_local_folder`, or an S3 listing) and
+spilled to disk by ``data.listing``, which numbers the inputs and knows the class
+names and the inputs already known to be unusable (a file that is not an image, an
+empty class folder, an ``.npz`` label out of range) with the reason.
+A shard's task carries the pixels of its array inputs, or the URLs of its files, so
+the shard writer needs nothing else from the source wherever it runs.
 
 Folder layout: if any file sits in a sub-folder, ``ROOT/<class name>/…`` is read as
 classes (ids from the sorted class names; files at the top level are skipped);
@@ -22,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -52,118 +56,89 @@ class Skipped:
     reason: str
 
 
-@dataclass
-class Source:
-    """A listed source. ``images`` holds the pixels of array sources, None for files."""
+@dataclass(frozen=True)
+class ArraySource:
+    """An in-memory source (the built-in digits or an ``.npz``): pixels and its inputs."""
 
     description: str
     class_names: tuple[str, ...]
+    images: np.ndarray  # uint8 [N, H, W(, C)]
     inputs: list[Input]
     skipped: list[Skipped] = field(default_factory=list)
-    images: np.ndarray | None = None
-
-    def read(self, item: Input) -> bytes | np.ndarray:
-        """Raw content of one input: encoded file bytes, or uint8 pixels [H, W(, C)]."""
-        if self.images is not None:
-            return self.images[item.index]
-        return storage.read_bytes(item.url)
 
 
-def open_source(spec: str) -> Source:
-    """``mnist``, a path or ``s3://`` URL of an ``.npz`` file, or of an image folder."""
+def is_array_source(spec: str) -> bool:
+    """``mnist`` and ``.npz`` files are read whole; anything else is an image folder."""
+    return spec == "mnist" or spec.lower().endswith(".npz")
+
+
+def open_array_source(spec: str) -> ArraySource:
+    """``mnist`` or an ``.npz`` (local or ``s3://``), loaded whole."""
     if spec == "mnist":
         images, labels = load_mnist(32)
         inputs = [Input(ref=str(i), label=int(y), index=i) for i, y in enumerate(labels)]
-        return Source("the built-in MNIST digits", MNIST_CLASS_NAMES, inputs, images=images)
-    if spec.lower().endswith(".npz"):
-        return _npz_source(spec)
+        return ArraySource("the built-in MNIST digits", MNIST_CLASS_NAMES, images, inputs)
+    return _npz_source(spec)
+
+
+def check_folder(spec: str) -> None:
+    """A local folder source must exist (S3 prefixes are checked by listing them)."""
     loc = storage.parse(spec)
     if not loc.is_s3 and not loc.path.is_dir():
         raise ValueError(
             f"SOURCE '{spec}' is not 'mnist', an existing .npz file or an existing image folder"
         )
-    return _folder_source(spec)
 
 
-def _folder_source(url: str) -> Source:
-    loc = storage.parse(url)
-    unusable: list[Skipped] = []
-    if loc.is_s3:
-        files = list(storage.list_files(url))  # S3 keys are UTF-8 objects, never links
-    else:
-        files, unusable = list_local_folder(loc.path)
-    in_folders = any("/" in f.name for f in files if not _hidden(f.name))
-    class_names = _class_names(url, files) if in_folders else ()
-    class_ids = {name: i for i, name in enumerate(class_names)}
-    inputs, skipped = [], []
-    for f in files:
-        parts = PurePosixPath(f.name).parts
-        if _hidden(f.name):
-            skipped.append(Skipped(f.name, "hidden file or folder"))
-        elif not f.name.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append(
-                Skipped(f.name, f"not an image file name ({', '.join(IMAGE_EXTENSIONS)})")
-            )
-        elif in_folders and len(parts) == 1:
-            skipped.append(Skipped(f.name, "outside any class folder"))
-        else:
-            inputs.append(
-                Input(ref=f.name, label=class_ids[parts[0]] if in_folders else 0, url=f.url)
-            )
-    used = {i.label for i in inputs}
-    for name in class_names:
-        if class_ids[name] not in used:
-            skipped.append(Skipped(f"{name}/", "class folder holds no images"))
-    skipped += unusable
-    kind = f"{len(class_names)} class folders" if in_folders else "unconditional images"
-    return Source(f"{url} ({kind})", class_names, inputs, sorted(skipped, key=lambda s: s.ref))
+def classify(name: str) -> str | None:
+    """Why a listed file name cannot be an input whatever the layout, or None."""
+    if hidden(name):
+        return "hidden file or folder"
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        return f"not an image file name ({', '.join(IMAGE_EXTENSIONS)})"
+    return None
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
     return any(part.startswith(".") for part in PurePosixPath(name).parts)
 
 
-def _class_names(url: str, files: list[storage.Listed]) -> tuple[str, ...]:
-    names = {PurePosixPath(f.name).parts[0] for f in files if "/" in f.name}
-    loc = storage.parse(url)
-    if not loc.is_s3:  # a local class folder may be empty; S3 has no empty folders
-        names |= {
-            d.name
-            for d in loc.path.iterdir()
-            if d.is_dir() and not d.is_symlink() and _utf8(d.name) is not None
-        }
-    return tuple(sorted(n for n in names if not n.startswith(".")))
+def local_class_folders(root: Path) -> set[str]:
+    """Class folder names directly under a local ``root``, empty ones included (S3 has
+    no empty folders): a class whose folder holds no images is reported, not lost."""
+    return {
+        d.name
+        for d in root.iterdir()
+        if d.is_dir()
+        and not d.is_symlink()
+        and _utf8(d.name) is not None
+        and not d.name.startswith(".")
+    }
 
 
-def list_local_folder(root: Path) -> tuple[list[storage.Listed], list[Skipped]]:
-    """Regular files under ``root`` (recursively, sorted by relative name, links to
-    files followed) and the entries that cannot be inputs, with the reason."""
+def walk_local_folder(root: Path) -> Iterator[storage.Listed | Skipped]:
+    """Regular files under ``root`` (recursively, links to files followed) and the
+    entries that cannot be inputs, with the reason, as the walk meets them: one folder's
+    entries at a time, so a folder of millions of files is never held in a list."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    files: list[storage.Listed] = []
-    skipped: list[Skipped] = []
     for folder, dirs, names in os.walk(root, followlinks=False):
         base = Path(folder)
         for name in list(dirs):
             if (base / name).is_symlink():
                 dirs.remove(name)
-                skipped.append(
-                    Skipped(
-                        _ref(root, base / name) + "/",
-                        "symbolic link to a folder (links to folders are not followed)",
-                    )
+                yield Skipped(
+                    _ref(root, base / name) + "/",
+                    "symbolic link to a folder (links to folders are not followed)",
                 )
-        dirs.sort()
         for name in names:
             path = base / name
             ref = _ref(root, path)
             reason = _unusable(path)
             if reason is not None:
-                skipped.append(Skipped(ref, reason))
+                yield Skipped(ref, reason)
             else:
-                files.append(storage.Listed(ref, str(path), path.stat().st_size))
-    files.sort(key=lambda f: f.name)
-    return files, skipped
+                yield storage.Listed(ref, str(path), path.stat().st_size)
 
 
 def _ref(root: Path, path: Path) -> str:
@@ -194,7 +169,7 @@ def _unusable(path: Path) -> str | None:
     return None
 
 
-def _npz_source(url: str) -> Source:
+def _npz_source(url: str) -> ArraySource:
     try:
         arrays = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
     except FileNotFoundError as error:
@@ -209,7 +184,7 @@ def _npz_source(url: str) -> Source:
     images = _check_npz_images(url, arrays["images"])
     if "labels" not in arrays:
         inputs = [Input(ref=str(i), label=0, index=i) for i in range(len(images))]
-        return Source(f"{url} (unconditional)", (), inputs, images=images)
+        return ArraySource(f"{url} (unconditional)", (), images, inputs)
     labels = _check_npz_labels(url, arrays["labels"], len(images))
     valid = labels >= 0
     if "class_names" in arrays:
@@ -222,7 +197,7 @@ def _npz_source(url: str) -> Source:
         Skipped(str(i), f"label {labels[i]} outside 0 … {len(class_names) - 1}")
         for i in np.flatnonzero(~valid)
     ]
-    return Source(f"{url} ({len(class_names)} classes)", class_names, inputs, skipped, images)
+    return ArraySource(f"{url} ({len(class_names)} classes)", class_names, images, inputs, skipped)
 
 
 def _check_npz_images(url: str, images: np.ndarray) -> np.ndarray:

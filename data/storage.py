@@ -291,7 +291,8 @@ def delete(url: str) -> None:
 
 
 def list_files(url: str) -> Iterator[Listed]:
-    """Every file under a folder or prefix, recursively, sorted by name."""
+    """Every file under a folder or prefix, recursively, sorted by name. S3 listings
+    are streamed page by page (S3 returns keys in order), whatever their length."""
     loc = parse(url)
     if not loc.is_s3:
         root = loc.path
@@ -303,12 +304,16 @@ def list_files(url: str) -> Iterator[Listed]:
         return
     prefix = loc.key + "/" if loc.key else ""
     client = s3_client()
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
-    for page in _s3_call(url, lambda: list(pages)):
+    request = {"Bucket": loc.bucket, "Prefix": prefix}
+    while True:  # one page (≤ 1,000 keys) at a time, each retried on its own
+        page = _s3_call(url, lambda: client.list_objects_v2(**request), 3)
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix) :]
             if name and not name.endswith("/"):
                 yield Listed(name=name, url=join(url, name), size=obj["Size"])
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def sha256_file(path: Path) -> str:

@@ -14,9 +14,16 @@ from PIL import Image
 from data.convert import BadInput, decode, prepare
 from data.manifest import ShardOptions, load_manifest
 from data.shard import shard_dataset
-from data.sources import open_source
+from data.listing import open_listing
 
 OPTIONS = ShardOptions(image_size=16, channels=3, shard_max_samples=8, val_fraction=0.0)
+
+
+def _listed(spec: str, scratch: Path):
+    """The listing of ``spec`` and all its inputs in position order."""
+    scratch.mkdir(exist_ok=True)
+    listing = open_listing(spec, scratch)
+    return listing, listing.inputs_at(range(listing.count))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -64,9 +71,9 @@ EXPECTED_SKIPS = {
 
 def test_folder_with_bad_files_converts_what_it_can_and_lists_the_rest(tmp_path):
     _messy_folder(tmp_path / "src")
-    source = open_source(str(tmp_path / "src"))
+    source, inputs = _listed(str(tmp_path / "src"), tmp_path / "scratch")
     assert source.class_names == ("cat", "dog", "empty")
-    assert {i.ref: i.label for i in source.inputs}["dog/nested/deeper.png"] == 1
+    assert {i.ref: i.label for i in inputs}["dog/nested/deeper.png"] == 1
 
     shard_dataset(str(tmp_path / "src"), str(tmp_path / "out"), OPTIONS, progress=False)
 
@@ -105,9 +112,9 @@ def _samples(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
 def test_unconditional_folder_has_no_class_names_and_label_zero(tmp_path):
     for i in range(3):
         _save(tmp_path / f"img{i}.png", Image.new("L", (16, 16), i * 50))
-    source = open_source(str(tmp_path))
+    source, inputs = _listed(str(tmp_path), tmp_path.parent / f"{tmp_path.name}-scratch")
     assert source.class_names == ()
-    assert [(i.ref, i.label) for i in source.inputs] == [
+    assert [(i.ref, i.label) for i in inputs] == [
         ("img0.png", 0),
         ("img1.png", 0),
         ("img2.png", 0),
@@ -141,22 +148,25 @@ def test_npz_labels_out_of_range_are_skipped_and_listed(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     labels = np.array([0, 1, 2, 5, -1, 1])
     names = np.array(["a", "b", "c"])
-    source = open_source(_npz(tmp_path / "d.npz", images=images, labels=labels, class_names=names))
+    npz = _npz(tmp_path / "d.npz", images=images, labels=labels, class_names=names)
+    source, inputs = _listed(npz, tmp_path)
     assert source.class_names == ("a", "b", "c")
-    assert [i.ref for i in source.inputs] == ["0", "1", "2", "5"]
-    assert [(s.ref, s.reason) for s in source.skipped] == [
+    assert [i.ref for i in inputs] == ["0", "1", "2", "5"]
+    assert [(s.ref, s.reason) for s in source.skipped()] == [
         ("3", "label 5 outside 0 … 2"),
         ("4", "label -1 outside 0 … 2"),
     ]
-    without_names = open_source(_npz(tmp_path / "e.npz", images=images, labels=labels))
-    assert without_names.class_names == tuple("012345") and len(without_names.inputs) == 5
+    without_names, inputs = _listed(
+        _npz(tmp_path / "e.npz", images=images, labels=labels), tmp_path
+    )
+    assert without_names.class_names == tuple("012345") and len(inputs) == 5
 
 
 def test_npz_without_labels_is_unconditional_and_grayscale_arrays_work(tmp_path):
     images = np.zeros((4, 20, 20), np.uint8)
-    source = open_source(_npz(tmp_path / "g.npz", images=images))
-    assert source.class_names == () and {i.label for i in source.inputs} == {0}
-    assert source.read(source.inputs[0]).shape == (20, 20)
+    source, inputs = _listed(_npz(tmp_path / "g.npz", images=images), tmp_path)
+    assert source.class_names == () and {i.label for i in inputs} == {0}
+    assert source.pixels_at([0]).shape == (1, 20, 20)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +181,7 @@ def test_npz_without_labels_is_unconditional_and_grayscale_arrays_work(tmp_path)
 )
 def test_npz_that_cannot_be_read_says_what_to_fix(tmp_path, arrays, message):
     with pytest.raises(ValueError, match=message):
-        open_source(_npz(tmp_path / "bad.npz", **arrays))
+        open_listing(_npz(tmp_path / "bad.npz", **arrays), tmp_path)
 
 
 def test_empty_or_missing_source_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -18,7 +18,7 @@ from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader, iter_verified_samples
 from data.shard import shard_dataset
-from data.sources import open_source
+from data.listing import open_listing
 
 OPTIONS = ShardOptions(image_size=8, channels=1, shard_max_samples=4, val_fraction=0.25)
 
@@ -165,5 +165,5 @@ def test_a_source_listing_never_escapes_into_symlinked_folders(tmp_path):
     _images(src, 2)
     _images(tmp_path / "secret", 3)
     (src / "peek").symlink_to(tmp_path / "secret", target_is_directory=True)
-    listed = open_source(str(src))
-    assert [i.ref for i in listed.inputs] == ["000.png", "001.png"]
+    listed = open_listing(str(src), tmp_path)
+    assert [i.ref for i in listed.inputs_at(range(listed.count))] == ["000.png", "001.png"]

@@ -22,6 +22,7 @@ writer records in the manifest.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,15 +47,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise BadInput(f"too large: {error}") from error
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise BadInput(
-            f"not a decodable image ({type(error).__name__}: {error}); only PNG, JPEG, WebP, "
-            "BMP and GIF files are read"
+            f"not a decodable image ({type(error).__name__}: {_plain(error)}); only PNG, JPEG, "
+            "WebP, BMP and GIF files are read"
         ) from error
     check_pixels(*image.size, max_pixels)
     try:
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as error:
-        raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {_plain(error)}"
+        raise BadInput(f"not a decodable image ({reason})") from error
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -134,3 +136,9 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
     image.load()
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(*pixels.shape[:2], channels)
+
+
+def _plain(error: Exception) -> str:
+    """The error's text without object addresses (``<_io.BytesIO object at 0x…>``): a
+    reason is written into the manifest, which must not depend on the process."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", str(error))

@@ -34,7 +34,7 @@ from data.sources import (
     walk_local_folder,
 )
 
-_BATCH = 10_000  # rows per INSERT, and positions per SELECT
+_BATCH = 2_000  # rows per INSERT or fetch
 _SCHEMA = """
 CREATE TABLE files (ref TEXT NOT NULL, url TEXT NOT NULL, folder TEXT);
 CREATE TABLE skipped (ref TEXT NOT NULL, reason TEXT NOT NULL);

@@ -112,8 +112,8 @@ def shard_dataset(
         results = write_shards(engine, tasks, options, out_url, replaces_manifest, workers)
         with _progress(listing.count, progress) as bar:
             for result in results:
-                bar.update(len(result.task.inputs))
-                fingerprint.update(_shard_line(result.task, result.content))
+                bar.update(result.num_inputs)
+                fingerprint.update(_shard_line(result.split, result.index, result.content))
                 skipped += result.skipped
                 if result.entry is not None:
                     entries.append(result.entry)
@@ -170,7 +170,7 @@ def existing_dataset(source: str, out_url: str, options: ShardOptions) -> Manife
     with _listed(source) as listing:
         fingerprint = _fingerprint_start(options, listing.class_names)
         for task in plan_shards(listing, options):
-            fingerprint.update(_shard_line(task, input_content(task)))
+            fingerprint.update(_shard_line(task.split, task.index, input_content(task)))
     return previous if fingerprint.hexdigest() == previous.fingerprint else None
 
 
@@ -193,8 +193,8 @@ def _fingerprint_start(options: ShardOptions, class_names: tuple[str, ...]) -> A
     return fingerprint
 
 
-def _shard_line(task: ShardTask, content: str) -> bytes:
-    return f"{task.split}\t{task.index}\t{content}\n".encode()
+def _shard_line(split: str, index: int, content: str) -> bytes:
+    return f"{split}\t{index}\t{content}\n".encode()
 
 
 def _describe(source: str) -> str:

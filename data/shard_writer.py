@@ -57,11 +57,14 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What writing one shard gave: its manifest entry (None when every input was
-    skipped), the skipped inputs, a digest of its inputs' content (for the dataset's
-    fingerprint) and whether it was sent (False: the destination already held it)."""
+    """What writing one shard gave: how many inputs it had, its manifest entry (None
+    when every input was skipped), the skipped inputs, a digest of its inputs' content
+    (for the dataset's fingerprint) and whether it was sent (False: the destination
+    already held it). Small: the task's inputs do not travel back."""
 
-    task: ShardTask
+    split: Split
+    index: int
+    num_inputs: int
     entry: ShardEntry | None
     skipped: tuple[SkippedInput, ...]
     content: str
@@ -107,7 +110,15 @@ def write_shard(
                 tar.write(sample | {"json": meta})
                 written += 1
         if not written:
-            return ShardResult(task, None, tuple(skipped), content.hexdigest(), sent=False)
+            return ShardResult(
+                task.split,
+                task.index,
+                len(task.inputs),
+                None,
+                tuple(skipped),
+                content.hexdigest(),
+                False,
+            )
         entry = ShardEntry(
             name=task.name,
             split=task.split,
@@ -116,7 +127,9 @@ def write_shard(
             sha256=storage.sha256_file(local),
         )
         sent = _publish(local, entry, out_url, replaces_manifest)
-    return ShardResult(task, entry, tuple(skipped), content.hexdigest(), sent)
+    return ShardResult(
+        task.split, task.index, len(task.inputs), entry, tuple(skipped), content.hexdigest(), sent
+    )
 
 
 def input_content(task: ShardTask) -> str:

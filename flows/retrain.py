@@ -11,10 +11,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from data.manifest import ShardOptions
 from flows.events import emit_dataset_event
 from flows.report import DatasetSummary, Endpoint, RetrainReport, report_markdown
-from flows.retrain_config import DEFAULTS, RetrainConfig, ServeSettings
+from flows.retrain_config import DEFAULTS, RetrainConfig, ServeSettings, ShardSettings
 from flows.tasks import (
     deploy,
     evaluate_and_promote,
@@ -32,12 +31,17 @@ __all__ = ["DEFAULTS", "RetrainConfig", "retrain"]
 
 @flow(name="shard-dataset")
 def shard_flow(
-    source: str, dataset_url: str, options: ShardOptions = DEFAULTS.shard, announce: bool = True
+    source: str,
+    dataset_url: str,
+    options: ShardSettings = DEFAULTS.shard,
+    announce: bool = True,
+    ray_address: str | None = None,
 ) -> DatasetSummary:
     """Shard ``source`` to ``dataset_url`` unless it is up to date. With ``announce``,
     new shards are published as the event ``ldm.dataset.sharded``, which starts the
-    deployments that have the new-dataset trigger (``retrain`` passes False)."""
-    data = shard(source, dataset_url, options)
+    deployments that have the new-dataset trigger (``retrain`` passes False). With
+    ``options.engine`` ``ray``, shards are written on the cluster at ``ray_address``."""
+    data = shard(source, dataset_url, options, ray_address)
     if announce and data.resharded:
         emit_dataset_event(dataset_url, data.fingerprint, data.counts)
     return data
@@ -89,7 +93,9 @@ def retrain(config: RetrainConfig = DEFAULTS, new_dataset: str | None = None) ->
     if new_dataset:
         data = use_dataset(new_dataset)
     else:
-        data = shard_flow(config.source, dataset_url, config.shard, announce=False)
+        data = shard_flow(
+            config.source, dataset_url, config.shard, announce=False, ray_address=ray_address
+        )
     require_val_split(dataset_url)  # promotion needs one: fail before training, not after
     job = config.train.job(dataset_url, run_prefix="retrain-")
     if config.warm_start.from_champion:

@@ -6,6 +6,8 @@ deployment takes it as its ``config`` parameter."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from data.frozen import FrozenConfig
@@ -67,12 +69,30 @@ class WarmStartSettings(FrozenConfig):
     )
 
 
+class ShardSettings(ShardOptions):
+    """How the dataset is sharded: the options that decide its content, and where the
+    work runs (which does not change a byte of it)."""
+
+    engine: Literal["threads", "ray"] = Field(
+        "threads",
+        description="threads: in the flow's process; ray: Ray tasks on the cluster at "
+        "ray_address (a Ray Job when that is a dashboard URL)",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="shards written at once (default: one per CPU)"
+    )
+
+    def options(self) -> ShardOptions:
+        """The content options alone, as the manifest records them."""
+        return ShardOptions(**self.model_dump(exclude={"engine", "workers"}))
+
+
 class RetrainConfig(FrozenConfig):
     """Everything ``ldm retrain`` does, with embedded defaults for a laptop."""
 
     source: str = Field("mnist", description="'mnist', an image folder or an .npz, or s3://")
     dataset_url: str | None = Field(None, description="default: LDM_HOME/data/<name>")
-    shard: ShardOptions = ShardOptions(channels=1)
+    shard: ShardSettings = ShardSettings(channels=1)
     train: TrainSettings = TrainSettings(scaling=ScalingSettings(cpus_per_worker=2.0))
     warm_start: WarmStartSettings = WarmStartSettings()
     ray_address: str | None = Field(

@@ -12,10 +12,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from data.manifest import ShardOptions
 from data.storage import PermanentStorageError
 from flows.report import DatasetSummary
-from flows.retrain_config import GridSettings, RetrainConfig
+from flows.retrain_config import GridSettings, RetrainConfig, ShardSettings
 from serving.config import AppConfig
 from training.evaluation.promotion import PromotionResult
 from training.job import TrainedVersion, TrainJobConfig, default_local_store
@@ -35,19 +34,31 @@ io_task = task(
 
 
 @io_task
-def shard(source: str, dataset_url: str, options: ShardOptions) -> DatasetSummary:
+def shard(
+    source: str, dataset_url: str, settings: ShardSettings, ray_address: str | None = None
+) -> DatasetSummary:
     """The dataset at ``dataset_url``; re-sharding is skipped when a manifest of the
     same source content and options is already there."""
-    from data.shard import existing_dataset, shard_dataset
+    from data.shard import existing_dataset
+    from flows.sharding import shard_where
 
     log = get_run_logger()
+    options = settings.options()
     manifest = existing_dataset(source, dataset_url, options)
     if manifest is not None:
         log.info("dataset %s is up to date with %s: re-sharding skipped", dataset_url, source)
         return DatasetSummary.of(dataset_url, manifest, resharded=False)
-    report = shard_dataset(source, dataset_url, options, progress=False)
-    log.info(report.summary())
-    return DatasetSummary.of(dataset_url, report.manifest, resharded=True)
+    done = shard_where(
+        source,
+        dataset_url,
+        options,
+        engine=settings.engine,
+        ray_address=ray_address,
+        workers=settings.workers,
+        log=log.info,
+    )
+    log.info(done.summary)
+    return DatasetSummary.of(dataset_url, done.manifest, resharded=True)
 
 
 @io_task

@@ -22,6 +22,7 @@ _FIELDS = {
     "image_size": ("shard", "image_size"),
     "channels": ("shard", "channels"),
     "val_fraction": ("shard", "val_fraction"),
+    "shard_on_ray": ("shard", "engine"),
     "preset": ("train", "preset"),
     "workers": ("train", "scaling", "num_workers"),
     "cpus_per_worker": ("train", "scaling", "cpus_per_worker"),
@@ -197,6 +198,13 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     add("--image-size", type=int, help="image side (default: 32)")
     add("--channels", type=int, choices=(1, 3), help="1 grayscale or 3 RGB (default: 1)")
     add("--val-fraction", type=float, help="share of images held out for evaluation (0.1)")
+    add(
+        "--shard-on-ray",
+        action="store_const",
+        const="ray",
+        help="write the shards as Ray tasks on the cluster at --ray-address (shard.engine: "
+        "ray); the bytes are the same as without",
+    )
     add("--preset", choices=get_args(PresetName), help="model preset (default: demo)")
     add("--workers", type=int, help="Ray Train workers (default: 1)")
     add("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 2)")

@@ -8,7 +8,6 @@ import sys
 
 def _shard(args: argparse.Namespace) -> int:
     from data.manifest import ShardOptions
-    from data.shard import shard_dataset
     from data.storage import StorageError
     from flows.cli.config_files import config_error
 
@@ -23,17 +22,25 @@ def _shard(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # a ValidationError is a ValueError
         return config_error("ldm shard", error, option_style=True)
+    from flows.sharding import shard_where
+
     try:
-        report = shard_dataset(
-            args.source, args.out_url, options, workers=args.workers, progress=not args.no_progress
+        done = shard_where(
+            args.source,
+            args.out_url,
+            options,
+            engine="threads" if args.ray is None else "ray",
+            ray_address=args.ray or None,
+            workers=args.workers,
+            progress=not args.no_progress,
         )
-    except (StorageError, ValueError, OSError) as error:
+    except (StorageError, ValueError, OSError, RuntimeError) as error:  # RayUnavailable too
         print(f"ldm shard: error: {error}", file=sys.stderr)
         return 1
-    print(report.summary())
+    print(done.summary)
     from flows.events import emit_dataset_event
 
-    manifest = report.manifest
+    manifest = done.manifest
     if emit_dataset_event(args.out_url, manifest.fingerprint, manifest.counts):
         print("announced to Prefect as event ldm.dataset.sharded")
     return 0
@@ -104,7 +111,20 @@ def add_shard_command(commands: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=None,
-        help="threads that decode and encode images (default: one per CPU, at most 8)",
+        help="shards written at once: threads of this process (default: one per CPU, at "
+        "most 8), or with --ray Ray tasks (default: one per CPU of the cluster)",
+    )
+    shard.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="write the shards as Ray tasks on a cluster: its address (head:6379, 'auto'; "
+        "without one, RAY_ADDRESS or a local Ray), or its dashboard URL "
+        "(http://head:8265) to run the whole command there as a Ray Job. The bytes "
+        "written are the same as without --ray; SOURCE and OUT_URL must be reachable "
+        "from every node (s3:// on a real cluster)",
     )
     shard.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shard.set_defaults(handler=_shard)

@@ -14,10 +14,10 @@ from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
 from data import storage
-from data.manifest import ShardOptions, load_manifest
+from data.manifest import load_manifest
 from data.reader import build_loader
 from flows.retrain import retrain, shard_flow
-from flows.retrain_config import RetrainConfig, ServeSettings, WarmStartSettings
+from flows.retrain_config import RetrainConfig, ServeSettings, ShardSettings, WarmStartSettings
 from flows.tasks import shard
 from tests.integration.services import free_port
 from training.evaluation.scoring import EvaluationSettings
@@ -40,7 +40,7 @@ def config(ray_cluster, mlflow_server, s3_session, tmp_path_factory) -> RetrainC
     return RetrainConfig(
         source="mnist",
         dataset_url="s3://ldm-data/retrain-mnist",
-        shard=ShardOptions(channels=1, shard_max_samples=600),
+        shard=ShardSettings(channels=1, shard_max_samples=600),
         train=TrainSettings(
             preset="tiny",
             storage_url="s3://ldm-runs/retrain",
@@ -148,7 +148,7 @@ def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
 
     @flow
     def only_shard():
-        return shard("mnist", url, ShardOptions(channels=1, shard_max_samples=600))
+        return shard("mnist", url, ShardSettings(channels=1, shard_max_samples=600))
 
     result = only_shard()
     assert len(calls) > 9  # 9 shards, one of them sent twice after the retry
@@ -175,7 +175,7 @@ def test_a_missing_bucket_fails_the_task_at_once_without_retries(
 
     @flow
     def only_shard():
-        return shard("mnist", "s3://no-such-bucket-ldm/mnist", ShardOptions(channels=1))
+        return shard("mnist", "s3://no-such-bucket-ldm/mnist", ShardSettings(channels=1))
 
     with pytest.raises(storage.PermanentStorageError, match="bucket 'no-such-bucket-ldm' does"):
         only_shard()
@@ -206,7 +206,7 @@ def _dataset_events(url: str) -> list[dict]:
 def test_the_shard_flow_announces_new_shards_only(prefect_harness, s3_session):
     import time
 
-    url, options = "s3://ldm-data/announced-mnist", ShardOptions(channels=1, shard_max_samples=600)
+    url, options = "s3://ldm-data/announced-mnist", ShardSettings(channels=1, shard_max_samples=600)
     first = shard_flow("mnist", url, options)
     second = shard_flow("mnist", url, options)  # up to date: nothing new to announce
     assert first.resharded and not second.resharded

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from data.manifest import ShardOptions
 from flows.cli import main
-from flows.retrain_config import RetrainConfig
+from flows.retrain_config import RetrainConfig, ShardSettings
 from serving.config import AppConfig
 from training.config import DiffusionConfig, StageConfig
 from training.evaluation.scoring import EvaluationSettings
@@ -74,7 +74,7 @@ def test_a_retrain_without_a_val_split_is_refused_before_any_work(capsys):
     code, err = _run(capsys, "retrain", "--val-fraction", "0")
     assert code == 2 and "need a val split: use --val-fraction 0.1" in err
     with pytest.raises(ValidationError, match="evaluation and promotion need a val split"):
-        RetrainConfig(shard=ShardOptions(val_fraction=0.0))
+        RetrainConfig(shard=ShardSettings(val_fraction=0.0))
 
 
 FLOAT_FIELDS: list[tuple[type[BaseModel], dict, str]] = [

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from data.convert import BadInput, decode, prepare
+from data.listing import open_listing
 from data.manifest import ShardOptions, load_manifest
 from data.shard import shard_dataset
-from data.listing import open_listing
 
 OPTIONS = ShardOptions(image_size=16, channels=3, shard_max_samples=8, val_fraction=0.0)
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from data import storage
+from data.listing import open_listing
 from data.manifest import ShardOptions, load_manifest
 from data.reader import build_loader, iter_verified_samples
 from data.shard import shard_dataset
-from data.listing import open_listing
 
 OPTIONS = ShardOptions(image_size=8, channels=1, shard_max_samples=4, val_fraction=0.25)
 

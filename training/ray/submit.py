@@ -114,6 +114,47 @@ def submit_training(
     return TrainedVersion.model_validate_json(storage.read_bytes(result_url))
 
 
+def run_ldm_job(
+    address: str,
+    arguments: list[str],
+    *,
+    python: str = "python",
+    timeout_s: float = 24 * 3600.0,
+    poll_interval_s: float = 2.0,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Run ``ldm ARGUMENTS`` as a Ray Job on the cluster whose dashboard is at
+    ``address`` and wait for it; returns the job's log. The job's driver runs on the
+    cluster, so paths in ``arguments`` must be reachable from there (s3:// URLs).
+    Stopped on the deadline, an error or an interruption; RuntimeError with the end
+    of its log when it fails."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entrypoint = " ".join([python, "-m", "flows.cli", *map(shlex.quote, arguments)])
+    env = settings_env()  # where S3 is; credentials come from the nodes
+    submission_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=f"ldm-{arguments[0]}-{uuid.uuid4().hex[:8]}",
+        runtime_env={"env_vars": env} if env else None,
+    )
+    log(f"submitted Ray Job {submission_id}: {entrypoint}")
+    try:
+        hint = "; it was stopped. A re-run continues where it stopped"
+        deadline = time.monotonic() + timeout_s
+        status = _wait(client, submission_id, deadline, poll_interval_s, hint)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.stop_job(submission_id)
+        raise
+    logs = client.get_job_logs(submission_id)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(
+            f"Ray Job {submission_id} ended {status.value}; the end of its log:\n{logs[-3000:]}"
+        )
+    return logs
+
+
 def raise_recorded_failure(result_url: str) -> None:
     """A failed job's driver records a failure that retrying cannot fix (a non-finite
     loss) in its result file: raise it as itself, so orchestrators do not retry."""
@@ -168,14 +209,24 @@ def _submit(
     return submission_id, result_url
 
 
-def _wait(client: Any, submission_id: str, deadline: float, poll_interval_s: float) -> Any:
+_TRAINING_DEADLINE = (
+    "(job_timeout_s); it was stopped. Raise job_timeout_s for longer runs; a re-run with "
+    "the same run name resumes from its checkpoints"
+)
+
+
+def _wait(
+    client: Any,
+    submission_id: str,
+    deadline: float,
+    poll_interval_s: float,
+    hint: str = _TRAINING_DEADLINE,
+) -> Any:
     status = client.get_job_status(submission_id)
     while not status.is_terminal():
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"Ray Job {submission_id} was still {status.value} at the deadline "
-                "(job_timeout_s); it was stopped. Raise job_timeout_s for longer runs; a "
-                "re-run with the same run name resumes from its checkpoints"
+                f"Ray Job {submission_id} was still {status.value} at the deadline {hint}"
             )
         time.sleep(poll_interval_s)
         status = client.get_job_status(submission_id)

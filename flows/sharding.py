@@ -63,15 +63,17 @@ def _as_ray_job(
     workers: int | None,
     log: Callable[[str], None],
 ) -> Sharded:
-    """``ldm shard SOURCE OUT_URL --ray auto`` run by the cluster as a Ray Job."""
+    """``ldm shard SOURCE OUT_URL --ray`` run by the cluster as a Ray Job (whose driver
+    joins its own cluster through the RAY_ADDRESS that Ray sets for it)."""
     from data.manifest import load_manifest
     from training.ray.submit import run_ldm_job
 
-    arguments = ["shard", source, out_url, "--ray", "auto", "--no-progress"]
+    arguments = ["shard", source, out_url, "--no-progress"]
     for name, value in options.model_dump().items():
         arguments += [f"--{name.replace('_', '-')}", str(value)]
     if workers is not None:
         arguments += ["--workers", str(workers)]
+    arguments.append("--ray")
     logs = run_ldm_job(address, arguments, log=log)
     manifest = load_manifest(out_url)
     written = [line for line in logs.splitlines() if line.startswith("Wrote ")]

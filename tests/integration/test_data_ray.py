@@ -162,3 +162,21 @@ def test_the_ray_driver_memory_does_not_grow_with_the_source(ray_cluster, tmp_pa
     # 40,000 more inputs: a driver that kept them listed (as this project's sharder did
     # before, ~290 bytes an input) grows by 11 MiB; one that streams them, by about 1.
     assert large["peak_mib"] - small["peak_mib"] < 4, (small, large)
+
+
+def test_ldm_shard_with_a_dashboard_url_runs_as_a_ray_job(ray_cluster, s3_session, capsys):
+    from flows.cli import main
+
+    options = ShardOptions(channels=1, shard_max_samples=1000)
+    shard_dataset("mnist", "s3://ldm-data/mnist-threads", options, progress=False)
+    url = "s3://ldm-data/mnist-ray-job"
+    code = main(
+        ["shard", "mnist", url, "--shard-max-samples", "1000", "--ray", ray_cluster.dashboard_url]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "submitted Ray Job" in out and "Wrote 5,000 samples (4,500 train, 500 val)" in out
+    import boto3
+
+    client = boto3.client("s3")
+    assert _files(url, client) == _files("s3://ldm-data/mnist-threads", client)

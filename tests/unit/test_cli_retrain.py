@@ -48,6 +48,10 @@ def test_options_land_in_the_typed_sections_they_belong_to():
     scaling = config.train.scaling
     assert (scaling.num_workers, scaling.cpus_per_worker, scaling.torch_threads) == (2, 4.0, 4)
     assert not config.serve.enabled and config.out_dir == "/o"
+    assert config.shard.engine == "threads"
+    on_ray = _config("--shard-on-ray", "--ray-address", "http://head:8265")
+    assert on_ray.shard.engine == "ray" and on_ray.ray_address == "http://head:8265"
+    assert on_ray.shard.options() == DEFAULTS.shard.options()  # the same dataset
     assert config.serve.app == DEFAULTS.serve.app  # the replicas' settings travel as they are
     assert _config().train.scaling.cpus_per_worker == 2.0  # the laptop default: both cores
 

@@ -12,7 +12,10 @@ same inputs and options give the same bytes, whoever writes them.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import tarfile
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -89,14 +92,12 @@ def write_shard(
     it already holds these exact bytes. ``replaces_manifest``: an older manifest may be
     at ``out_url``; it is deleted before this shard is sent, so a manifest never
     describes shards that are not there. ``threads`` decode inputs in parallel."""
-    import webdataset as wds
-
     content = hashlib.sha256()
     skipped: list[SkippedInput] = []
     with _scratch(out_url) as scratch:
         local = Path(scratch) / task.name
         written = 0
-        with wds.TarWriter(str(local), mtime=TAR_MTIME) as tar:
+        with SampleTar(local) as tar:
             convert = partial(_convert, task, options)
             converted = _ordered_map(convert, range(len(task.inputs)), threads)
             for slot, (k, result) in enumerate(converted, start=task.first_slot):
@@ -106,8 +107,7 @@ def write_shard(
                     skipped.append(SkippedInput(input=item.ref, reason=result.reason or ""))
                     continue
                 meta = {"path": item.ref} if item.url else {"index": item.index}
-                sample = {"__key__": f"{slot:09d}", "png": result.png, "cls": item.label}
-                tar.write(sample | {"json": meta})
+                tar.write(f"{slot:09d}", png=result.png, cls=item.label, meta=meta)
                 written += 1
         if not written:
             return ShardResult(
@@ -130,6 +130,33 @@ def write_shard(
     return ShardResult(
         task.split, task.index, len(task.inputs), entry, tuple(skipped), content.hexdigest(), sent
     )
+
+
+class SampleTar:
+    """A WebDataset shard: per sample ``KEY.cls`` (the class id as text), ``KEY.json``
+    (where the input came from) and ``KEY.png``, in that order, with fixed owner, mode
+    and mtime, as webdataset's ``TarWriter`` writes them (a test compares the bytes).
+    Written with ``tarfile`` alone: a Ray worker that only writes shards does not load
+    webdataset, and with it torch, which would take longer than a shard."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
+        self._tar = tarfile.open(fileobj=self._file, mode="w|")  # noqa: SIM115
+
+    def write(self, key: str, png: bytes, cls: int, meta: dict) -> None:
+        fields = {"cls": str(cls).encode(), "json": json.dumps(meta).encode(), "png": png}
+        for extension, value in fields.items():
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size, info.mtime, info.mode = len(value), TAR_MTIME, 0o444
+            info.uname = info.gname = "bigdata"
+            self._tar.addfile(info, io.BytesIO(value))
+
+    def __enter__(self) -> SampleTar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tar.close()
+        self._file.close()
 
 
 def input_content(task: ShardTask) -> str:

@@ -37,13 +37,21 @@ from data.shard import shard_dataset
 OPTIONS = ShardOptions(image_size=32, channels=3, shard_max_samples=1000, val_fraction=0.1)
 
 _DRIVER = """
-import json, resource, sys
+import json, sys
 from data.manifest import ShardOptions
 from flows.sharding import shard_where
+from training.ray.connection import connect_ray
+
+def mib(field):
+    line = [l for l in open("/proc/self/status") if l.startswith(field)][0]
+    return int(line.split()[1]) / 1024
+
+connect_ray(sys.argv[3])
+before = mib("VmRSS:")
 options = ShardOptions(image_size=8, channels=1, shard_max_samples=1000, val_fraction=0.1)
 done = shard_where(sys.argv[1], sys.argv[2], options, engine="ray", ray_address=sys.argv[3])
-print(json.dumps({"samples": sum(done.manifest.counts.values()),
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"samples": sum(done.manifest.counts.values()), "before_mib": before,
+                  "after_mib": mib("VmRSS:"), "peak_mib": mib("VmHWM:")}))
 """
 
 
@@ -110,7 +118,10 @@ def worker_peaks_mib() -> list[float]:
 
 
 def memory(count: int, address: str, tmp: Path) -> list[str]:
-    rows = ["| inputs | driver peak RSS (MiB) |", "|---:|---:|"]
+    rows = [
+        "| inputs | driver RSS before sharding (MiB) | after (MiB) | peak (MiB) |",
+        "|---:|---:|---:|---:|",
+    ]
     for n in (count // 10, count):
         source = tiny_folder(tmp / f"tiny{n}", n)
         result = subprocess.run(
@@ -121,7 +132,10 @@ def memory(count: int, address: str, tmp: Path) -> list[str]:
         )
         measured = json.loads(result.stdout.strip().splitlines()[-1])
         assert measured["samples"] == n, measured
-        rows.append(f"| {n:,} | {measured['peak_mib']:.1f} |")
+        rows.append(
+            f"| {n:,} | {measured['before_mib']:.1f} | {measured['after_mib']:.1f} "
+            f"| {measured['peak_mib']:.1f} |"
+        )
     peaks = worker_peaks_mib()
     rows += ["", f"Ray workers' peak RSS: {', '.join(f'{p:.0f}' for p in sorted(peaks))} MiB."]
     return rows

@@ -43,8 +43,7 @@ def shard_where(
     from data.shard import shard_dataset
 
     if engine == "ray":
-        from training.ray.connection import connect_ray
-        from training.ray.submit import is_job_address
+        from training.ray.connection import connect_ray, is_job_address
 
         if is_job_address(ray_address):
             return _as_ray_job(source, out_url, options, ray_address, workers, log)

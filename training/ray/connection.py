@@ -30,6 +30,11 @@ STALE_CHECK_S = 3.0  # an address file whose cluster does not answer this fast i
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
 
 
+def is_job_address(address: str | None) -> bool:
+    """A Ray dashboard URL (``http://head:8265``): submit a Ray Job instead of joining."""
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
 class RayUnavailable(RuntimeError):
     """No Ray cluster answers at the address; the message says which and what to do."""
 

@@ -21,14 +21,10 @@ from urllib.parse import urlparse
 from data import storage
 from data.environment import settings_env
 from training.job import TrainedVersion, TrainJobConfig
+from training.ray.connection import is_job_address
 
 RUN_NAME_KEY, RESULT_URL_KEY = "ldm.run_name", "ldm.result_url"  # Ray Job metadata
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def is_job_address(address: str | None) -> bool:
-    """A Ray dashboard URL (``http://head:8265``): submit a Ray Job instead of joining."""
-    return bool(address) and address.startswith(("http://", "https://"))
 
 
 def train_job(

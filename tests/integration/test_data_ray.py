@@ -180,3 +180,43 @@ def test_ldm_shard_with_a_dashboard_url_runs_as_a_ray_job(ray_cluster, s3_sessio
 
     client = boto3.client("s3")
     assert _files(url, client) == _files("s3://ldm-data/mnist-threads", client)
+
+
+def test_an_interrupted_latent_cache_encodes_only_the_missing_shards(
+    ray_cluster, mnist_url, tmp_path
+):
+    import boto3
+    import torch
+
+    from training.checkpoints import StageState, save_checkpoint
+    from training.models import Autoencoder
+    from training.presets import get_preset
+    from training.ray.latent_cache import cache_latents
+
+    config = get_preset("tiny")  # 32×32, 1 channel: the digits' format
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(config.autoencoder)
+    optimizer = torch.optim.AdamW(autoencoder.parameters()).state_dict()
+    state = StageState("autoencoder", 0, 0, 0, autoencoder.state_dict(), optimizer, {})
+    checkpoint = str(save_checkpoint(tmp_path / "ae", state, config))
+    out = "s3://ldm-runs/latent-resume"
+    first = cache_latents(mnist_url, checkpoint, out, config)
+
+    client = boto3.client("s3")
+
+    def shards() -> dict[str, str]:  # name → ETag of every latent shard
+        listing = client.list_objects_v2(Bucket="ldm-runs", Prefix="latent-resume/train-")
+        return {o["Key"]: o["ETag"] + str(o["LastModified"]) for o in listing["Contents"]}
+
+    before = shards()
+    manifest = client.get_object(Bucket="ldm-runs", Key="latent-resume/manifest.json")
+    # an interruption: no manifest yet, one shard never written
+    client.delete_object(Bucket="ldm-runs", Key="latent-resume/manifest.json")
+    lost = sorted(before)[1]
+    client.delete_object(Bucket="ldm-runs", Key=lost)
+    assert cache_latents(mnist_url, checkpoint, out, config) == first
+    after = shards()
+    assert after.keys() == before.keys()
+    assert {k for k in before if after[k] != before[k]} == {lost}  # only it was encoded
+    again = client.get_object(Bucket="ldm-runs", Key="latent-resume/manifest.json")
+    assert again["Body"].read() == manifest["Body"].read()

@@ -4,12 +4,22 @@ Each image shard becomes one latent shard (``npy`` float32 [C, h, w] scaled late
 plus the class id), written by a Ray task, so the denoiser and classifier stages
 never run the encoder per step. The cache has its own manifest (kind ``latents``)
 and is read with the same reader as the images.
+
+Resumable at any size: beside each latent shard its task writes a record
+``done/<shard>.json`` (its manifest entry, the cache's fingerprint and the image
+shard's sha256). A task whose record matches, and whose shard is still there with
+the recorded size, returns the recorded entry without encoding, so a re-run after an
+interruption only encodes what is missing, and the driver never reads the shards
+itself (it only collects entries). Each worker process loads the autoencoder once,
+however many shards it encodes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -51,8 +61,9 @@ def cache_latents(
         storage.delete(manifest_url(out_url))
     folder = source_url.rsplit("/", 1)[0]
     encode = ray.remote(num_cpus=1)(_encode_shard)
+    settings = (images.channels, autoencoder_checkpoint, out_url, fingerprint)
     pending = [
-        encode.remote(folder, entry.model_dump(), images.channels, autoencoder_checkpoint, out_url)
+        encode.remote(folder, entry.model_dump(), *settings)
         for entry in images.split_shards("train")
     ]
     entries = [ShardEntry.model_validate(done) for done in ray.get(pending)]
@@ -71,14 +82,52 @@ def cache_latents(
 
 
 def _encode_shard(
-    folder: str, entry_json: dict, channels: int, autoencoder_checkpoint: str, out_url: str
+    folder: str,
+    entry_json: dict,
+    channels: int,
+    autoencoder_checkpoint: str,
+    out_url: str,
+    fingerprint: str,
 ) -> dict:
-    """Ray task: one image shard → one latent shard at ``out_url``; returns its entry."""
+    """Ray task: one image shard → one latent shard at ``out_url``; returns its entry
+    (the recorded one when an earlier run already wrote this shard of this cache)."""
+    entry = ShardEntry.model_validate(entry_json)
+    record_url = storage.join(out_url, f"done/{entry.name}.json")
+    done = _recorded(record_url, out_url, fingerprint, entry.sha256)
+    if done is not None:
+        return done
+    written = _encode(folder, entry, channels, autoencoder_checkpoint, out_url)
+    record = {"entry": written, "fingerprint": fingerprint, "source_sha256": entry.sha256}
+    storage.write_bytes(record_url, json.dumps(record).encode())
+    return written
+
+
+def _recorded(record_url: str, out_url: str, fingerprint: str, source_sha256: str) -> dict | None:
+    """The entry an earlier task recorded for this shard of this cache, if its shard is
+    still there with the recorded size; else None."""
+    try:
+        record = json.loads(storage.read_bytes(record_url))
+    except (FileNotFoundError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("source_sha256") != source_sha256:
+        return None
+    entry = ShardEntry.model_validate(record["entry"])
+    found = storage.stat(storage.join(out_url, entry.name))
+    return entry.model_dump() if found is not None and found[0] == entry.num_bytes else None
+
+
+@functools.lru_cache(maxsize=1)
+def _autoencoder(checkpoint: str):  # -> Autoencoder, loaded once per worker process
+    return load_autoencoder(checkpoint)
+
+
+def _encode(
+    folder: str, entry: ShardEntry, channels: int, autoencoder_checkpoint: str, out_url: str
+) -> dict:
     import webdataset as wds
 
     torch.set_num_threads(1)
-    entry = ShardEntry.model_validate(entry_json)
-    autoencoder = load_autoencoder(autoencoder_checkpoint)
+    autoencoder = _autoencoder(autoencoder_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / entry.name
         count = 0

@@ -4,7 +4,8 @@ for one rank of a distributed job.
 Guarantees (all computed from the manifest, so ranks need not talk to each other):
 
 - the ranks read disjoint sets of whole shards, re-dealt every epoch from ``seed`` and
-  ``epoch`` (largest shards first to the rank holding the fewest samples);
+  ``epoch`` (largest shards first to the rank holding the fewest samples), or, with
+  ``sampling="resampled"``, shards each rank draws with replacement (``data.dealing``);
 - every rank yields exactly ``len(loader)`` full batches per epoch: the smallest rank's
   sample count // batch_size. Ranks holding more stop early, so distributed training
   never waits on an exhausted rank;
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import manifest as manifests
 from data import storage
 from data.convert import decode_png
+from data.dealing import ShardSampling, assign_shards, draw_shards
 from data.manifest import SPLITS, Manifest, ShardEntry, Split, load_manifest
 
 Batch = tuple[Tensor, Tensor]
@@ -54,6 +56,7 @@ def build_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     memory_budget: int = 0,
+    sampling: ShardSampling = "partitioned",
 ) -> ShardLoader:
     """Exactly ``len(loader)`` batches ``(images float32 [B, C, H, W] in [-1, 1], labels
     int64 [B])`` of one split for ``rank`` of ``world_size`` in ``epoch``; B = batch_size,
@@ -65,32 +68,39 @@ def build_loader(
     (1 or 0: no shuffling). The order is reproducible from ``seed``, ``epoch`` and
     ``num_workers``. ``memory_budget``: bytes of decoded samples this process may keep;
     when the whole split fits, it is decoded once and served from memory (0: stream
-    every epoch from the shards). Raises ValueError when the split cannot feed every rank at least
-    one batch, :class:`storage.StorageError` when a shard is missing or damaged.
+    every epoch from the shards). ``sampling``: how ranks get shards (``data.dealing``:
+    each shard once per epoch, or drawn with replacement). Raises ValueError when the
+    split cannot feed every rank at least one batch, :class:`storage.StorageError` when
+    a shard is missing or damaged.
     """
     _check_arguments(split, rank, world_size, batch_size, num_workers)
     url = manifest_url_of(dataset_url)
     manifest = load_manifest(url)
     shards = manifest.split_shards(split)
-    if len(shards) < world_size:
-        raise ValueError(
-            f"the {split} split has {len(shards)} shards, fewer than world_size {world_size}: "
-            f"every rank needs its own shards; re-shard with a smaller --shard-max-samples "
-            f"or use fewer ranks"
-        )
-    per_rank = assign_shards(shards, world_size, seed, epoch)
-    num_batches = min(sum(s.num_samples for s in r) for r in per_rank) // batch_size
+    if sampling == "resampled":  # this rank's share of the split, drawn with replacement
+        num_batches = manifest.counts.get(split, 0) // world_size // batch_size
+        mine = draw_shards(shards, num_batches * batch_size, seed, epoch, rank) if shards else []
+    else:
+        if len(shards) < world_size:
+            raise ValueError(
+                f"the {split} split has {len(shards)} shards, fewer than world_size "
+                f"{world_size}: every rank needs its own shards; re-shard with a smaller "
+                "--shard-max-samples, use fewer ranks, or draw shards with replacement "
+                "(shard_sampling: resampled)"
+            )
+        per_rank = assign_shards(shards, world_size, seed, epoch)
+        num_batches = min(sum(s.num_samples for s in r) for r in per_rank) // batch_size
+        mine = per_rank[rank]
     if num_batches == 0:
         raise ValueError(
             f"a rank gets fewer than batch_size={batch_size} {split} samples "
             f"({manifest.counts.get(split, 0)} over {world_size} ranks): lower batch_size"
         )
     folder = url.rsplit("/", 1)[0] if "/" in url else "."
-    mine = per_rank[rank]
     dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, (seed, epoch, rank))
     decoded = _decoded_split(folder, manifest, split, memory_budget)
     if decoded is None:
-        check_shards_exist(folder, mine)
+        check_shards_exist(folder, list({s.name: s for s in mine}.values()))
     workers = min(num_workers, len(mine))
     return ShardLoader(manifest, dataset, num_batches, batch_size, workers, decoded)
 
@@ -98,27 +108,6 @@ def build_loader(
 def manifest_url_of(url: str) -> str:
     """The ``manifest.json`` URL for a dataset folder, prefix or manifest URL."""
     return manifests.manifest_url(url.rstrip("/"))
-
-
-def assign_shards(
-    shards: Sequence[ShardEntry], world_size: int, seed: int, epoch: int
-) -> list[list[ShardEntry]]:
-    """Deal whole shards to ranks: a seeded shuffle, then largest first to the rank with
-    the fewest samples so far (ties: lowest rank). Returns one disjoint list per rank, in
-    the order that rank reads them."""
-    rng = random.Random(f"assign/{seed}/{epoch}")
-    order = list(shards)
-    rng.shuffle(order)
-    order.sort(key=lambda s: -s.num_samples)  # stable: equal sizes keep the shuffled order
-    ranks: list[list[ShardEntry]] = [[] for _ in range(world_size)]
-    totals = [0] * world_size
-    for shard in order:
-        r = min(range(world_size), key=lambda i: (totals[i], i))
-        ranks[r].append(shard)
-        totals[r] += shard.num_samples
-    for assigned in ranks:
-        rng.shuffle(assigned)
-    return ranks
 
 
 def check_shards_exist(folder: str, shards: Sequence[ShardEntry]) -> None:

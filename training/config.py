@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from data.dealing import ShardSampling
 from training.diffusion import BetaScheduleName, GaussianDiffusion, get_named_beta_schedule
 from training.models.configs import (
     AutoencoderConfig,
@@ -44,6 +45,12 @@ class StageConfig(FrozenConfig):
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 = no EMA
     log_every: int = Field(50, ge=1)
+    shard_sampling: ShardSampling = Field(
+        "partitioned",
+        description="partitioned: every shard once per epoch, dealt to ranks (needs at "
+        "least as many shards as ranks); resampled: each rank draws shards with "
+        "replacement (any shard count, a dataset that grows between epochs)",
+    )
 
 
 class LDMConfig(FrozenConfig):

@@ -235,7 +235,7 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     denoiser steps: a new run takes the earlier run's autoencoder as it is, trains the
     denoiser from step 20 on (its optimiser and EMA restored) and the classifier, and
     records where it came from. A checkpoint already at the budget is refused before
-    any run starts."""
+    any run starts. The classifier draws its shards with replacement on both ranks."""
     job, result, _ = trained
     source = f"runs:/{result.run_id}/checkpoints/denoiser/step-0000020"
     at_budget = _job(mnist_url, mlflow_server, "resumed-too-far", resume_from=source)
@@ -245,7 +245,9 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     longer = tiny.model_copy(
         update={
             "denoiser_training": tiny.denoiser_training.model_copy(update={"steps": 30}),
-            "classifier_training": tiny.classifier_training.model_copy(update={"steps": 10}),
+            "classifier_training": tiny.classifier_training.model_copy(
+                update={"steps": 10, "shard_sampling": "resampled"}
+            ),
         }
     )
     resumed = run_training(
@@ -267,6 +269,7 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     assert [m.step for m in history] == [25, 30]
     assert run.data.metrics["denoiser/resumed_from_step"] == 20
     assert len(client.get_metric_history(resumed.run_id, "classifier/loss")) == 2
+    assert resumed.model.config.classifier_training.shard_sampling == "resampled"
     earlier, _ = load_checkpoint_uri(result.checkpoints["autoencoder"])
     taken, _ = load_checkpoint_uri(resumed.checkpoints["autoencoder"])
     assert all(torch.equal(taken.model[k], v) for k, v in earlier.model.items())

@@ -187,3 +187,65 @@ def test_impossible_requests_say_what_to_change(dataset, args, message):
     split, rank, world_size, batch_size = args
     with pytest.raises(ValueError, match=message):
         build_loader(str(dataset[0]), split, rank, world_size, batch_size, 0, 0)
+
+
+def test_resampled_shards_feed_more_ranks_than_there_are_shards(dataset):
+    folder, source = dataset
+    world_size, batch_size = 8, 4  # 6 shards: partitioned reading refuses 8 ranks
+    with pytest.raises(ValueError, match="shard_sampling: resampled"):
+        build_loader(str(folder), "train", 0, world_size, batch_size, 0, 0, num_workers=0)
+    per_rank = []
+    for rank in range(world_size):
+        loader = build_loader(
+            str(folder),
+            "train",
+            rank,
+            world_size,
+            batch_size,
+            0,
+            0,
+            num_workers=0,
+            sampling="resampled",
+        )
+        assert len(loader) == COUNT // world_size // batch_size == 3
+        seen = _identities(loader)
+        assert len(seen) == 3 * batch_size and all(source[p] == y for p, y in seen)
+        per_rank.append(loader.shard_names)
+    assert len({tuple(names) for names in per_rank}) > 1  # ranks draw differently
+    again = build_loader(
+        str(folder), "train", 3, world_size, batch_size, 0, 0, num_workers=0, sampling="resampled"
+    )
+    assert again.shard_names == per_rank[3]  # the same seed, epoch and rank: the same draw
+
+
+def test_resampled_reading_draws_every_shard_over_epochs_and_new_ones_when_the_data_grows(
+    dataset, tmp_path
+):
+    import json
+
+    folder = _copy(dataset[0], tmp_path / "ds")
+    names = load_manifest(str(folder)).split_shards("train")
+    drawn = set()
+    for epoch in range(12):
+        loader = build_loader(
+            str(folder), "train", 0, 2, 8, 0, epoch, num_workers=0, sampling="resampled"
+        )
+        drawn |= set(loader.shard_names)
+    assert drawn == {s.name for s in names}
+    # the dataset grows between epochs: a copy of a shard is published as a new one
+    manifest = json.loads((folder / "manifest.json").read_text())
+    extra = dict(manifest["shards"][0], name="train-000099.tar")
+    (folder / "train-000099.tar").write_bytes(
+        (folder / extra["name"].replace("99", "00")).read_bytes()
+    )
+    manifest["shards"].append(extra)
+    manifest["counts"]["train"] += extra["num_samples"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    later = set()
+    for epoch in range(12, 30):
+        loader = build_loader(
+            str(folder), "train", 0, 2, 8, 0, epoch, num_workers=0, sampling="resampled"
+        )
+        later |= set(loader.shard_names)
+        list(loader)  # every drawn shard reads and checks
+    assert "train-000099.tar" in later

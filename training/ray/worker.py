@@ -148,6 +148,7 @@ def _train(run: _Run) -> int | None:
             run.epoch,
             num_workers=job.job.loader_workers,
             memory_budget=job.job.loader_memory_mb << 20,
+            sampling=training.shard_sampling,
         )
         for x, y in itertools.islice(loader, run.into_epoch, None):
             x, y = x.to(run.device), y.to(run.device)

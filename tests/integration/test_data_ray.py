@@ -220,3 +220,39 @@ def test_an_interrupted_latent_cache_encodes_only_the_missing_shards(
     assert {k for k in before if after[k] != before[k]} == {lost}  # only it was encoded
     again = client.get_object(Bucket="ldm-runs", Key="latent-resume/manifest.json")
     assert again["Body"].read() == manifest["Body"].read()
+
+
+def test_a_shard_whose_worker_is_killed_is_written_again_by_ray(ray_cluster, tmp_path):
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    source = str(_rgb_folder(tmp_path / "src", 1_500))
+    options = OPTIONS.model_copy(update={"shard_max_samples": 600, "val_fraction": 0.0})
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_the_first_shard_writer() -> None:
+        while not stop.is_set() and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                if (process.info["cmdline"] or [""])[0].startswith("ray::_run"):
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_first_shard_writer)
+    killer.start()
+    try:
+        report = shard_dataset(
+            source, str(tmp_path / "ray"), options, engine="ray", workers=2, progress=False
+        )
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no shard writer was seen running"
+    reference = shard_dataset(source, str(tmp_path / "threads"), options, progress=False)
+    assert report.manifest == reference.manifest
+    assert _files(str(tmp_path / "ray")) == _files(str(tmp_path / "threads"))

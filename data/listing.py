@@ -4,7 +4,8 @@ An image folder (local or ``s3://``) may hold more names than fit in memory. Its
 listing streams into an SQLite file in a scratch folder (SQLite sorts on disk and
 keeps a small page cache), which then numbers the inputs in name order and answers
 "which inputs sit at these positions" for the shard plan. Memory stays flat however
-long the listing; disk use is about 100 bytes per file. Array sources (``mnist``,
+long the listing; disk use is about 100 bytes per file. An S3 prefix is listed with
+one stream per first-level folder at once (``data.s3_listing``). Array sources (``mnist``,
 ``.npz``) are in memory anyway and are numbered in place.
 
 Both kinds answer the same questions: :attr:`count`, :attr:`class_names`,
@@ -22,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from data import storage
+from data.s3_listing import list_tree
 from data.sources import (
     Input,
     Skipped,
@@ -102,7 +104,7 @@ class FolderListing:
         self._db = sqlite3.connect(scratch / "listing.sqlite", check_same_thread=False)
         self._db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + _SCHEMA)
         loc = storage.parse(url)
-        entries = storage.list_files(url) if loc.is_s3 else walk_local_folder(loc.path)
+        entries = list_tree(url) if loc.is_s3 else walk_local_folder(loc.path)
         folders, in_folders = self._spill(entries)
         if in_folders and not loc.is_s3:
             folders |= local_class_folders(loc.path)

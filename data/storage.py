@@ -175,7 +175,7 @@ def explain(error: Exception, url: str) -> Exception:
     return StorageError(f"S3 request for {url} failed at {endpoint}: {error}")
 
 
-def _s3_call(url: str, fn: Callable[[], _T], attempts: int = 1) -> _T:
+def s3_call(url: str, fn: Callable[[], _T], attempts: int = 1) -> _T:
     """Run ``fn``, retrying transient failures ``attempts`` times with backoff."""
     from botocore import exceptions as bx
 
@@ -198,7 +198,7 @@ def check_access(url: str) -> None:
     loc = parse(url)
     if loc.is_s3:
         client = s3_client()
-        _s3_call(url, lambda: client.list_objects_v2(Bucket=loc.bucket, MaxKeys=1))
+        s3_call(url, lambda: client.list_objects_v2(Bucket=loc.bucket, MaxKeys=1))
     elif not loc.path.exists():
         raise FileNotFoundError(f"{url} does not exist")
 
@@ -210,7 +210,7 @@ def stat(url: str) -> tuple[int, dict[str, str]] | None:
         return (loc.path.stat().st_size, {}) if loc.path.is_file() else None
     client = s3_client()
     try:
-        head = _s3_call(url, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key))
+        head = s3_call(url, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key))
     except FileNotFoundError:
         return None
     return head["ContentLength"], head.get("Metadata", {})
@@ -234,9 +234,7 @@ def read_bytes(url: str) -> bytes:
     if not loc.is_s3:
         return loc.path.read_bytes()
     client = s3_client()
-    return _s3_call(
-        url, lambda: client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read(), 3
-    )
+    return s3_call(url, lambda: client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read(), 3)
 
 
 def open_stream(url: str) -> IO[bytes]:
@@ -252,7 +250,7 @@ def write_bytes(url: str, data: bytes) -> None:
     loc = parse(url)
     if loc.is_s3:
         client = s3_client()
-        _s3_call(url, lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data), 3)
+        s3_call(url, lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data), 3)
         return
     loc.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = loc.path.with_name(f".{loc.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
@@ -274,7 +272,7 @@ def put_file(local: Path, url: str, metadata: dict[str, str] | None = None) -> N
     )
     extra = {"Metadata": metadata or {}}
     client = s3_client()
-    _s3_call(
+    s3_call(
         url, lambda: client.upload_file(str(local), loc.bucket, loc.key, extra, None, config), 4
     )
     local.unlink()
@@ -287,7 +285,7 @@ def delete(url: str) -> None:
         loc.path.unlink(missing_ok=True)
         return
     client = s3_client()
-    _s3_call(url, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key), 3)
+    s3_call(url, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key), 3)
 
 
 def list_files(url: str) -> Iterator[Listed]:
@@ -306,7 +304,7 @@ def list_files(url: str) -> Iterator[Listed]:
     client = s3_client()
     request = {"Bucket": loc.bucket, "Prefix": prefix}
     while True:  # one page (≤ 1,000 keys) at a time, each retried on its own
-        page = _s3_call(url, lambda: client.list_objects_v2(**request), 3)
+        page = s3_call(url, lambda: client.list_objects_v2(**request), 3)
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix) :]
             if name and not name.endswith("/"):
@@ -339,7 +337,7 @@ class _S3Stream:
     def _open(self) -> Any:
         client = s3_client()
         extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
-        return _s3_call(
+        return s3_call(
             self.url,
             lambda: client.get_object(Bucket=self._loc.bucket, Key=self._loc.key, **extra),
             3,

@@ -78,10 +78,11 @@ def test_an_s3_source_of_more_than_one_listing_page_shards_alike_on_ray(ray_clus
     client = boto3.client("s3")
     client.create_bucket(Bucket="ldm-ray-shard")
     images = [_png(i % 50, size=8) for i in range(50)]
-    for i in range(1_050):  # S3 lists 1,000 keys a page
+    for i in range(1_050):  # S3 lists 1,000 keys a page: c0 takes two pages
         client.put_object(
-            Bucket="ldm-ray-shard", Key=f"src/c{i % 2}/{i:05d}.png", Body=images[i % 50]
+            Bucket="ldm-ray-shard", Key=f"src/c{int(i >= 1_020)}/{i:05d}.png", Body=images[i % 50]
         )
+    client.put_object(Bucket="ldm-ray-shard", Key="src/stray.png", Body=images[0])
     options = OPTIONS.model_copy(update={"shard_max_samples": 200})
     source = "s3://ldm-ray-shard/src"
     shard_dataset(source, "s3://ldm-ray-shard/threads", options, progress=False)
@@ -89,6 +90,9 @@ def test_an_s3_source_of_more_than_one_listing_page_shards_alike_on_ray(ray_clus
 
     assert on_ray.manifest.counts == {"train": 840, "val": 210}
     assert on_ray.manifest.class_names == ("c0", "c1")
+    assert [(s.input, s.reason) for s in on_ray.manifest.skipped] == [
+        ("stray.png", "outside any class folder")
+    ]
     expected = _files("s3://ldm-ray-shard/threads", client)
     assert _files("s3://ldm-ray-shard/ray", client) == expected and len(expected) == 8
 

@@ -80,7 +80,7 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch):
             raise _client_error("SlowDown")
         return "done"
 
-    assert storage._s3_call("s3://bkt/k", flaky, attempts=3) == "done"
+    assert storage.s3_call("s3://bkt/k", flaky, attempts=3) == "done"
     assert len(calls) == 3
 
     def denied() -> None:
@@ -89,7 +89,7 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch):
 
     calls.clear()
     with pytest.raises(StorageError, match="refused the credentials"):
-        storage._s3_call("s3://bkt/k", denied, attempts=3)
+        storage.s3_call("s3://bkt/k", denied, attempts=3)
     assert len(calls) == 1
     assert isinstance(storage.explain(_client_error("NoSuchKey"), "s3://bkt/k"), FileNotFoundError)
 

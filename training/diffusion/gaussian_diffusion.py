@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from training.diffusion.exposure import EpsScale, check_eps_scaling, epsilon_scale, scale_eps
 from training.diffusion.guidance import Generators, GuidanceScale, guided_eps, randn
 from training.diffusion.schedules import (
     TimestepSpacing,
@@ -54,7 +55,12 @@ class GaussianDiffusion:
     subset for a respaced one (see :meth:`respaced`).
     """
 
-    def __init__(self, betas: np.ndarray, timestep_map: Sequence[int] | None = None):
+    def __init__(
+        self,
+        betas: np.ndarray,
+        timestep_map: Sequence[int] | None = None,
+        train_timesteps: int | None = None,
+    ):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
@@ -67,6 +73,7 @@ class GaussianDiffusion:
         )
         if len(self.timestep_map) != self.num_timesteps:
             raise ValueError("timestep_map must have one entry per beta")
+        self.train_timesteps = train_timesteps or self.num_timesteps  # T of the trained chain
 
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
@@ -180,7 +187,9 @@ class GaussianDiffusion:
             else:
                 kept = space_timesteps(self.num_timesteps, steps, spacing)
             betas = respace_betas(self.alphas_cumprod, kept)
-            self._respaced[steps, spacing] = GaussianDiffusion(betas, self.timestep_map[kept])
+            self._respaced[steps, spacing] = GaussianDiffusion(
+                betas, self.timestep_map[kept], self.train_timesteps
+            )
         return self._respaced[steps, spacing]
 
     def chain(self, sampler: SamplerName, steps: int | None) -> GaussianDiffusion:
@@ -222,6 +231,8 @@ class GaussianDiffusion:
         generator: Generators = None,
         x_T: Tensor | None = None,
         device: torch.device | str | None = None,
+        eps_scaling: EpsScale = 1.0,
+        eps_scaling_slope: EpsScale = 0.0,
     ) -> Tensor:
         """Draw samples [*shape] by running the reverse chain from x_T ~ N(0, I).
 
@@ -231,8 +242,14 @@ class GaussianDiffusion:
         (see :meth:`chain`); ``eta`` applies to DDIM only; ``dpmpp_2m`` (DPM-Solver++(2M))
         draws no noise after x_T. ``generator`` is one torch.Generator or one per sample,
         so a sample's noise does not depend on what else is in the batch.
+        ``eps_scaling`` b and ``eps_scaling_slope`` k divide every guided ε̂ by
+        λ_t = b + k·t/T (``training.diffusion.exposure``; 1 and 0: off), per sample too.
         """
         _check_sampling_args(sampler, eta, y, guidance_scale, classifier, classifier_scale)
+        check_eps_scaling(eps_scaling, eps_scaling_slope)
+        scaled = bool((torch.as_tensor(eps_scaling) != 1).any()) or bool(
+            (torch.as_tensor(eps_scaling_slope) != 0).any()
+        )
         chain = self.chain(sampler, steps)
         if device is None:
             device = next(model.parameters()).device
@@ -251,6 +268,11 @@ class GaussianDiffusion:
                 classifier_scale,
                 coef("sqrt_one_minus_alphas_cumprod"),
             )
+            if scaled:
+                lam = epsilon_scale(
+                    chain._model_timesteps(t), chain.train_timesteps, eps_scaling, eps_scaling_slope
+                )
+                eps = scale_eps(eps, lam)
             if sampler == "ddpm":
                 x = ddpm_update(coef, x, eps, randn(x.shape, generator, device))
             elif sampler == "ddim":

@@ -1,0 +1,106 @@
+"""Epsilon scaling (Ning et al. 2024): ε̂ / λ_t with λ_t = b + k·t/T, in every sampler."""
+
+import pytest
+import torch
+from torch import nn
+
+from training.diffusion import GaussianDiffusion, get_named_beta_schedule
+from training.diffusion.exposure import epsilon_scale
+
+SHAPE = (3, 2, 4, 4)
+T = 50
+
+
+ALPHAS_CUMPROD = torch.tensor(
+    GaussianDiffusion(get_named_beta_schedule("linear", T)).alphas_cumprod, dtype=torch.float32
+)
+
+
+class Wavy(nn.Module):
+    """ε(x, t, y): nearly the exact noise of data at 0 (x / √(1−ᾱ_t)), with a small
+    smooth part that depends on x, t and the label (3 is the learned null label)."""
+
+    num_classes = 3
+
+    def forward(self, x, t, y):
+        y = torch.full((x.shape[0],), 3) if y is None else y
+        sigma = (1 - ALPHAS_CUMPROD[t]).sqrt().reshape(-1, 1, 1, 1)
+        shift = (y.to(x.dtype) + 1).reshape(-1, 1, 1, 1) / 50
+        return 0.97 * x / sigma + 0.05 * torch.sin(x) + shift
+
+
+class Divided(nn.Module):
+    """The same network with its output divided by b + k·t/T: what scaling must equal."""
+
+    num_classes = 3
+
+    def __init__(self, b: float, k: float):
+        super().__init__()
+        self.inner, self.b, self.k = Wavy(), b, k
+
+    def forward(self, x, t, y):
+        return self.inner(x, t, y) / (self.b + self.k * t.to(x.dtype) / T).reshape(-1, 1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return GaussianDiffusion(get_named_beta_schedule("linear", T))
+
+
+def _sample(diffusion, model, sampler, **kw):
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(SHAPE[0])]
+    y = torch.tensor([0, 1, 2])
+    return diffusion.sample(
+        model,
+        SHAPE,
+        y=y,
+        guidance_scale=2.0,
+        sampler=sampler,
+        steps=10,
+        generator=generators,
+        device="cpu",
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_lambda_one_is_sampling_unchanged(diffusion, sampler):
+    plain = _sample(diffusion, Wavy(), sampler)
+    ones = _sample(diffusion, Wavy(), sampler, eps_scaling=torch.ones(3), eps_scaling_slope=0.0)
+    assert torch.equal(plain, ones)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize(("b", "k"), [(1.02, 0.0), (1.0, 0.05), (1.01, -0.01)])
+def test_a_scaled_chain_is_the_chain_of_the_divided_network(diffusion, sampler, b, k):
+    scaled = _sample(diffusion, Wavy(), sampler, eps_scaling=b, eps_scaling_slope=k)
+    divided = _sample(diffusion, Divided(b, k), sampler)
+    assert torch.allclose(scaled, divided, rtol=1e-4, atol=1e-7)
+    plain = _sample(diffusion, Wavy(), sampler)
+    assert (scaled - plain).abs().max() > 1e-5  # it did change the chain
+
+
+def test_each_row_keeps_its_own_scaling(diffusion):
+    b = torch.tensor([1.0, 1.03, 1.06])
+    together = _sample(diffusion, Wavy(), "ddim", eps_scaling=b)
+    for row in range(3):
+        alone = _sample(diffusion, Wavy(), "ddim", eps_scaling=float(b[row]))
+        assert torch.allclose(together[row], alone[row], atol=1e-6)
+
+
+def test_the_schedule_is_linear_in_the_model_timestep():
+    t = torch.tensor([0, 25, 49])
+    assert torch.allclose(epsilon_scale(t, T, 1.01, 0.1), torch.tensor([1.01, 1.06, 1.108]))
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"eps_scaling": 0.2}, r"\[0.5, 2\]"),
+        ({"eps_scaling_slope": 3.0}, r"\[-1, 1\]"),
+        ({"eps_scaling": 0.6, "eps_scaling_slope": -0.9}, "positive"),
+    ],
+)
+def test_scalings_out_of_range_are_refused(diffusion, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _sample(diffusion, Wavy(), "ddim", **kw)

@@ -84,6 +84,8 @@ def _respond(
             sampler=job.sampler,
             steps=job.steps,
             eta=job.eta,
+            eps_scaling=job.eps_scaling,
+            eps_scaling_slope=job.eps_scaling_slope,
             forwards=report.forwards,
             mean_rows_per_forward=round(report.mean_rows_per_forward, 3),
             max_rows_per_forward=report.max_rows_per_forward,

@@ -37,6 +37,8 @@ class SampleJob:
     steps: int
     eta: float  # DDIM only; 0 for the other samplers, where it has no effect
     seed: int
+    eps_scaling: float = 1.0  # ε̂ / (b + k·t/T), training.diffusion.exposure; 1 and 0: off
+    eps_scaling_slope: float = 0.0
 
 
 @dataclass(frozen=True)

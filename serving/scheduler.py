@@ -51,6 +51,7 @@ from serving.sampler import (
 )
 from serving.stats import EngineStats
 from training.diffusion import GaussianDiffusion, guided_eps
+from training.diffusion.exposure import epsilon_scale, scale_eps
 from training.diffusion.gaussian_diffusion import (
     Coefficients,
     ddim_update,
@@ -322,6 +323,10 @@ class StepScheduler:
                 s,
                 coef("sqrt_one_minus_alphas_cumprod"),
             )
+        if any(j.eps_scaling != 1 or j.eps_scaling_slope != 0 for j in jobs):
+            b = torch.tensor([j.eps_scaling for j in jobs], device=device)
+            k = torch.tensor([j.eps_scaling_slope for j in jobs], device=device)
+            eps = scale_eps(eps, epsilon_scale(model_t, rows[0].chain.train_timesteps, b, k))
         out, history = torch.empty_like(x), {}
         for sampler in {j.sampler for j in jobs}:
             index = [i for i, j in enumerate(jobs) if j.sampler == sampler]

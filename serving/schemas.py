@@ -81,6 +81,8 @@ class RequestLimits:
             "sampler": "'ddim', 'ddpm' or 'dpmpp_2m' (DPM-Solver++, good in 10 to 20 steps)",
             "steps": f"an integer from 1 to {self.max_steps}",
             "eta": "a number from 0 to 1 (DDIM only)",
+            "eps_scaling": "a number from 0.5 to 2 (b of λ_t = b + k·t/T; 1 is off)",
+            "eps_scaling_slope": "a number from -1 to 1 (k of λ_t = b + k·t/T; 0 is off)",
             "seed": f"an integer from 0 to {MAX_SEED}",
             "format": "'png' (one grid), 'json' (base64 PNG per image) or 'npy'",
         }.get(field, "see GET /v1/model for the fields and limits")
@@ -126,6 +128,9 @@ class SampleRequest(BaseModel):
     eta: float = 0.0
     seed: int | None = None  # default: a random seed, returned in the response
     format: ImageFormat = "png"
+    # epsilon scaling (Ning et al. 2024): ε̂ / (b + k·t/T) against exposure bias
+    eps_scaling: float = 1.0
+    eps_scaling_slope: float = 0.0
 
     @field_validator("labels")
     @classmethod
@@ -179,6 +184,20 @@ class SampleRequest(BaseModel):
     def _eta(cls, value: float) -> float:
         return _in_range(value, 1.0)
 
+    @field_validator("eps_scaling")
+    @classmethod
+    def _eps_scaling(cls, value: float) -> float:
+        if not 0.5 <= value <= 2.0:
+            raise ValueError(f"{value:g} is outside 0.5 to 2")
+        return value
+
+    @field_validator("eps_scaling_slope")
+    @classmethod
+    def _eps_scaling_slope(cls, value: float) -> float:
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"{value:g} is outside -1 to 1")
+        return value
+
     @field_validator("seed")
     @classmethod
     def _seed(cls, value: int | None) -> int | None:
@@ -192,6 +211,8 @@ class SampleRequest(BaseModel):
             raise ValueError("give either 'labels' (one class per image) or 'label' (one class)")
         if self.labels is not None and self.num_samples is not None:
             raise ValueError("'num_samples' goes with 'label'; with 'labels' give one per image")
+        if self.eps_scaling + min(self.eps_scaling_slope, 0.0) <= 0:
+            raise ValueError("epsilon scaling must stay positive: eps_scaling + eps_scaling_slope")
         return self
 
     def to_job(self, limits: RequestLimits) -> SampleJob:
@@ -205,6 +226,8 @@ class SampleRequest(BaseModel):
             steps=self.steps or limits.default_steps,
             eta=self.eta if self.sampler == "ddim" else 0.0,
             seed=self.seed if self.seed is not None else secrets.randbelow(2**31),
+            eps_scaling=self.eps_scaling,
+            eps_scaling_slope=self.eps_scaling_slope,
         )
 
 
@@ -219,7 +242,7 @@ def describe_errors(error: ValidationError, limits: RequestLimits) -> list[dict[
             field = "request"
         allowed = (
             "the fields labels or label (+ num_samples), guidance_scale, classifier_scale, "
-            "sampler, steps, eta, seed, format"
+            "sampler, steps, eta, seed, format, eps_scaling, eps_scaling_slope"
             if field == "request"
             else limits.allowed(field)
         )
@@ -241,6 +264,8 @@ class BatchInfo(BaseModel):
     sampler: str
     steps: int
     eta: float
+    eps_scaling: float = Field(1.0, description="b of λ_t = b + k·t/T (ε̂ / λ_t)")
+    eps_scaling_slope: float = Field(0.0, description="k of λ_t = b + k·t/T")
     forwards: int = Field(description="network forwards its images took part in")
     mean_rows_per_forward: float = Field(description="images per forward, all requests")
     max_rows_per_forward: int

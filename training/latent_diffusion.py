@@ -73,6 +73,8 @@ class LatentDiffusion:
         steps: int | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        eps_scaling: float | Tensor = 1.0,
+        eps_scaling_slope: float | Tensor = 0.0,
     ) -> Tensor:
         """Pixels [B, C, H, W] in [-1, 1]. ``labels`` long [B] (or None with
         ``num_samples`` for unconditional samples); the other arguments are those of
@@ -91,6 +93,8 @@ class LatentDiffusion:
             classifier=self.classifier,
             classifier_scale=classifier_scale,
             generator=generator,
+            eps_scaling=eps_scaling,
+            eps_scaling_slope=eps_scaling_slope,
         )
         return self.autoencoder.decode_latents(z0)
 

@@ -43,6 +43,16 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
+        "--eps-scaling",
+        type=float,
+        default=1.0,
+        help="epsilon scaling against exposure bias: ε̂ / (B + K·t/T); this is B, in [0.5, 2] "
+        "(default 1: off)",
+    )
+    parser.add_argument(
+        "--eps-scaling-slope", type=float, default=0.0, help="K of the same, in [-1, 1] (0)"
+    )
+    parser.add_argument(
         "--evaluator-cache",
         metavar="URL",
         help="folder or s3:// prefix caching one evaluator per dataset "
@@ -59,6 +69,8 @@ def _settings(args: argparse.Namespace):
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
+        eps_scaling=args.eps_scaling,
+        eps_scaling_slope=args.eps_scaling_slope,
     )
 
 

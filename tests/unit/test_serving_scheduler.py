@@ -24,8 +24,10 @@ def model() -> LatentDiffusion:
     return model.eval()
 
 
-def _job(labels, seed, guidance=0.0, classifier=0.0, sampler="ddim", steps=4, eta=0.0):
-    return SampleJob(tuple(labels), guidance, classifier, sampler, steps, eta, seed)
+def _job(
+    labels, seed, guidance=0.0, classifier=0.0, sampler="ddim", steps=4, eta=0.0, b=1.0, k=0.0
+):
+    return SampleJob(tuple(labels), guidance, classifier, sampler, steps, eta, seed, b, k)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -67,6 +69,8 @@ def _alone(model, job) -> np.ndarray:
         steps=job.steps,
         eta=job.eta,
         generator=generators_for(job.seed, len(job.labels)),
+        eps_scaling=job.eps_scaling,
+        eps_scaling_slope=job.eps_scaling_slope,
     )
     return to_uint8(pixels)
 
@@ -78,6 +82,7 @@ MIX = [
     _job([4], seed=4, sampler="ddpm", steps=3),
     _job([0, 9], seed=5, steps=6, eta=0.5),
     _job([6, 8], seed=6, sampler="dpmpp_2m", steps=5, guidance=1.5, classifier=0.5),
+    _job([2, 5], seed=7, guidance=2.0, b=1.2, k=0.3),  # epsilon scaling, per row
 ]
 
 

@@ -47,6 +47,12 @@ def test_names_and_ids_resolve_and_defaults_fill_in(limits):
     assert job.labels == (1, 1, 1)
     assert job.eta == 0.0  # η has no effect on DDPM, so it never splits DDPM batches
     assert 0 <= job.seed < 2**31  # a random seed, reported back to the client
+    assert (job.eps_scaling, job.eps_scaling_slope) == (1.0, 0.0)  # off unless asked for
+    scaled = _parse({"label": 0, "eps_scaling": 1.01, "eps_scaling_slope": -0.2}, limits)
+    assert (scaled.to_job(limits).eps_scaling, scaled.to_job(limits).eps_scaling_slope) == (
+        1.01,
+        -0.2,
+    )
 
 
 def test_label_alone_means_one_image(limits):
@@ -76,6 +82,14 @@ BAD = [
     ({"label": 0, "seed": -1}, "seed", "outside 0"),
     ({"label": 0, "seed": MAX_SEED + 1}, "seed", "outside 0"),
     ({"label": 0, "format": "gif"}, "format", "'png', 'json' or 'npy'"),
+    ({"label": 0, "eps_scaling": 0.1}, "eps_scaling", "0.1 is outside 0.5 to 2"),
+    ({"label": 0, "eps_scaling_slope": 2}, "eps_scaling_slope", "2 is outside -1 to 1"),
+    ({"label": 0, "eps_scaling_slope": -1.5}, "eps_scaling_slope", "outside -1 to 1"),
+    (
+        {"label": 0, "eps_scaling": 0.5, "eps_scaling_slope": -0.5},
+        "request",
+        "epsilon scaling must stay positive",
+    ),
     ({"label": 0, "lables": [1]}, "request", "unknown field 'lables'"),
     ({}, "request", "give either 'labels'"),
     ({"label": 0, "labels": [1]}, "request", "give either 'labels'"),

@@ -36,6 +36,10 @@ class EvaluationSettings(FrozenConfig):
     eta: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
     batch_size: int = Field(100, ge=1)
+    eps_scaling: float = Field(
+        1.0, ge=0.5, le=2.0, description="b of epsilon scaling ε̂ / (b + k·t/T); 1: off"
+    )
+    eps_scaling_slope: float = Field(0.0, ge=-1.0, le=1.0, description="k of the same")
 
 
 @dataclass
@@ -61,6 +65,8 @@ def evaluate_model(
                 sampler=settings.sampler,
                 steps=settings.steps,
                 eta=settings.eta,
+                eps_scaling=settings.eps_scaling,
+                eps_scaling_slope=settings.eps_scaling_slope,
                 generator=[
                     torch.Generator().manual_seed(settings.seed * 1_000_003 + j)
                     for j in range(i, min(i + settings.batch_size, len(labels)))

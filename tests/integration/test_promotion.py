@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -85,6 +86,19 @@ def test_promotion_lifecycle(mlflow_server, mnist_url, models):
     assert alias_version(client, name, "champion") == good
     assert alias_version(client, name, "previous") == bad
     assert client.get_model_version(name, bad).tags["promotion.decision"] == "replaced"
+    # the exposure bias: a number and its curve over the 10 DDIM steps, on the version
+    # and in its run (a metric per timestep, and a plot)
+    tags = client.get_model_version(name, good).tags
+    curve = json.loads(tags["eval.exposure_ratio"])
+    assert len(curve) == 10 and [t for t, _ in curve] == sorted((t for t, _ in curve), reverse=True)
+    assert float(tags["eval.exposure_bias"]) == pytest.approx(
+        sum(r - 1 for _, r in curve) / 10, abs=1e-3
+    )
+    run_id = client.get_model_version(name, good).run_id
+    history = client.get_metric_history(run_id, f"eval/exposure_ratio_v{good}")
+    assert sorted(m.step for m in history) == sorted(t for t, _ in curve)
+    logged = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert f"eval/exposure_v{good}.png" in logged
 
     worse = _register(mlflow_server, mnist_url, name, models["bad"])
     refused = promote(name, mlflow_server, EVALUATORS, settings=FAST)

@@ -104,3 +104,52 @@ def test_the_schedule_is_linear_in_the_model_timestep():
 def test_scalings_out_of_range_are_refused(diffusion, kw, message):
     with pytest.raises(ValueError, match=message):
         _sample(diffusion, Wavy(), "ddim", **kw)
+
+
+class ScaledExact(nn.Module):
+    """c·x/σ_t: for data at 0 the exact noise predictor (c = 1), or one that
+    overshoots by c. Every chain state is then a known multiple of x_T."""
+
+    num_classes = 3
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t, y):
+        return self.c * x / (1 - ALPHAS_CUMPROD[t]).sqrt().reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("c", [1.0, 1.1])
+def test_the_exposure_curve_matches_its_closed_form_on_a_known_network(diffusion, c):
+    import numpy as np
+
+    from training.diffusion.exposure import exposure_curve
+
+    z0 = torch.zeros(64, 2, 8, 8)
+    curve = exposure_curve(
+        ScaledExact(c), diffusion, z0, None, 10, torch.Generator().manual_seed(3)
+    )
+    x_T = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
+    chain = diffusion.chain("ddim", 10)
+    abar = chain.alphas_cumprod
+    abar_prev = np.append(1.0, abar[:-1])
+    factor, expected = 1.0, []
+    for i in reversed(range(10)):  # x_t = factor · x_T along the chain
+        sigma, sigma_prev = np.sqrt(1 - abar[i]), np.sqrt(1 - abar_prev[i])
+        expected.append(c**2 * factor**2 * x_T.pow(2).mean().item() / sigma**2)
+        factor *= np.sqrt(abar_prev[i]) * (1 - c) / np.sqrt(abar[i]) + c * sigma_prev / sigma
+    assert curve.timesteps == tuple(int(t) for t in chain.timestep_map[::-1])
+    assert np.allclose(curve.sampling, expected, rtol=1e-4)
+    assert np.allclose(curve.training, c**2, rtol=0.05)  # ε̂ = c·n on q_sample(0, t)
+    if c == 1.0:  # the exact network: no exposure bias
+        assert abs(curve.summary) < 0.05
+    else:  # x̂₀ = −0.1·x/√ᾱ: each step shrinks x̂_t, so ε̂ is smaller than in training
+        assert curve.summary < -0.2 and curve.ratio[-1] < curve.ratio[0]
+
+
+def test_a_network_that_predicts_zero_everywhere_shows_no_bias():
+    from training.diffusion.exposure import ExposureCurve
+
+    assert ExposureCurve((9, 0), (0.0, 4.0), (0.0, 1.0)).ratio == (1.0, 2.0)
+    assert ExposureCurve((9,), (1.0,), (0.0,)).summary == float("inf")

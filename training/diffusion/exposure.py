@@ -1,5 +1,5 @@
-"""Exposure bias at sampling time: epsilon scaling (Ning et al., ICLR 2024,
-"Elucidating the Exposure Bias in Diffusion Models", §5).
+"""Exposure bias: how it is measured, and epsilon scaling to reduce it at sampling
+time (Ning et al., ICLR 2024, "Elucidating the Exposure Bias in Diffusion Models").
 
 During sampling the network sees its own x̂_t, not a q_sample of the data, and its
 noise prediction comes out larger than at training (‖ε_θ(x̂_t, t)‖ > ‖ε_θ(x_t, t)‖).
@@ -16,8 +16,15 @@ measured on a model.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from training.diffusion.gaussian_diffusion import GaussianDiffusion
 
 EpsScale = float | Tensor  # one value, or one per sample [B]
 
@@ -49,3 +56,58 @@ def check_eps_scaling(b: EpsScale, k: EpsScale) -> None:
         raise ValueError("eps_scaling_slope (k of λ_t = b + k·t/T) must lie in [-1, 1]")
     if bool((b + torch.minimum(k, torch.zeros_like(k)) <= 0).any()):
         raise ValueError("epsilon scaling must stay positive: b + k > 0 when k < 0")
+
+
+@dataclass(frozen=True)
+class ExposureCurve:
+    """The exposure bias of a network along a DDIM chain (Ning et al. 2024, §4: the
+    network's noise prediction on its own x̂_t comes out larger than on a q_sample of
+    the data at the same t).
+
+    ``timesteps``: model timesteps of the chain, from noisy to clean. ``sampling``: mean
+    squared ε̂ per dimension on the chain's own x̂_t; ``training``: the same on
+    q_sample(z₀, t) of real data z₀ with the same labels. ``ratio`` = √(sampling /
+    training), 1 without exposure bias; ``summary`` its mean excess over 1."""
+
+    timesteps: tuple[int, ...]
+    sampling: tuple[float, ...]
+    training: tuple[float, ...]
+
+    @property
+    def ratio(self) -> tuple[float, ...]:
+        """Per timestep; a network that predicts ε̂ = 0 on data (untrained) counts as 1
+        where it also does on its own chain, else as infinitely biased."""
+        pairs = zip(self.sampling, self.training, strict=True)
+        return tuple(math.sqrt(s / t) if t > 0 else (1.0 if s == 0 else math.inf) for s, t in pairs)
+
+    @property
+    def summary(self) -> float:
+        return sum(r - 1.0 for r in self.ratio) / len(self.ratio)
+
+
+@torch.no_grad()
+def exposure_curve(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    z0: Tensor,
+    y: Tensor | None,
+    steps: int,
+    generator: torch.Generator,
+) -> ExposureCurve:
+    """Run a DDIM chain (η = 0, no guidance) of ``steps`` from noise for the labels
+    ``y`` (long [B] or None) beside the real latents ``z0`` [B, C, H, W] (scaled, as
+    the denoiser sees them), and compare ε̂ on both at every step."""
+    chain = diffusion.chain("ddim", steps)
+    x = torch.randn(z0.shape, generator=generator).to(z0.device)
+    timesteps, sampling, training = [], [], []
+    for i in reversed(range(chain.num_timesteps)):
+        t = torch.full((len(z0),), i, dtype=torch.long, device=z0.device)
+        t_model = chain._model_timesteps(t)
+        eps = model(x, t_model, y).float()
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        eps_data = model(diffusion.q_sample(z0, t_model, noise), t_model, y).float()
+        timesteps.append(int(t_model[0]))
+        sampling.append(eps.pow(2).mean().item())
+        training.append(eps_data.pow(2).mean().item())
+        x = chain.ddim_step(x, t, eps, 0.0, None)
+    return ExposureCurve(tuple(timesteps), tuple(sampling), tuple(training))

@@ -3,11 +3,14 @@
 Metrics: class consistency (the evaluator's accuracy on class-conditional samples),
 per-class accuracy, the Fréchet distance between evaluator features of the held-out
 (val) images and of the samples, the autoencoder's reconstruction PSNR on the val
-split, and the sampling time per image.
+split, the sampling time per image, and the exposure bias (``exposure_bias``: the
+network's noise prediction on its own DDIM chain against on noised val latents, see
+``training.diffusion.exposure``; its curve over t is logged beside the metrics).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from mlflow import MlflowClient
 from pydantic import Field
 
 from data.frozen import FrozenConfig
+from training.diffusion.exposure import ExposureCurve, exposure_curve
 from training.evaluation.evaluator import Evaluator, iter_split
 from training.evaluation.metrics import frechet_distance, psnr
 from training.images import make_grid, to_uint8
@@ -40,12 +44,16 @@ class EvaluationSettings(FrozenConfig):
         1.0, ge=0.5, le=2.0, description="b of epsilon scaling ε̂ / (b + k·t/T); 1: off"
     )
     eps_scaling_slope: float = Field(0.0, ge=-1.0, le=1.0, description="k of the same")
+    exposure_samples: int = Field(
+        100, ge=0, description="val images the exposure-bias curve is measured on (0: none)"
+    )
 
 
 @dataclass
 class EvaluationReport:
     metrics: dict[str, float]
     grid: np.ndarray  # uint8 [H, W, C]: one row per class
+    exposure: ExposureCurve | None = None
 
 
 @torch.no_grad()
@@ -87,10 +95,48 @@ def evaluate_model(
     }
     for k in range(classes):
         metrics[f"accuracy_class_{k}"] = correct[labels == k].float().mean().item()
+    exposure = _exposure(model, data_url, settings)
+    if exposure is not None:
+        metrics["exposure_bias"] = exposure.summary
     per_class = pixels.reshape(classes, settings.samples_per_class, *pixels.shape[1:])
     shown = per_class[:, :GRID_PER_CLASS].reshape(-1, *pixels.shape[1:])
     grid = make_grid(to_uint8(shown), ncols=min(GRID_PER_CLASS, settings.samples_per_class))
-    return EvaluationReport(metrics, grid)
+    return EvaluationReport(metrics, grid, exposure)
+
+
+def _exposure(
+    model: LatentDiffusion, data_url: str, settings: EvaluationSettings
+) -> ExposureCurve | None:
+    """The exposure-bias curve on the first ``exposure_samples`` val images, along a
+    DDIM chain of the evaluation's step count."""
+    if settings.exposure_samples == 0:
+        return None
+    x, y = next(iter_split(data_url, "val", batch_size=settings.exposure_samples))
+    z0 = model.autoencoder.encode_latents(x)
+    labels = y if model.config.num_classes > 1 else None
+    generator = torch.Generator().manual_seed(settings.seed)
+    return exposure_curve(model.denoiser, model.diffusion, z0, labels, settings.steps, generator)
+
+
+def exposure_plot(curve: ExposureCurve) -> np.ndarray:
+    """uint8 [H, W, 3]: √(‖ε̂‖² on the model's own x̂_t / on noised data) over t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2), dpi=100)
+    axes.plot(curve.timesteps, curve.ratio, marker="o")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.invert_xaxis()
+    axes.set_xlabel("timestep t (noisy → clean)")
+    axes.set_ylabel("‖ε̂(x̂_t)‖ / ‖ε̂(x_t)‖")
+    axes.set_title(f"exposure bias (mean excess {curve.summary:+.3f})")
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
 
 
 def _real_features(evaluator: Evaluator, data_url: str) -> np.ndarray:
@@ -120,7 +166,14 @@ def log_evaluation(
         with RunTracker(tracking_uri, model_version.run_id) as tracker:
             tracker.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=0)
             tracker.log_image(report.grid, f"eval/samples_v{version}.png")
+            if report.exposure is not None:  # a chart over t in the MLflow UI, and a plot
+                for t, ratio in zip(report.exposure.timesteps, report.exposure.ratio, strict=True):
+                    tracker.log_metrics({f"eval/exposure_ratio_v{version}": ratio}, step=t)
+                tracker.log_image(exposure_plot(report.exposure), f"eval/exposure_v{version}.png")
     tags = {f"eval.{k}": f"{v:.6g}" for k, v in report.metrics.items()}
+    if report.exposure is not None:
+        curve = zip(report.exposure.timesteps, report.exposure.ratio, strict=True)
+        tags["eval.exposure_ratio"] = json.dumps([[t, round(r, 4)] for t, r in curve])
     tags["eval.settings"] = settings.model_dump_json()
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)

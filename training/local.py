@@ -21,7 +21,7 @@ from training.diffusion import GaussianDiffusion
 from training.latent_diffusion import LatentDiffusion
 from training.models import EMA
 from training.optimisation import FiniteLossGuard, NonFiniteLoss, make_optimisation
-from training.stages import STAGES, Stage
+from training.stages import STAGES, Stage, get_stage
 
 Log = Callable[[str], None]
 ENCODE_CHUNK = 256  # images per forward pass when encoding or measuring latents
@@ -73,6 +73,29 @@ def _run_stage(
     if ema is not None:
         setattr(model, stage.name, ema.model)
     return metrics
+
+
+def train_stage(
+    name: str,
+    model: LatentDiffusion,
+    inputs: Tensor,
+    labels: Tensor,
+    seed: int,
+    progress: bool = False,
+) -> LatentDiffusion:
+    """One stage of the table on ``inputs`` (pixels [N, C, H, W] in [-1, 1], or scaled
+    latents for the latent stages) and ``labels`` long [N], batches drawn with ``seed``;
+    returns the model with that network trained (its EMA weights where it keeps one)
+    and, after the autoencoder, the measured latent scale. For experiments that train
+    one stage many ways on the same inputs (``benchmarks/bench_ip.py``)."""
+    stage = get_stage(name)
+    diffusion = model.config.diffusion.build()
+    generator = torch.Generator().manual_seed(seed)
+    _run_stage(stage, model, inputs, labels, diffusion, generator, progress)
+    if stage.finish is not None:
+        net = stage.network(model)
+        model = model.with_config(stage.finish(model.config, net, inputs.split(ENCODE_CHUNK)))
+    return model.eval()
 
 
 def train_in_process(

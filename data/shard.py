@@ -47,6 +47,7 @@ from data.manifest import (
 from data.permutation import SeededPermutation
 from data.shard_engines import Engine, write_shards
 from data.shard_writer import ShardTask, input_content
+from data.sources import check_folder
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,7 @@ def shard_dataset(
     started = time.perf_counter()
     options = options or ShardOptions()
     out_url = out_url.rstrip("/")
-    _check_not_nested(source, out_url)
-    _prepare_destination(out_url)
+    check_locations(source, out_url)
     described = _describe(source)
     replaces_manifest = _check_previous(out_url, described, options)
     with _listed(source) as listing:
@@ -134,6 +134,17 @@ def shard_dataset(
     )
     storage.write_bytes(manifest_url(out_url), manifest.to_json())
     return ShardReport(manifest, out_url, tuple(sent), tuple(reused), time.perf_counter() - started)
+
+
+def check_locations(source: str, out_url: str) -> None:
+    """Fail before any work (or any cluster is joined) when ``source`` does not exist or
+    ``out_url`` cannot be written or lies inside the source."""
+    if source != "mnist" and not source.lower().endswith(".npz"):
+        check_folder(source)
+    elif source != "mnist" and storage.stat(source) is None:
+        raise ValueError(f"SOURCE '{source}' does not exist")
+    _check_not_nested(source, out_url.rstrip("/"))
+    _prepare_destination(out_url.rstrip("/"))
 
 
 def plan_shards(listing: Listing, options: ShardOptions) -> Iterator[ShardTask]:

@@ -40,13 +40,14 @@ def shard_where(
     it is a dashboard URL, the command runs there as a Ray Job. Raises what
     :func:`data.shard.shard_dataset` raises, RayUnavailable for a cluster that does
     not answer, RuntimeError for a failed Ray Job."""
-    from data.shard import shard_dataset
+    from data.shard import check_locations, shard_dataset
 
     if engine == "ray":
         from training.ray.connection import connect_ray, is_job_address
 
-        if is_job_address(ray_address):
+        if is_job_address(ray_address):  # the cluster checks what it can reach
             return _as_ray_job(source, out_url, options, ray_address, workers, log)
+        check_locations(source, out_url)  # before joining a cluster
         connect_ray(ray_address)
     report = shard_dataset(
         source, out_url, options, workers=workers, progress=progress, engine=engine

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import get_args
 
+from flows.cli.sampling_options import add_eps_scaling_options
 from training.names import PromotionMetric, SamplerName
 
 
@@ -42,16 +43,7 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument(
-        "--eps-scaling",
-        type=float,
-        default=1.0,
-        help="epsilon scaling against exposure bias: ε̂ / (B + K·t/T); this is B, in [0.5, 2] "
-        "(default 1: off)",
-    )
-    parser.add_argument(
-        "--eps-scaling-slope", type=float, default=0.0, help="K of the same, in [-1, 1] (0)"
-    )
+    add_eps_scaling_options(parser)
     parser.add_argument(
         "--evaluator-cache",
         metavar="URL",

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from flows.cli.sampling_options import add_eps_scaling_options
 from training.names import SamplerName
 
 
@@ -240,16 +241,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the app's)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     sample.add_argument("--seed", type=int, help="seed; image i uses seed+i (default: random)")
-    sample.add_argument(
-        "--eps-scaling",
-        type=float,
-        default=1.0,
-        help="epsilon scaling against exposure bias: ε̂ / (B + K·t/T); this is B, in [0.5, 2] "
-        "(default 1: off)",
-    )
-    sample.add_argument(
-        "--eps-scaling-slope", type=float, default=0.0, help="K of the same, in [-1, 1] (0)"
-    )
+    add_eps_scaling_options(sample)
     sample.add_argument("--format", choices=("png", "json", "npy"), default="png")
     sample.add_argument("-o", "--out", default="samples.png", help="output file")
     sample.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")

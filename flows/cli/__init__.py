@@ -79,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # A service manager's stop (SIGTERM) ends a command as Ctrl-C does.
+    # A service manager's stop (SIGTERM) ends a command as Ctrl-C does, and Ctrl-C works
+    # even when a shell started the command in the background, where SIGINT arrives
+    # ignored (a script's `ldm serve &`).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -6,12 +6,11 @@ deployment takes it as its ``config`` parameter."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from data.frozen import FrozenConfig
 from data.manifest import ShardOptions
+from data.shard_engines import Engine
 from serving.config import AppConfig
 from training.evaluation.scoring import EvaluationSettings
 from training.job import ScalingSettings, TrainSettings
@@ -73,7 +72,7 @@ class ShardSettings(ShardOptions):
     """How the dataset is sharded: the options that decide its content, and where the
     work runs (which does not change a byte of it)."""
 
-    engine: Literal["threads", "ray"] = Field(
+    engine: Engine = Field(
         "threads",
         description="threads: in the flow's process; ray: Ray tasks on the cluster at "
         "ray_address (a Ray Job when that is a dashboard URL)",

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from data.manifest import Manifest, ShardOptions
-
-Engine = Literal["threads", "ray"]
+from data.shard_engines import Engine
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from data import storage
 
@@ -26,11 +25,10 @@ def list_tree(url: str, threads: int = LIST_THREADS) -> Iterator[storage.Listed]
     """Every object under ``s3://bucket/prefix``, recursively, in no fixed order."""
     loc = storage.parse(url)
     root = loc.key + "/" if loc.key else ""
-    client = storage.s3_client()
     folders: list[str] = []
-    for page in _pages(client, url, loc.bucket, root, delimiter="/"):
+    for page in storage.s3_pages(url, root, delimiter="/"):
         folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
-        yield from _listed(url, root, page)
+        yield from storage.listed_in(url, root, page)
     if not folders:
         return
     pages: queue.Queue = queue.Queue(maxsize=4 * threads)
@@ -38,10 +36,10 @@ def list_tree(url: str, threads: int = LIST_THREADS) -> Iterator[storage.Listed]
 
     def list_folder(prefix: str) -> None:
         try:
-            for page in _pages(client, url, loc.bucket, prefix):
+            for page in storage.s3_pages(url, prefix):
                 if stop.is_set():
                     return
-                pages.put(list(_listed(url, root, page)))
+                pages.put(list(storage.listed_in(url, root, page)))
         except BaseException as error:  # handed to the reading thread, which raises it
             pages.put(error)
         finally:
@@ -65,22 +63,3 @@ def list_tree(url: str, threads: int = LIST_THREADS) -> Iterator[storage.Listed]
             while remaining:
                 if pages.get() is _DONE:
                     remaining -= 1
-
-
-def _pages(client: Any, url: str, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
-    request = {"Bucket": bucket, "Prefix": prefix}
-    if delimiter:
-        request["Delimiter"] = delimiter
-    while True:  # each page retried on its own
-        page = storage.s3_call(url, lambda: client.list_objects_v2(**request), 3)
-        yield page
-        if not page.get("IsTruncated"):
-            return
-        request["ContinuationToken"] = page["NextContinuationToken"]
-
-
-def _listed(url: str, root: str, page: dict) -> Iterator[storage.Listed]:
-    for obj in page.get("Contents", []):
-        name = obj["Key"][len(root) :]
-        if name and not name.endswith("/"):
-            yield storage.Listed(name=name, url=storage.join(url, name), size=obj["Size"])

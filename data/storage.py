@@ -301,17 +301,31 @@ def list_files(url: str) -> Iterator[Listed]:
             yield Listed(name=name, url=str(root / name), size=(root / name).stat().st_size)
         return
     prefix = loc.key + "/" if loc.key else ""
+    for page in s3_pages(url, prefix):
+        yield from listed_in(url, prefix, page)
+
+
+def s3_pages(url: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
+    """``ListObjectsV2`` pages (≤ 1,000 keys, in key order) under ``prefix`` of the
+    bucket of ``url``, one at a time, each retried on its own."""
     client = s3_client()
-    request = {"Bucket": loc.bucket, "Prefix": prefix}
-    while True:  # one page (≤ 1,000 keys) at a time, each retried on its own
+    request = {"Bucket": parse(url).bucket, "Prefix": prefix}
+    if delimiter:
+        request["Delimiter"] = delimiter
+    while True:
         page = s3_call(url, lambda: client.list_objects_v2(**request), 3)
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(prefix) :]
-            if name and not name.endswith("/"):
-                yield Listed(name=name, url=join(url, name), size=obj["Size"])
+        yield page
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def listed_in(url: str, root: str, page: dict) -> Iterator[Listed]:
+    """The files of one listing page, named relative to the key prefix ``root``."""
+    for obj in page.get("Contents", []):
+        name = obj["Key"][len(root) :]
+        if name and not name.endswith("/"):
+            yield Listed(name=name, url=join(url, name), size=obj["Size"])
 
 
 def sha256_file(path: Path) -> str:

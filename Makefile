@@ -1,12 +1,12 @@
 # make run   install into .venv, then run the main job on the embedded defaults
-# make test  install, then lint, check formatting and run every test
+# make test  install (Debian's chromium too), then lint, check formatting and run every test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install browser run test lint format clean
 
 install: $(STAMP)
 
@@ -26,7 +26,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Debian's chromium, for the test that loads the sampling page in a browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium; }
+
+test: lint browser
 	$(BIN)/pytest
 
 format: install

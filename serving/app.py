@@ -61,7 +61,38 @@ from serving.schemas import (
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="ldm sampling", docs_url=None, redoc_url=None)
+api = FastAPI(
+    title="ldm sampling",
+    summary="Class-conditional images from a registered latent diffusion model",
+    description="The limits and classes of the version being served: `GET /v1/model`. "
+    "With a token set on the server, send it as `Authorization: Bearer …`.",
+    docs_url="/docs",
+    redoc_url=None,
+)
+# The sample route reads its body itself (checks before parsing, the served version's
+# classes and limits as validation context); the schema documents that body.
+SAMPLES_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SampleRequest.model_json_schema()}},
+    }
+}
+SAMPLES_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": SampleResponse,
+        "description": "format json: this body; png: one grid image; npy: the arrays. "
+        "Every format carries the lineage headers X-Model-Name, X-Model-Version, "
+        "X-Model-Run-Id and X-Dataset-Digest.",
+        "content": {"image/png": {}, "application/x-npy": {}},
+    },
+    400: {"description": "the body is not UTF-8 JSON"},
+    401: {"description": "a token is required and was missing or wrong"},
+    413: {"description": "the body is larger than the endpoint accepts"},
+    415: {"description": "the body is not application/json"},
+    422: {"description": "a field is invalid: detail names it and what it allows"},
+    503: {"description": "the queue is full: retry after Retry-After seconds"},
+    504: {"description": "the request did not finish within request_timeout_s"},
+}
 
 
 # Helpers the deployment calls are defined above it: Serve serialises the class when
@@ -73,8 +104,9 @@ def _respond(
 ) -> Response:
     """The images of one request in the format it asked for, with model and batch facts."""
     report, classes = result.report, loaded.model.config.class_names
+    lineage = _lineage(loaded)
     body = SampleResponse(
-        model=ModelVersionInfo(name=loaded.name, version=loaded.version, alias=loaded.alias),
+        model=lineage,
         labels=list(job.labels),
         class_names=[classes[i] if classes else str(i) for i in job.labels],
         seed=job.seed,
@@ -99,10 +131,8 @@ def _respond(
     )
     if image_format == "json":
         body.images = base64_pngs(result.images)
-        return JSONResponse(body.model_dump(mode="json"))
-    headers = {
-        "X-Model-Name": loaded.name,
-        "X-Model-Version": loaded.version,
+        return JSONResponse(body.model_dump(mode="json"), headers=lineage.headers())
+    headers = lineage.headers() | {
         "X-Seed": str(job.seed),
         "X-Labels": ",".join(map(str, job.labels)),
         "X-Elapsed-S": f"{elapsed:.4f}",
@@ -114,6 +144,17 @@ def _respond(
     }
     data = grid_png(result.images) if image_format == "png" else npy_bytes(result.images)
     return Response(data, media_type=MEDIA_TYPES[image_format], headers=headers)
+
+
+def _lineage(loaded: LoadedModel) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        name=loaded.name,
+        version=loaded.version,
+        alias=loaded.alias,
+        run_id=loaded.run_id,
+        dataset_url=loaded.dataset_url,
+        dataset_digest=loaded.dataset_digest,
+    )
 
 
 def _settle(future: asyncio.Future, outcome: Outcome) -> None:
@@ -200,16 +241,18 @@ class SamplerDeployment:
         return limits
 
     # ------------------------------------------------------------------ routes
-    @api.get("/", response_class=HTMLResponse)
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE_HTML)
 
-    @api.get("/healthz")
+    @api.get("/healthz", summary="Liveness, with the version served")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "model": self.current.name, "version": self.current.version}
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", summary="The model version served and this endpoint's limits")
     async def model_info(self, request: Request) -> Response:
+        """Its name, version, alias, MLflow run and training dataset digest (the lineage
+        of every image it makes), classes, limits, batching and statistics."""
         try:
             check_token(request.headers.get("authorization"), self._token)
         except Refusal as refusal:
@@ -226,6 +269,8 @@ class SamplerDeployment:
             "alias": loaded.alias,
             "model_uri": c.model_uri,
             "run_id": loaded.run_id,
+            "dataset_url": loaded.dataset_url,
+            "dataset_digest": loaded.dataset_digest,
             "loaded_at": loaded.loaded_at,
             "class_names": list(limits.class_names),
             "num_classes": config.num_classes,
@@ -258,8 +303,15 @@ class SamplerDeployment:
             "stats": self.stats.as_dict(self.scheduler.waiting_rows, self.scheduler.active_rows),
         }
 
-    @api.post("/v1/samples")
+    @api.post(
+        "/v1/samples",
+        summary="Sample images",
+        openapi_extra=SAMPLES_OPENAPI,
+        responses=SAMPLES_RESPONSES,
+    )
     async def samples(self, request: Request) -> Response:
+        """Images of the requested classes from the version served now. Limits and
+        class names: ``GET /v1/model``; every refusal says which field to fix."""
         arrived = time.perf_counter()
         loaded = self.current  # this request is validated against and sampled with it
         limits = self.limits_for(loaded)

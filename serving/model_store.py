@@ -23,6 +23,7 @@ from data.environment import redact
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.model_uri import ModelRef
 from training.mlflow.registry import load_model_version, resolve_model_version
+from training.mlflow.tracking import DATASET_DIGEST_TAG, DATASET_URL_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class LoadedModel:
     alias: str | None
     run_id: str | None
     loaded_at: float  # time.time() when loading finished
+    # lineage: the dataset the version's run trained on (its manifest and sha256)
+    dataset_url: str | None = None
+    dataset_digest: str | None = None
 
 
 class ModelStore:
@@ -65,12 +69,22 @@ class ModelStore:
         uri = self.ref.version_uri(version)
         try:
             run_id = self.client.get_model_version(self.ref.name, version).run_id
+            tags = self.client.get_run(run_id).data.tags if run_id else {}
             model = load_model_version(uri, self.tracking_uri, device=self.device)
         except Exception as error:
             raise RuntimeError(
                 f"cannot load {uri} from MLflow {redact(self.tracking_uri)}: {redact(str(error))}"
             ) from error
-        return LoadedModel(model, self.ref.name, version, self.ref.alias, run_id, time.time())
+        return LoadedModel(
+            model,
+            self.ref.name,
+            version,
+            self.ref.alias,
+            run_id,
+            time.time(),
+            dataset_url=tags.get(DATASET_URL_TAG),
+            dataset_digest=tags.get(DATASET_DIGEST_TAG),
+        )
 
     def load_current(self) -> LoadedModel:
         return self.load(self.resolve_version())

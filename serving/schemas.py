@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -100,6 +101,20 @@ class RequestLimits:
         raise ValueError(f"{value!r} is neither a class id (integer) nor a class name (string)")
 
 
+# A class: its id, or its name as GET /v1/model lists it ("3" is a name, 3 an id).
+ClassRef = Annotated[
+    Any,
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]},
+        mode="validation",
+    ),
+]
+REQUEST_EXAMPLES = [
+    {"label": 3, "num_samples": 8, "guidance_scale": 3.0, "sampler": "dpmpp_2m", "steps": 20},
+    {"labels": ["0", "1", "2"], "sampler": "ddim", "steps": 50, "seed": 7, "format": "json"},
+]
+
+
 def _limits(info: ValidationInfo) -> RequestLimits:
     if not isinstance(info.context, RequestLimits):
         raise TypeError("validate SampleRequest with context=RequestLimits(...)")
@@ -116,21 +131,33 @@ class SampleRequest(BaseModel):
     """``POST /v1/samples``. Give ``labels`` (one class per image) or ``label`` with
     ``num_samples``. JSON types are strict: ``"3"`` is a class name, never the number 3."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        frozen=True,
+        json_schema_extra={"examples": REQUEST_EXAMPLES},
+    )
 
-    labels: list[Any] | None = None
-    label: Any = None
-    num_samples: int | None = None
-    guidance_scale: float = 0.0  # classifier-free guidance w: (1+w)·ε(c) − w·ε(∅)
-    classifier_scale: float = 0.0  # classifier guidance s
-    sampler: SamplerName = "ddim"
-    steps: int | None = None  # default: the app's default_steps
-    eta: float = 0.0
-    seed: int | None = None  # default: a random seed, returned in the response
-    format: ImageFormat = "png"
+    labels: list[ClassRef] | None = Field(
+        None, description="one class per image (ids or names); or give label + num_samples"
+    )
+    label: ClassRef | None = Field(None, description="one class for every image")
+    num_samples: int | None = Field(None, description="images of label (default 1)")
+    guidance_scale: float = Field(
+        0.0, description="classifier-free guidance w: (1+w)·ε(x, c) − w·ε(x, ∅); 0 is off"
+    )
+    classifier_scale: float = Field(0.0, description="classifier guidance s; 0 is off")
+    sampler: SamplerName = Field("ddim", description="the reverse process")
+    steps: int | None = Field(None, description="denoising steps (default: the endpoint's)")
+    eta: float = Field(0.0, description="DDIM's η: 0 deterministic, 1 DDPM-like noise")
+    seed: int | None = Field(None, description="default: random, returned in the response")
+    format: ImageFormat = Field(
+        "png", description="png: one grid; json: base64 PNG per image; npy: the arrays"
+    )
     # epsilon scaling (Ning et al. 2024): ε̂ / (b + k·t/T) against exposure bias
-    eps_scaling: float = 1.0
-    eps_scaling_slope: float = 0.0
+    eps_scaling: float = Field(1.0, description="b of λ_t = b + k·t/T, ε̂ / λ_t; 1 is off")
+    eps_scaling_slope: float = Field(0.0, description="k of λ_t = b + k·t/T; 0 is off")
 
     @field_validator("labels")
     @classmethod
@@ -252,9 +279,25 @@ def describe_errors(error: ValidationError, limits: RequestLimits) -> list[dict[
 
 # ---------------------------------------------------------------- responses (documented)
 class ModelVersionInfo(BaseModel):
+    """Which registered version made the images, and what it was trained on: the
+    version's MLflow run and the sha256 of the dataset manifest that run read."""
+
     name: str
     version: str
     alias: str | None
+    run_id: str | None = Field(None, description="the MLflow run that trained the version")
+    dataset_url: str | None = Field(None, description="the manifest of its training data")
+    dataset_digest: str | None = Field(None, description="sha256 of that manifest")
+
+    def headers(self) -> dict[str, str]:
+        """The same facts as response headers (every format carries them)."""
+        headers = {"X-Model-Name": self.name, "X-Model-Version": self.version}
+        optional = {
+            "X-Model-Alias": self.alias,
+            "X-Model-Run-Id": self.run_id,
+            "X-Dataset-Digest": self.dataset_digest,
+        }
+        return headers | {k: v for k, v in optional.items() if v}
 
 
 class BatchInfo(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,9 +29,11 @@ from ray import serve
 from flows.cli import main as ldm
 from serving.app import build_app
 from serving.encoding import decode_png
+from tests.integration.browser import Chromium
 from tests.integration.services import free_port
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
+from training.mlflow.tracking import DATASET_DIGEST_TAG, DATASET_URL_TAG
 from training.presets import get_preset
 
 pytestmark = [pytest.mark.integration]
@@ -45,6 +49,8 @@ APP_ARGS = {
     "reload_interval_s": 1.0,
 }
 JSON = {"Content-Type": "application/json"}
+DATASET_URL = "s3://ldm-data/digits/manifest.json"  # lineage recorded on the training run
+DATASET_DIGEST = "ab" * 32
 
 
 def _tiny_model(seed: int) -> LatentDiffusion:
@@ -64,7 +70,8 @@ def _register(tracking_uri: str, seed: int) -> str:
         experiment_id = client.create_experiment("serving-it")
     else:
         experiment_id = experiment.experiment_id
-    run_id = client.create_run(experiment_id).info.run_id
+    tags = {DATASET_URL_TAG: DATASET_URL, DATASET_DIGEST_TAG: DATASET_DIGEST}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
     version = log_model_version(_tiny_model(seed), tracking_uri, run_id, MODEL_NAME, "champion")
     client.set_terminated(run_id)
     return version.version
@@ -105,7 +112,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and diff.max() <= 2 and (diff > 0).mean() <= 0.01
 
 
-def test_health_model_and_page(app_url):
+def test_health_model_docs_and_page(app_url, mlflow_server):
     assert httpx.get(f"{app_url}/healthz").json() == {
         "status": "ok",
         "model": MODEL_NAME,
@@ -117,6 +124,15 @@ def test_health_model_and_page(app_url):
     assert (info["image_size"], info["image_channels"], info["num_timesteps"]) == (32, 1, 100)
     assert info["config"]["denoiser"]["model_channels"] == 16
     assert info["limits"]["max_steps"] == 20 and info["limits"]["max_images_per_request"] == 8
+    assert (info["dataset_url"], info["dataset_digest"]) == (DATASET_URL, DATASET_DIGEST)
+    assert info["run_id"] == MlflowClient(mlflow_server).get_model_version(MODEL_NAME, "1").run_id
+    docs = httpx.get(f"{app_url}/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    schema = httpx.get(f"{app_url}/openapi.json").json()["paths"]["/v1/samples"]["post"]
+    body = schema["requestBody"]["content"]["application/json"]["schema"]
+    fields = {"label", "labels", "guidance_scale", "sampler", "eps_scaling"}
+    assert fields <= set(body["properties"])
+    assert body["examples"] and "SampleResponse" in json.dumps(schema["responses"]["200"])
     page = httpx.get(f"{app_url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for element in ('id="class"', 'id="guidance"', 'id="sampler"', "v1/samples", "v1/model"):
@@ -128,7 +144,17 @@ def test_formats_carry_the_same_images_and_the_model_version(app_url):
     request = {"labels": [3, "7", 1], "guidance_scale": 2, "steps": 6, "seed": 11}
     as_json = _post(app_url, request | {"format": "json"})
     body = as_json.json()
-    assert body["model"] == {"name": MODEL_NAME, "version": "1", "alias": "champion"}
+    run_id = body["model"]["run_id"]
+    assert body["model"] == {
+        "name": MODEL_NAME,
+        "version": "1",
+        "alias": "champion",
+        "run_id": run_id,
+        "dataset_url": DATASET_URL,
+        "dataset_digest": DATASET_DIGEST,
+    }
+    assert as_json.headers["x-model-run-id"] == run_id
+    assert as_json.headers["x-dataset-digest"] == DATASET_DIGEST
     assert (body["labels"], body["class_names"], body["seed"]) == ([3, 7, 1], ["3", "7", "1"], 11)
     assert body["image_shape"] == [32, 32, 1] and body["elapsed_s"] > 0
     images = _images(as_json)
@@ -137,6 +163,7 @@ def test_formats_carry_the_same_images_and_the_model_version(app_url):
     as_npy = _post(app_url, request | {"format": "npy"})
     assert as_npy.headers["content-type"] == "application/x-npy"
     assert as_npy.headers["x-model-version"] == "1" and as_npy.headers["x-seed"] == "11"
+    assert as_npy.headers["x-dataset-digest"] == DATASET_DIGEST
     assert _close(np.load(io.BytesIO(as_npy.content)), images)
 
     grid = decode_png(_post(app_url, request).content)  # png is the default
@@ -224,6 +251,60 @@ def test_bad_requests_do_not_disturb_good_ones(app_url):
     assert httpx.get(f"{app_url}/v1/model").json()["stats"]["failed"] == 0
     assert httpx.get(f"{app_url}/wrong").status_code == 404
     assert httpx.get(f"{app_url}/v1/samples").status_code == 405
+
+
+def test_the_page_samples_in_a_real_browser(app_url, tmp_path):
+    artifacts = Path(os.environ.get("LDM_TEST_ARTIFACTS", "test-artifacts"))
+    with Chromium(tmp_path / "profile") as browser:
+        browser.open(f"{app_url}/")
+        browser.wait_for("document.getElementById('class').options.length === 10")
+        assert browser.evaluate("document.getElementById('steps').max") == "20"
+        settings = {"class": "7", "count": "4", "steps": "5", "seed": "3", "classifier": "1"}
+        fill = "; ".join(  # as typed: the page's sliders and cost line follow
+            f"$({k!r}).value = {v!r}; $({k!r}).dispatchEvent(new Event('input'))"
+            for k, v in settings.items()
+        )
+        # the button is disabled as the click starts the request, enabled when it ends
+        assert browser.evaluate(f"{fill}; $('go').click(); $('go').disabled") is True
+        browser.wait_for("document.body.dataset.done === '1'")
+        status = browser.evaluate("$('status').textContent")
+        assert status.startswith("4 images, seed 3"), status
+        assert browser.evaluate("$('go').disabled") is False
+        all_of = "[...document.querySelectorAll('{}')]"
+        captions = browser.evaluate(all_of.format("figcaption") + ".map(c => c.textContent)")
+        assert captions == ["7"] * 4
+        widths = all_of.format("#images img") + ".map(i => i.complete && i.naturalWidth)"
+        assert browser.wait_for(f"{widths}.every(w => w === 32)")
+        lineage = browser.evaluate("$('lineage').textContent")
+        assert "v1, MLflow run " in lineage and DATASET_DIGEST[:16] in lineage
+        browser.screenshot(artifacts / "page.png")
+
+        # the download is the grid the endpoint's png format gives for the same request
+        downloads = tmp_path / "downloads"
+        browser.download_to(downloads)
+        browser.evaluate("$('download').click()")
+        deadline = time.monotonic() + 30
+        while not list(downloads.glob("*.png")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (saved,) = downloads.glob("*.png")
+        assert saved.name == f"{MODEL_NAME}-v1-seed3.png"
+        request = {"label": 7, "num_samples": 4, "steps": 5, "seed": 3, "guidance_scale": 3}
+        served = decode_png(_post(app_url, request | {"classifier_scale": 1.0}).content)
+        assert _close(decode_png(saved.read_bytes())[..., :1], served)
+
+        # a refusal, an answer that is not JSON and a failed fetch all end on a message
+        browser.evaluate("$('count').value = '9'; $('go').click()")
+        browser.wait_for("document.body.dataset.done === '1' && !$('go').disabled")
+        assert browser.evaluate("$('status').textContent").startswith("422: num_samples")
+        proxy_page = "new Response('<html>Bad Gateway</html>', {status: 502})"
+        browser.evaluate(f"window.fetch = async () => {proxy_page}; $('go').click()")
+        browser.wait_for("document.body.dataset.done === '1' && !$('go').disabled")
+        assert browser.evaluate("$('status').textContent") == "502: <html>Bad Gateway</html>"
+        browser.evaluate("window.fetch = async () => { throw new TypeError('offline'); }")
+        browser.evaluate("$('go').click()")
+        browser.wait_for("document.body.dataset.done === '1' && !$('go').disabled")
+        assert browser.evaluate("$('status').className") == "error"
+        assert "offline" in browser.evaluate("$('status').textContent")
 
 
 def _concurrent_requests() -> list[dict]:

@@ -117,3 +117,30 @@ def test_allowed_text_lists_the_limits(limits):
 def test_validation_needs_the_limits_as_context():
     with pytest.raises(TypeError, match="context=RequestLimits"):
         SampleRequest.model_validate({"label": 0})
+
+
+def test_the_documented_examples_are_valid_requests_for_the_digits():
+    digits = RequestLimits.for_model(tuple("0123456789"), 10, 1000, 8, 250, 50, 10, 20)
+    schema = SampleRequest.model_json_schema()
+    assert schema["examples"] and schema["additionalProperties"] is False
+    for example in schema["examples"]:
+        assert _parse(example, digits).to_job(digits).labels
+    label = schema["properties"]["label"]["anyOf"]  # an id or a name, as validated
+    assert {"type": "integer", "minimum": 0} in label and {"type": "string"} in label
+
+
+def test_lineage_headers_carry_the_run_and_dataset_and_skip_what_is_unknown():
+    from serving.schemas import ModelVersionInfo
+
+    full = ModelVersionInfo(
+        name="ldm", version="3", alias="champion", run_id="r1", dataset_digest="d" * 64
+    )
+    assert full.headers() == {
+        "X-Model-Name": "ldm",
+        "X-Model-Version": "3",
+        "X-Model-Alias": "champion",
+        "X-Model-Run-Id": "r1",
+        "X-Dataset-Digest": "d" * 64,
+    }
+    bare = ModelVersionInfo(name="ldm", version="3", alias=None)
+    assert bare.headers() == {"X-Model-Name": "ldm", "X-Model-Version": "3"}

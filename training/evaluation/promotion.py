@@ -25,6 +25,7 @@ from training.evaluation.scoring import (
     log_evaluation,
 )
 from training.mlflow.registry import alias_version, load_model_version
+from training.mlflow.tracking import DATASET_URL_TAG
 from training.names import PromotionMetric
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,10 @@ def require_val_split(data_url: str) -> None:
 
 def _training_data(client: MlflowClient, name: str, version: str) -> str:
     run_id = client.get_model_version(name, version).run_id
-    url = client.get_run(run_id).data.tags.get("data.manifest_url") if run_id else None
+    url = client.get_run(run_id).data.tags.get(DATASET_URL_TAG) if run_id else None
     if not url:
         raise ValueError(
-            f"cannot tell which dataset trained {name} v{version} (no data.manifest_url tag "
+            f"cannot tell which dataset trained {name} v{version} (no {DATASET_URL_TAG} tag "
             "on its run); pass --data"
         )
     return url

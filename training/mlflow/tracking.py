@@ -15,6 +15,11 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+# Run tags naming the dataset a run trained on: its manifest and the manifest's sha256
+# (the lineage a served image's version leads back to).
+DATASET_URL_TAG = "data.manifest_url"
+DATASET_DIGEST_TAG = "data.manifest_sha256"
+
 
 def resolve_tracking_uri(local_store: Path, explicit: str | None = None) -> str:
     """``explicit``, else ``MLFLOW_TRACKING_URI``, else a sqlite file in ``local_store``.

@@ -34,7 +34,13 @@ from training.latent_diffusion import LatentDiffusion
 from training.mlflow.checkpoint_artifacts import checkpoint_logged, prune_checkpoints
 from training.mlflow.registry import log_model_version
 from training.mlflow.run_tracker import retry_tracking
-from training.mlflow.tracking import ensure_experiment, flatten, git_commit
+from training.mlflow.tracking import (
+    DATASET_DIGEST_TAG,
+    DATASET_URL_TAG,
+    ensure_experiment,
+    flatten,
+    git_commit,
+)
 from training.optimisation import NonFiniteLoss
 from training.ray.connection import connect_ray
 from training.ray.latent_cache import cache_latents
@@ -225,8 +231,8 @@ def _start_run_once(job: TrainJobConfig) -> str:
         run_name=job.run_name,
         tags={
             RUN_NAME_TAG: job.run_name,
-            "data.manifest_url": manifest_url(job.data_url.rstrip("/")),
-            "data.manifest_sha256": _sha256(manifest_bytes),
+            DATASET_URL_TAG: manifest_url(job.data_url.rstrip("/")),
+            DATASET_DIGEST_TAG: _sha256(manifest_bytes),
             "git.commit": git_commit(),
             "ray.cluster_size": json.dumps(_cluster_size()),
         },

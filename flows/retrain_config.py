@@ -14,7 +14,7 @@ from data.shard_engines import Engine
 from serving.config import AppConfig
 from training.evaluation.scoring import EvaluationSettings
 from training.job import ScalingSettings, TrainSettings
-from training.names import PromotionMetric, SamplerName
+from training.names import DEFAULT_CPUS_PER_WORKER, PromotionMetric, SamplerName
 
 
 class GridSettings(FrozenConfig):
@@ -92,7 +92,9 @@ class RetrainConfig(FrozenConfig):
     source: str = Field("mnist", description="'mnist', an image folder or an .npz, or s3://")
     dataset_url: str | None = Field(None, description="default: LDM_HOME/data/<name>")
     shard: ShardSettings = ShardSettings(channels=1)
-    train: TrainSettings = TrainSettings(scaling=ScalingSettings(cpus_per_worker=2.0))
+    train: TrainSettings = TrainSettings(
+        scaling=ScalingSettings(cpus_per_worker=DEFAULT_CPUS_PER_WORKER)
+    )
     warm_start: WarmStartSettings = WarmStartSettings()
     ray_address: str | None = Field(
         None,

@@ -1,7 +1,8 @@
 """The closed sets of names the pipeline uses, as types: model presets, samplers, the
-stages, the metric promotion compares. Configs, the HTTP schema and the command line
-(``typing.get_args``) all take them from here. Imports nothing but ``typing``, so the
-command line can build its options without loading torch."""
+stages, the metric promotion compares; and the few defaults every command shares.
+Configs, the HTTP schema and the command line (``typing.get_args``) all take them from
+here. Imports nothing but ``typing``, so the command line can build its options without
+loading torch."""
 
 from __future__ import annotations
 
@@ -13,3 +14,7 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 StageName = Literal["autoencoder", "denoiser", "classifier"]
 # Fréchet distance (lower is better) or class consistency (higher is better).
 PromotionMetric = Literal["fd", "class_consistency"]
+
+# CPUs (and torch threads) a training worker reserves unless told otherwise, by
+# `ldm train`, `ldm retrain` and a retrain config alike: both cores of a laptop.
+DEFAULT_CPUS_PER_WORKER = 2.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -13,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
+from flows.cli.job_options import add_job_options, job_option_paths
 from training.names import PresetName
 
-# Options shared by retrain and schedule → where they go in RetrainConfig, for those given.
+# Options shared by retrain and schedule → where they go in RetrainConfig, for those
+# given (with the training-job options shared with `ldm train`, flows.cli.job_options).
 _FIELDS = {
     "source": ("source",),
     "dataset_url": ("dataset_url",),
@@ -24,24 +27,19 @@ _FIELDS = {
     "val_fraction": ("shard", "val_fraction"),
     "shard_on_ray": ("shard", "engine"),
     "preset": ("train", "preset"),
-    "workers": ("train", "scaling", "num_workers"),
-    "cpus_per_worker": ("train", "scaling", "cpus_per_worker"),
-    "storage": ("train", "storage_url"),
-    "run_name": ("train", "run_name"),
-    "model_name": ("train", "model_name"),
-    "tracking_uri": ("train", "tracking_uri"),
     "warm_start": ("warm_start", "from_champion"),
     "reuse_autoencoder": ("warm_start", "reuse_autoencoder"),
     "ray_address": ("ray_address",),
     "port": ("serve", "port"),
     "serve_host": ("serve", "host"),
     "out": ("out_dir",),
-}
+} | job_option_paths()
 
 
 def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain_config.RetrainConfig
     """``--config FILE`` (JSON or YAML of RetrainConfig), or the embedded defaults, with
-    the options given on the command line on top. ValueError/ValidationError if invalid."""
+    the options given on the command line on top, then each ``--set PATH=VALUE``.
+    ValueError/ValidationError if invalid."""
     from flows.cli.config_files import read_config_file
     from flows.retrain_config import DEFAULTS, RetrainConfig
 
@@ -54,17 +52,41 @@ def retrain_config_from_args(args: argparse.Namespace):  # -> flows.retrain_conf
     }
     if getattr(args, "no_serve", False):
         overrides[("serve", "enabled")] = False
+    for assignment in getattr(args, "set", None) or []:
+        path, value = parse_assignment(assignment)
+        overrides[path] = value
     for path, value in overrides.items():
         _override(values, path, value, defaults)
     return RetrainConfig.model_validate(values)
 
 
+def parse_assignment(text: str) -> tuple[tuple[str, ...], Any]:
+    """``evaluation.samples_per_class=20`` → (("evaluation", "samples_per_class"), 20);
+    the value is read as YAML (numbers, true/false, null, [lists], or text)."""
+    import yaml
+
+    path, sep, raw = text.partition("=")
+    parts = tuple(path.strip().split("."))
+    if not sep or not all(parts):
+        raise ValueError(f"--set {text!r}: write PATH=VALUE, e.g. --set evaluation.steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
 def _override(values: dict, path: tuple[str, ...], value: Any, defaults: dict) -> None:
-    """Set ``values[path]``; a section the config file leaves out starts as the default's."""
+    """Set ``values[path]``; a section the config leaves out starts as the default's."""
     *parents, leaf = path
-    node = values
-    for depth, parent in enumerate(parents):
-        node = node.setdefault(parent, defaults[parent] if depth == 0 else {})
+    node, default = values, defaults
+    for parent in parents:
+        default = default.get(parent) if isinstance(default, dict) else None
+        if not isinstance(node.get(parent), dict):
+            if node.get(parent) is not None:
+                raise ValueError(f"{'.'.join(path)}: {parent} is a value, not a section")
+            node[parent] = copy.deepcopy(default) if isinstance(default, dict) else {}
+        node = node[parent]
     node[leaf] = value
     if leaf == "cpus_per_worker":  # the torch threads follow the CPUs
         node.pop("torch_threads", None)
@@ -192,7 +214,11 @@ def _print_summary(report) -> None:  # flows.report.RetrainReport
 def add_retrain_options(parser: argparse.ArgumentParser) -> None:
     """The RetrainConfig options; each one given overrides --config and the defaults."""
     add = parser.add_argument
-    add("--config", help="RetrainConfig as a JSON or YAML file (options below override it)")
+    add(
+        "--config",
+        metavar="FILE",
+        help="RetrainConfig as a JSON or YAML file (options below override it)",
+    )
     add("--source", help="'mnist', an image folder or an .npz, local or s3:// (default: mnist)")
     add("--dataset-url", help="where the shards go (default: LDM_HOME/data/NAME)")
     add("--image-size", type=int, help="image side (default: 32)")
@@ -206,17 +232,12 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
         "ray); the bytes are the same as without",
     )
     add("--preset", choices=get_args(PresetName), help="model preset (default: demo)")
-    add("--workers", type=int, help="Ray Train workers (default: 1)")
-    add("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 2)")
-    add("--storage", help="checkpoints folder or s3:// (default: LDM_HOME/runs)")
+    add_job_options(parser, with_defaults=False)
     add(
         "--ray-address",
         help="default: RAY_ADDRESS, else a local Ray; a dashboard URL (http://head:8265) "
         "submits training as a Ray Job and deploys through the Serve REST API",
     )
-    add("--run-name", help="training run name; the same name resumes")
-    add("--model-name", help="registered model (default: ldm)")
-    add("--tracking-uri", help="MLflow tracking URI (default: sqlite under LDM_HOME)")
     add(
         "--warm-start",
         action="store_true",
@@ -237,6 +258,14 @@ def add_retrain_options(parser: argparse.ArgumentParser) -> None:
         "the README's 'Security and limits' before exposing it)",
     )
     add("--out", help="folder for the sample grid (default: LDM_HOME/retrain)")
+    add(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="any field of the config, e.g. --set evaluation.samples_per_class=20 or "
+        "--set serve.app.max_rows_per_forward=64 (value read as YAML; repeatable; "
+        "applied last). Fields: RetrainConfig in flows/retrain_config.py",
+    )
 
 
 def add_retrain_command(commands: argparse._SubParsersAction) -> None:

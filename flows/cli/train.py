@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from flows.cli.job_options import add_job_options, job_fields_from_args, scaling_from_args
 from training.names import PresetName
 
 
@@ -22,20 +23,11 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
     return TrainSettings(
         preset=args.preset,
         model=model,
-        scaling=ScalingSettings(
-            num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker
-        ),
-        storage_url=args.storage,
-        run_name=args.run_name,
-        experiment=args.experiment,
-        model_name=args.model_name,
-        tracking_uri=args.tracking_uri,
-        checkpoint_every=args.checkpoint_every,
-        mlflow_checkpoints=args.mlflow_checkpoints,
+        scaling=ScalingSettings(**scaling_from_args(args)),
         resume_from=args.resume_from,
         init_from=args.init_from,
         reuse_autoencoder=args.reuse_autoencoder,
-        max_failures=args.max_failures,
+        **job_fields_from_args(args),
     )
 
 
@@ -55,9 +47,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ldm train: error: {error}", file=sys.stderr)
         return 1
     checkpoints = ", ".join(f"{k}: {v}" for k, v in result.checkpoints.items())
+    parent = f", fine-tuned from version {result.parent_version}" if result.parent_version else ""
     print(
         f"Trained run '{job.run_name}' (MLflow run {result.run_id} at {job.tracking_uri}); "
-        f"registered {result.model_name} version {result.version} as @candidate. "
+        f"registered {result.model_name} version {result.version} as @candidate{parent}. "
         f"Checkpoints: {checkpoints}."
     )
     return 0
@@ -92,43 +85,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a JSON or YAML model config (the 'model' of a job) instead of a preset",
     )
-    train.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="Ray Train workers per stage, data-parallel (default: 1)",
-    )
-    train.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=1.0,
-        help="CPUs each worker reserves; also its torch threads (default: 1)",
-    )
-    train.add_argument(
-        "--gpu",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="one GPU per worker (default: --no-gpu)",
-    )
-    train.add_argument(
-        "--storage",
-        metavar="URL",
-        help="absolute folder or s3://bucket/prefix for checkpoints and "
-        "latent caches (default: LDM_HOME/runs)",
-    )
-    train.add_argument(
-        "--run-name", help="name of the run; the same name resumes it (default: PRESET-DATE-TIME)"
-    )
-    train.add_argument("--experiment", default="ldm", help="MLflow experiment (default: ldm)")
-    train.add_argument(
-        "--model-name", default="ldm", help="registered model name in MLflow (default: ldm)"
-    )
-    train.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite)"
-    )
-    train.add_argument(
-        "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
-    )
+    add_job_options(train, with_defaults=True)
     train.add_argument(
         "--resume-from",
         metavar="URI",
@@ -150,18 +107,5 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --init-from: keep the version's autoencoder and latent scale and skip "
         "the autoencoder stage",
-    )
-    train.add_argument(
-        "--mlflow-checkpoints",
-        default="last:2",
-        metavar="last:K|final|all",
-        help="checkpoints each stage logs to its MLflow run under checkpoints/STAGE/step-N/: "
-        "the K newest, the final one only, or every one (default: last:2)",
-    )
-    train.add_argument(
-        "--max-failures",
-        type=int,
-        default=1,
-        help="worker-group restarts from the last checkpoint (default: 1)",
     )
     train.set_defaults(handler=_train)

@@ -33,6 +33,13 @@ def test_help_lists_every_command():
         assert name in result.stdout
 
 
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = _ldm("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ldm {version('ldm-pipeline')}"
+
+
 def test_demo_with_tiny_preset_writes_a_grid_and_a_model(tmp_path):
     result = _ldm("demo", "--preset", "tiny", "--out", str(tmp_path), "--no-progress")
     assert result.returncode == 0, result.stderr

@@ -123,3 +123,52 @@ def test_the_readmes_retrain_config_is_a_valid_config(tmp_path):
     (tmp_path / "retrain.yaml").write_text(example)
     config = _config("--config", str(tmp_path / "retrain.yaml"))
     assert config.serve.app.max_rows_per_forward == 16 and config.train.scaling.cpus_per_worker == 2
+
+
+def test_train_and_retrain_share_option_names_and_defaults():
+    from flows.cli.train import train_settings_from_args
+
+    train = train_settings_from_args(build_parser().parse_args(["train", "/data"]))
+    retrain = _config().train
+    assert train.scaling == retrain.scaling  # the same CPUs, threads and GPU default
+    fields = ("experiment", "model_name", "checkpoint_every", "mlflow_checkpoints", "max_failures")
+    assert {f: getattr(train, f) for f in fields} == {f: getattr(retrain, f) for f in fields}
+    argv = ["--gpu", "--experiment", "nightly", "--checkpoint-every", "50", "--max-failures", "3"]
+    argv += ["--mlflow-checkpoints", "final", "--workers", "2"]
+    train = train_settings_from_args(build_parser().parse_args(["train", "/data", *argv]))
+    retrain = _config(*argv).train
+    assert train.scaling == retrain.scaling and train.scaling.use_gpu
+    assert {f: getattr(train, f) for f in fields} == {f: getattr(retrain, f) for f in fields}
+    assert retrain.experiment == "nightly" and retrain.mlflow_checkpoints == "final"
+
+
+def test_set_reaches_any_field_and_says_what_is_wrong(tmp_path):
+    path = tmp_path / "retrain.yaml"
+    path.write_text("serve: {port: 9000}\n")  # a section without its app settings
+    config = _config(
+        "--config",
+        str(path),
+        "--set",
+        "evaluation.samples_per_class=20",
+        "--set",
+        "serve.app.max_rows_per_forward=64",
+        "--set",
+        "train.tracking.outage_budget_s=60",
+        "--set",
+        "shard.workers=null",
+        "--set",
+        "source=digits folder",
+    )
+    assert config.evaluation.samples_per_class == 20
+    assert config.serve.port == 9000 and config.serve.app.max_rows_per_forward == 64
+    # the sections it creates start from the defaults, not from empty
+    assert config.serve.app.model_copy(update={"max_rows_per_forward": 0}) == (
+        DEFAULTS.serve.app.model_copy(update={"max_rows_per_forward": 0})
+    )
+    assert config.train.tracking.outage_budget_s == 60 and config.source == "digits folder"
+    with pytest.raises(ValidationError, match="evaluation.samples_per_clas"):
+        _config("--set", "evaluation.samples_per_clas=20")
+    with pytest.raises(ValueError, match="write PATH=VALUE"):
+        _config("--set", "evaluation.steps")
+    with pytest.raises(ValueError, match="source is a value, not a section"):
+        _config("--set", "source.name=x")

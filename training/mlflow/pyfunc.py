@@ -10,8 +10,11 @@ Output: uint8 images [B, H, W, C].
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from training.mlflow.registry import DEFAULT_PARAMS
@@ -23,13 +26,15 @@ class LatentDiffusionSampler(PythonModel):
 
         self.model = LatentDiffusion.load(context.artifacts["weights"])
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         import torch
 
         from training.images import to_uint8
 
         settings = DEFAULT_PARAMS | (params or {})
-        labels = torch.as_tensor(np.asarray(model_input["label"], dtype=np.int64))
+        labels = torch.from_numpy(np.array(model_input["label"], dtype=np.int64))
         if "seed" in model_input:
             seeds = [int(s) for s in model_input["seed"]]
         else:

@@ -11,10 +11,13 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.model_uri import parse_model_uri
@@ -31,6 +34,20 @@ DEFAULT_PARAMS = {
     "eta": 0.0,
 }
 
+# Declared, not inferred: one row per image, int64 class ids and optional seeds in, uint8
+# images [B, H, W, C] out, the sampling settings as params.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("long", "label"), ColSpec("long", "seed", required=False)]),
+    outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, -1))]),
+    params=ParamSchema(
+        [
+            ParamSpec(name, {float: "double", int: "long", str: "string"}[type(value)], value)
+            for name, value in DEFAULT_PARAMS.items()
+        ]
+    ),
+)
+INPUT_EXAMPLE = pd.DataFrame({"label": np.array([3, 7]), "seed": np.array([0, 1])})
+
 
 def log_model_version(
     model: LatentDiffusion,
@@ -43,14 +60,14 @@ def log_model_version(
     ``alias`` at it. Returns the registered version."""
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    example = pd.DataFrame({"label": [0], "seed": [0]})
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         weights = model.save(Path(tmp) / WEIGHTS_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={WEIGHTS_ARTIFACT: str(weights)},
-            signature=mlflow.models.infer_signature(example, params=DEFAULT_PARAMS),
+            signature=SIGNATURE,
+            input_example=(INPUT_EXAMPLE, DEFAULT_PARAMS),
             pip_requirements=PIP_REQUIREMENTS,
         )
     version = mlflow.register_model(info.model_uri, model_name)

@@ -118,6 +118,7 @@ def evaluate_and_promote(config: RetrainConfig, tracking_uri: str, version: str)
         metric=config.promote_metric,
         min_improvement=config.min_improvement,
         settings=config.evaluation,
+        progress=True,
     )
     get_run_logger().info(
         "v%s %s: %s", version, "promoted" if result.promoted else "kept", result.reason

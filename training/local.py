@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from data.reader import to_pixels
 from training.config import LDMConfig
@@ -21,6 +20,7 @@ from training.diffusion import GaussianDiffusion
 from training.latent_diffusion import LatentDiffusion
 from training.models import EMA
 from training.optimisation import FiniteLossGuard, NonFiniteLoss, make_optimisation
+from training.progress import StageProgress
 from training.stages import STAGES, Stage, get_stage
 
 Log = Callable[[str], None]
@@ -45,10 +45,12 @@ def _run_stage(
     diffusion: GaussianDiffusion,
     generator: torch.Generator,
     progress: bool,
+    history: list[tuple[int, float]] | None = None,
 ) -> dict[str, float]:
     """Run the stage's optimisation steps on ``inputs`` [N, …] (pixels or latents) and
     labels ``y`` [N]; the sampling weights (EMA ones where the stage keeps an EMA) end
-    up in ``model``. Returns the last step's metrics."""
+    up in ``model``. Returns the last step's metrics; ``history`` gets (step, loss) at
+    every logging interval."""
     net, training, config = stage.network(model), stage.training(model.config), model.config
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     net.train()
@@ -56,8 +58,8 @@ def _run_stage(
     batches = _batches(len(y), training.batch_size, generator)
     metrics: dict[str, float] = {}
     guard = FiniteLossGuard(torch.device("cpu"))
-    bar = tqdm(range(training.steps), desc=stage.name, disable=not progress, mininterval=1.0)
-    for step in bar:
+    lines = StageProgress(stage.name, training.steps, training.batch_size) if progress else None
+    for step in range(training.steps):
         idx = next(batches)
         losses = stage.losses(net, inputs[idx], y[idx], diffusion, config)
         guard.observe(losses["loss"], step + 1)
@@ -68,7 +70,12 @@ def _run_stage(
             ema.update(net)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics["grad_norm"] = float(grad_norm)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        done = step + 1
+        if done % training.log_every == 0 or done == training.steps:
+            if lines is not None:
+                lines.update(done, metrics["loss"])
+            if history is not None:
+                history.append((done, metrics["loss"]))
     net.eval()
     if ema is not None:
         setattr(model, stage.name, ema.model)
@@ -104,12 +111,14 @@ def train_in_process(
     labels: np.ndarray,
     progress: bool = True,
     log: Log = print,
+    history: dict[str, list[tuple[int, float]]] | None = None,
 ) -> LatentDiffusion:
     """Train the stages of :data:`training.stages.STAGES` in order: autoencoder →
     (latents cached once) → denoiser with EMA → classifier.
 
     images: uint8 [N, H, W] or [N, H, W, C] matching the config's size and channels;
-    labels: int [N] in 0 … num_classes−1. Returns the model with EMA denoiser weights.
+    labels: int [N] in 0 … num_classes−1. Returns the model with EMA denoiser weights;
+    ``history`` gets each stage's (step, loss) at its logging intervals.
     """
     pixels, y = to_pixels(images), torch.as_tensor(labels, dtype=torch.long)
     expected = (config.image_channels, config.image_size, config.image_size)
@@ -129,7 +138,10 @@ def train_in_process(
             with torch.no_grad():
                 chunks = pixels.split(ENCODE_CHUNK)
                 inputs["latents"] = torch.cat([model.autoencoder.encode_latents(c) for c in chunks])
-        metrics = _run_stage(stage, model, inputs[stage.inputs], y, diffusion, generator, progress)
+        curve = history.setdefault(stage.name, []) if history is not None else None
+        metrics = _run_stage(
+            stage, model, inputs[stage.inputs], y, diffusion, generator, progress, curve
+        )
         line = f"{stage.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         if stage.finish is not None:
             net = stage.network(model)

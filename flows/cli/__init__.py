@@ -27,6 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"sample grid: {grid}")
+    print(f"loss curves: {grid.with_name('loss.png')}")
     return 0
 
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="classifier-free guidance scale w >= 0 for the grid (default: 2)",
     )
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress lines")
     demo.set_defaults(handler=_demo)
     add_shard_command(commands)
     add_train_command(commands)

@@ -91,7 +91,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluator = get_evaluator(data_url, cache)
         settings = _settings(args)
         model = load_model_version(f"models:/{name}/{version}", tracking_uri)
-        report = evaluate_model(model, data_url, evaluator, settings)
+        report = evaluate_model(
+            model, data_url, evaluator, settings, progress=f"evaluating {name} v{version}"
+        )
         log_evaluation(report, settings, tracking_uri, name, version)
     except Exception as error:
         print(f"ldm evaluate: error: {error}", file=sys.stderr)
@@ -116,6 +118,7 @@ def _promote(args: argparse.Namespace) -> int:
             force=args.force,
             data_url=args.data,
             settings=_settings(args),
+            progress=True,
         )
     except Exception as error:
         print(f"ldm promote: error: {error}", file=sys.stderr)

@@ -49,6 +49,10 @@ def test_demo_with_tiny_preset_writes_a_grid_and_a_model(tmp_path):
     # 10 rows (digits) × 8 columns of 32×32 images with 2-pixel padding.
     assert grid.shape == (10 * 34 + 2, 8 * 34 + 2)
     assert (tmp_path / "model" / "config.json").is_file()
+    curves = np.asarray(Image.open(tmp_path / "loss.png"))
+    assert f"loss curves: {tmp_path / 'loss.png'}" in result.stdout
+    assert curves.ndim == 3 and curves.shape[1] > 2 * curves.shape[0]  # a panel per stage
+    assert curves.std() > 10  # drawn, not blank
 
 
 def test_train_without_a_dataset_says_which_url_is_missing(tmp_path):

@@ -4,6 +4,8 @@ none for a wrong request, and a buffer that is sent in order once the server is 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -82,6 +84,26 @@ def test_the_tracker_sends_everything_in_order_with_each_step(sqlite_run):
     assert [m.step for m in history] == list(range(1, 2501))
     assert history[-1].value == pytest.approx(1 / 2500)
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
+
+
+def test_image_series_and_system_metrics_reach_the_run(sqlite_run):
+    uri, run_id = sqlite_run
+    with RunTracker(uri, run_id) as tracker:
+        tracker.monitor_system(interval_s=0.5)
+        for step in (10, 20):
+            tracker.log_image(np.full((6, 6, 3), step, np.uint8), key="samples/denoiser", step=step)
+        time.sleep(1.6)
+        with pytest.raises(ValueError, match="artifact_file, or key and step"):
+            tracker.log_image(np.zeros((2, 2, 1), np.uint8))
+    client = MlflowClient(uri)
+    names = [a.path.removeprefix("images/") for a in client.list_artifacts(run_id, "images")]
+    pngs = sorted(n for n in names if n.endswith(".png"))
+    assert [n.split("+")[:3] for n in pngs] == [
+        ["samples~denoiser", "step", "10"],
+        ["samples~denoiser", "step", "20"],
+    ]  # the key and step the MLflow UI's slider reads
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and [m.step for m in cpu] == sorted(m.step for m in cpu)
 
 
 def test_a_wrong_request_surfaces_at_the_next_call_and_at_close(sqlite_run):

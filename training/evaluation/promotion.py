@@ -57,10 +57,12 @@ def promote(
     force: bool = False,
     data_url: str | None = None,
     settings: EvaluationSettings | None = None,
+    progress: bool = False,
 ) -> PromotionResult:
     """Evaluate ``version`` (default: ``@candidate``) and ``@champion``; move
     ``@champion`` to the candidate when its ``metric`` is better by more than
-    ``min_improvement`` (or there is no champion, or ``force``)."""
+    ``min_improvement`` (or there is no champion, or ``force``). ``progress``: a bar
+    per evaluated version on an interactive stderr."""
     client = MlflowClient(tracking_uri)
     settings = settings or EvaluationSettings()
     candidate = version or alias_version(client, name, "candidate")
@@ -76,7 +78,11 @@ def promote(
     metrics = {}
     for v in filter(None, (candidate, champion)):
         report = evaluate_model(
-            load_model_version(f"models:/{name}/{v}", tracking_uri), data_url, evaluator, settings
+            load_model_version(f"models:/{name}/{v}", tracking_uri),
+            data_url,
+            evaluator,
+            settings,
+            progress=f"evaluating {name} v{v}" if progress else None,
         )
         log_evaluation(report, settings, tracking_uri, name, v)
         metrics[v] = report.metrics

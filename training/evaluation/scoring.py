@@ -11,6 +11,7 @@ network's noise prediction on its own DDIM chain against on noised val latents, 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from pydantic import Field
+from tqdm import tqdm
 
 from data.frozen import FrozenConfig
 from training.diffusion.exposure import ExposureCurve, exposure_curve
@@ -27,6 +29,7 @@ from training.images import make_grid, to_uint8
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.run_tracker import RunTracker
 from training.names import SamplerName
+from training.plots import exposure_plot, label_rows
 
 GRID_PER_CLASS = 8
 
@@ -58,12 +61,24 @@ class EvaluationReport:
 
 @torch.no_grad()
 def evaluate_model(
-    model: LatentDiffusion, data_url: str, evaluator: Evaluator, settings: EvaluationSettings
+    model: LatentDiffusion,
+    data_url: str,
+    evaluator: Evaluator,
+    settings: EvaluationSettings,
+    progress: str | None = None,
 ) -> EvaluationReport:
-    """Sample ``samples_per_class`` images of every class and measure them."""
+    """Sample ``samples_per_class`` images of every class and measure them. With
+    ``progress`` (its label), a progress bar on an interactive stderr."""
     classes = model.config.num_classes
     labels = torch.arange(classes).repeat_interleave(settings.samples_per_class)
     started = time.perf_counter()
+    batches = tqdm(
+        range(0, len(labels), settings.batch_size),
+        desc=progress,
+        unit="batch",
+        file=sys.stderr,
+        disable=None if progress else True,  # None: shown only on a terminal
+    )
     pixels = torch.cat(
         [
             model.sample(
@@ -80,7 +95,7 @@ def evaluate_model(
                     for j in range(i, min(i + settings.batch_size, len(labels)))
                 ],
             )
-            for i in range(0, len(labels), settings.batch_size)
+            for i in batches
         ]
     )
     seconds_per_image = (time.perf_counter() - started) / len(labels)
@@ -101,7 +116,8 @@ def evaluate_model(
     per_class = pixels.reshape(classes, settings.samples_per_class, *pixels.shape[1:])
     shown = per_class[:, :GRID_PER_CLASS].reshape(-1, *pixels.shape[1:])
     grid = make_grid(to_uint8(shown), ncols=min(GRID_PER_CLASS, settings.samples_per_class))
-    return EvaluationReport(metrics, grid, exposure)
+    names = model.config.class_names or tuple(str(k) for k in range(classes))
+    return EvaluationReport(metrics, label_rows(grid, names), exposure)
 
 
 def _exposure(
@@ -116,27 +132,6 @@ def _exposure(
     labels = y if model.config.num_classes > 1 else None
     generator = torch.Generator().manual_seed(settings.seed)
     return exposure_curve(model.denoiser, model.diffusion, z0, labels, settings.steps, generator)
-
-
-def exposure_plot(curve: ExposureCurve) -> np.ndarray:
-    """uint8 [H, W, 3]: √(‖ε̂‖² on the model's own x̂_t / on noised data) over t."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.2), dpi=100)
-    axes.plot(curve.timesteps, curve.ratio, marker="o")
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.invert_xaxis()
-    axes.set_xlabel("timestep t (noisy → clean)")
-    axes.set_ylabel("‖ε̂(x̂_t)‖ / ‖ε̂(x_t)‖")
-    axes.set_title(f"exposure bias (mean excess {curve.summary:+.3f})")
-    figure.tight_layout()
-    figure.canvas.draw()
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return image
 
 
 def _real_features(evaluator: Evaluator, data_url: str) -> np.ndarray:

@@ -49,6 +49,8 @@ MAX_BUFFERED_CHECKPOINTS = 2  # beyond it the oldest waiting one is skipped
 # final ones, see training.mlflow.checkpoint_artifacts).
 CHECKPOINT_GRACE_S = 30.0
 BATCH_LIMIT = 1000  # metrics per log_batch call (MLflow's own limit)
+SYSTEM_METRICS_INTERVAL_S = 10.0
+SYSTEM_METRICS_FINISH_S = 15.0
 # Errors that say the request itself is wrong: waiting for the server cannot help.
 _PERMANENT_CODES = {
     "INVALID_PARAMETER_VALUE",
@@ -128,6 +130,22 @@ class RunTracker:
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
         self._thread.start()
+        self._system: Any = None  # MLflow's SystemMetricsMonitor, when started
+
+    def monitor_system(self, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> None:
+        """Log this machine's CPU, memory, disk, network (and GPU) use to the run as
+        ``system/…`` metrics every ``interval_s`` until :meth:`close`; steps continue
+        where an earlier stage of the run left them. MLflow's monitor keeps trying
+        through an outage and logs a warning instead of failing."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=interval_s,
+            resume_logging=True,
+            tracking_uri=self.tracking_uri,
+        )
+        self._system.start()
 
     # ----------------------------------------------------------------- the caller's side
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -135,9 +153,21 @@ class RunTracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._put("metrics", batch, len(batch))
 
-    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        """uint8 [H, W] or [H, W, C] as a PNG artifact of the run."""
-        self._put("image", (np.array(image, copy=True), artifact_file), 0)
+    def log_image(
+        self,
+        image: np.ndarray,
+        artifact_file: str | None = None,
+        *,
+        key: str | None = None,
+        step: int | None = None,
+    ) -> None:
+        """uint8 [H, W] or [H, W, C] as a PNG artifact of the run: at ``artifact_file``,
+        or as step ``step`` of the image series ``key`` (the MLflow UI shows a series
+        with a step slider)."""
+        if (artifact_file is None) == (key is None):
+            raise ValueError("give artifact_file, or key and step")
+        item = (np.array(image, copy=True), artifact_file, key, step)
+        self._put("image", item, 0)
 
     def log_checkpoint(self, folder: str | Path, artifact_path: str, keep_last: int | None) -> None:
         """Upload a copy of checkpoint ``folder`` to the run's ``artifact_path`` (e.g.
@@ -161,6 +191,11 @@ class RunTracker:
         ``timeout_s``); raises :class:`TrackingUnavailable` if it cannot be. Checkpoint
         uploads left when all else is sent get :data:`CHECKPOINT_GRACE_S` more, then
         are given up (never an error)."""
+        if self._system is not None:  # its last sample, but no waiting out an outage for it
+            finishing = threading.Thread(target=self._system.finish, daemon=True)
+            finishing.start()
+            finishing.join(SYSTEM_METRICS_FINISH_S)
+            self._system = None
         deadline = time.monotonic() + (self.outage_budget_s if timeout_s is None else timeout_s)
         grace_ends = None
         with self._cv:
@@ -270,8 +305,11 @@ class RunTracker:
         if kind == "metrics":
             self.client.log_batch(self.run_id, metrics=item)
         else:
-            image, artifact_file = item
-            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+            image, artifact_file, key, step = item
+            if key is None:
+                self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+            else:
+                self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def _send_checkpoint(self, staging: Path, artifact_path: str, keep_last: int | None) -> None:
         """Upload and prune; a checkpoint that cannot be sent is lost, not the run."""

@@ -20,13 +20,13 @@ from typing import Any
 import ray
 import ray.train
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from data import storage
-from data.manifest import load_manifest, manifest_url
+from data.manifest import Manifest, load_manifest, manifest_url
 from training.checkpoints import checkpoint_artifact_path, load_checkpoint_uri
 from training.config import LDMConfig
 from training.job import StageJob, TrainedVersion, TrainJobConfig
@@ -52,6 +52,9 @@ from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
+# MLflow stores a dataset digest in 36 characters; the profile and the run's
+# data.manifest_sha256 tag hold all 64.
+DATASET_DIGEST_CHARS = 36
 
 
 @dataclass
@@ -243,7 +246,33 @@ def _start_run_once(job: TrainJobConfig) -> str:
     ]
     for start in range(0, len(params), PARAMS_PER_CALL):
         client.log_batch(run.info.run_id, params=params[start : start + PARAMS_PER_CALL])
+    client.log_inputs(run.info.run_id, [_dataset_input(job.data_url, manifest_bytes)])
     return run.info.run_id
+
+
+def _dataset_input(data_url: str, manifest_bytes: bytes) -> DatasetInput:
+    """The training dataset as the run's input (the MLflow UI's Datasets column): its
+    manifest's URL, sha256 and a profile of splits and image format."""
+    url = manifest_url(data_url.rstrip("/"))
+    digest = _sha256(manifest_bytes)
+    manifest = Manifest.model_validate_json(manifest_bytes)
+    profile = {
+        "sha256": digest,
+        "counts": manifest.counts,
+        "shards": len(manifest.shards),
+        "image_size": manifest.image_size,
+        "channels": manifest.channels,
+        "classes": list(manifest.class_names),
+        "fingerprint": manifest.fingerprint,
+    }
+    dataset = Dataset(
+        name=url.removesuffix("/manifest.json").rsplit("/", 1)[-1],
+        digest=digest[:DATASET_DIGEST_CHARS],
+        source_type="s3" if url.startswith("s3://") else "local",
+        source=json.dumps({"uri": url}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def fit_stage(

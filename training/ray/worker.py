@@ -39,10 +39,13 @@ from training.job import StageJob
 from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
 from training.optimisation import FiniteLossGuard, Optimisation, make_optimisation
+from training.plots import label_rows
+from training.progress import StageProgress
 from training.stages import Stage, get_stage
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
+GRID_KEY = "samples/denoiser"  # an image series of the run, one step per grid
 
 
 @dataclass
@@ -64,6 +67,7 @@ class _Run:
     into_epoch: int  # batches of ``epoch`` already trained on
     logged_at: float = field(default_factory=time.perf_counter)  # images/s covers whole
     logged_step: int = 0  # intervals between two logged steps
+    progress: StageProgress | None = None  # rank 0's console lines
 
     @property
     def training(self) -> StageConfig:
@@ -111,6 +115,7 @@ def _start(job: StageJob) -> _Run:
     if rank == 0:
         job.job.tracking.apply_to_client()
         tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
+        tracker.monitor_system()
         if step > 0:
             tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
     return _Run(
@@ -128,6 +133,11 @@ def _start(job: StageJob) -> _Run:
         epoch,
         into_epoch,
         logged_step=step,
+        progress=StageProgress(
+            job.stage, training.steps, training.batch_size * world, start_step=step
+        )
+        if rank == 0
+        else None,
     )
 
 
@@ -182,6 +192,8 @@ def _log_step(run: _Run, losses: dict[str, Tensor], grad_norm: Tensor) -> None:
     if run.tracker is None:
         return
     training, step = run.training, run.step
+    if run.progress is not None and (step % training.log_every == 0 or step == training.steps):
+        run.progress.update(step, float(losses["loss"].detach()))
     if step % training.log_every == 0:
         now = time.perf_counter()
         images = (step - run.logged_step) * training.batch_size * run.world
@@ -293,4 +305,5 @@ def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int
         generator=torch.Generator().manual_seed(config.seed),
     )
     grid = make_grid(to_uint8(autoencoder.decode_latents(z0)), ncols=GRID_SAMPLES_PER_CLASS)
-    tracker.log_image(grid, f"samples/denoiser_step_{step:07d}.png")
+    names = config.class_names or tuple(str(k) for k in range(config.num_classes))
+    tracker.log_image(label_rows(grid, names), key=GRID_KEY, step=step)

@@ -245,6 +245,10 @@ class SamplerDeployment:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE_HTML)
 
+    @api.get("/favicon.ico", include_in_schema=False)
+    async def favicon(self) -> Response:
+        return Response(status_code=204)  # a browser asks; the page has none
+
     @api.get("/healthz", summary="Liveness, with the version served")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "model": self.current.name, "version": self.current.version}

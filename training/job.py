@@ -116,6 +116,9 @@ class JobSettings(FrozenConfig):
     job_timeout_s: float = Field(
         86_400.0, gt=0, description="a training Ray Job still running by then is stopped"
     )
+    verbose: bool = Field(
+        False, description="show Ray Train's and MLflow's own INFO logs beside the progress"
+    )
 
     @field_validator("resume_from")
     @classmethod

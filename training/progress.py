@@ -7,10 +7,13 @@ console), and so does the in-process training of ``ldm demo``. So that a long st
 does not flood the console, a line is printed at a logging interval only when a tenth
 of the stage or a minute has passed since the previous one; the first interval and the
 last step always print. The speed and ETA are averaged since the stage (re)started.
+Ray Train's and MLflow's own INFO logs stay off the console unless the job is
+``verbose``.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +75,17 @@ class StageProgress:
         if not self.due(step):
             return None
         text = self.line(step, loss)
-        print(text, file=self.out or sys.stdout, flush=True)
+        # Written, not printed: Ray Train turns a worker's print into a log record and,
+        # where stdout is wrapped, prints it as well (twice on the console).
+        stream = self.out or sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
         self.printed_step, self.printed_at = step, self.clock()
         return text
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """MLflow's INFO logs (system metrics started, tables created, examples validated)
+    only with ``verbose``; its warnings always. Ray Train's own are set per stage
+    (``RunConfig.logging_config``)."""
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)

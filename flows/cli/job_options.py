@@ -76,6 +76,12 @@ _OPTIONS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
         {"type": int, "metavar": "N"},
         "worker-group restarts from the last checkpoint",
     ),
+    "verbose": (
+        "--verbose",
+        False,
+        {"action": argparse.BooleanOptionalAction},
+        "Ray Train's and MLflow's own INFO logs on the console, beside the progress lines",
+    ),
 }
 SCALING_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu")
 

@@ -132,14 +132,16 @@ def test_train_and_retrain_share_option_names_and_defaults():
     retrain = _config().train
     assert train.scaling == retrain.scaling  # the same CPUs, threads and GPU default
     fields = ("experiment", "model_name", "checkpoint_every", "mlflow_checkpoints", "max_failures")
+    fields += ("verbose",)
     assert {f: getattr(train, f) for f in fields} == {f: getattr(retrain, f) for f in fields}
     argv = ["--gpu", "--experiment", "nightly", "--checkpoint-every", "50", "--max-failures", "3"]
-    argv += ["--mlflow-checkpoints", "final", "--workers", "2"]
+    argv += ["--mlflow-checkpoints", "final", "--workers", "2", "--verbose"]
     train = train_settings_from_args(build_parser().parse_args(["train", "/data", *argv]))
     retrain = _config(*argv).train
     assert train.scaling == retrain.scaling and train.scaling.use_gpu
     assert {f: getattr(train, f) for f in fields} == {f: getattr(retrain, f) for f in fields}
     assert retrain.experiment == "nightly" and retrain.mlflow_checkpoints == "final"
+    assert retrain.verbose and not _config().train.verbose
 
 
 def test_set_reaches_any_field_and_says_what_is_wrong(tmp_path):

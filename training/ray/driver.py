@@ -22,7 +22,7 @@ import ray.train
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from data import storage
@@ -42,6 +42,7 @@ from training.mlflow.tracking import (
     git_commit,
 )
 from training.optimisation import NonFiniteLoss
+from training.progress import quiet_libraries
 from training.ray.connection import connect_ray
 from training.ray.latent_cache import cache_latents
 from training.ray.resume import plan_resume
@@ -73,6 +74,7 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     or ``init_from`` starts from an earlier run's checkpoint or a registered version.
     """
     manifest = load_manifest(job.data_url)  # a wrong data URL fails before Ray starts
+    quiet_libraries(job.verbose)
     connect_ray(ray_address)
     config = job.model.for_data(
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
@@ -295,6 +297,7 @@ def fit_stage(
             storage_path=job.storage_url,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig("INFO" if job.verbose else "WARNING"),
         ),
     )
     result = _fit(trainer, stage)

@@ -40,7 +40,7 @@ from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
 from training.optimisation import FiniteLossGuard, Optimisation, make_optimisation
 from training.plots import label_rows
-from training.progress import StageProgress
+from training.progress import StageProgress, quiet_libraries
 from training.stages import Stage, get_stage
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
@@ -113,6 +113,7 @@ def _start(job: StageJob) -> _Run:
     model = ray.train.torch.prepare_model(net)
     tracker = None
     if rank == 0:
+        quiet_libraries(job.job.verbose)
         job.job.tracking.apply_to_client()
         tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
         tracker.monitor_system()

@@ -236,6 +236,7 @@ class SamplerDeployment:
             default_steps=c.resolved_default_steps,
             max_guidance_scale=c.max_guidance_scale,
             max_classifier_scale=c.max_classifier_scale,
+            eps_defaults=loaded.eps_defaults,
         )
         self._limits = (loaded, limits)
         return limits
@@ -281,6 +282,7 @@ class SamplerDeployment:
             "image_size": config.image_size,
             "image_channels": config.image_channels,
             "num_timesteps": config.diffusion.num_timesteps,
+            "eps_scaling_defaults": loaded.eps_defaults.table,
             "config": config.model_dump(mode="json"),
             "limits": {
                 "max_images_per_request": limits.max_images,

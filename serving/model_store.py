@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from data.environment import redact
+from training.diffusion.exposure import EpsScalingDefaults
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.model_uri import ModelRef
 from training.mlflow.registry import load_model_version, resolve_model_version
-from training.mlflow.tracking import DATASET_DIGEST_TAG, DATASET_URL_TAG
+from training.mlflow.tracking import DATASET_DIGEST_TAG, DATASET_URL_TAG, EPS_SCALING_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class LoadedModel:
     # lineage: the dataset the version's run trained on (its manifest and sha256)
     dataset_url: str | None = None
     dataset_digest: str | None = None
+    # the b a request without eps_scaling gets, searched per sampler and step count
+    eps_defaults: EpsScalingDefaults = EpsScalingDefaults({})
 
 
 class ModelStore:
@@ -68,7 +71,8 @@ class ModelStore:
         """Download and rebuild ``version`` in eval mode on this store's device."""
         uri = self.ref.version_uri(version)
         try:
-            run_id = self.client.get_model_version(self.ref.name, version).run_id
+            registered = self.client.get_model_version(self.ref.name, version)
+            run_id = registered.run_id
             tags = self.client.get_run(run_id).data.tags if run_id else {}
             model = load_model_version(uri, self.tracking_uri, device=self.device)
         except Exception as error:
@@ -84,10 +88,20 @@ class ModelStore:
             time.time(),
             dataset_url=tags.get(DATASET_URL_TAG),
             dataset_digest=tags.get(DATASET_DIGEST_TAG),
+            eps_defaults=_eps_defaults(registered.tags.get(EPS_SCALING_TAG), uri),
         )
 
     def load_current(self) -> LoadedModel:
         return self.load(self.resolve_version())
+
+
+def _eps_defaults(tag: str | None, uri: str) -> EpsScalingDefaults:
+    """The version's searched epsilon scaling; none (b = 1) if its tag is unreadable."""
+    try:
+        return EpsScalingDefaults.from_json(tag)
+    except ValueError as error:
+        logger.warning("%s: ignoring its %s tag: %s", uri, EPS_SCALING_TAG, error)
+        return EpsScalingDefaults({})
 
 
 class AliasWatcher:

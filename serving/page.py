@@ -54,8 +54,8 @@ PAGE_HTML = """<!doctype html>
   <input id="eta" type="number" min="0" max="1" step="0.1" value="0">
   <label for="eps-scaling">epsilon scaling b, k</label>
   <div class="row"><input id="eps-scaling" type="number" min="0.5" max="2" step="0.001"
-  value="1"><input id="eps-slope" type="number" min="-1" max="1" step="0.001" value="0">
-  <span class="hint">ε̂ / (b + k·t/T); 1, 0 is off</span></div>
+  placeholder="version's"><input id="eps-slope" type="number" min="-1" max="1" step="0.001"
+  placeholder="0"><span class="hint">ε̂ / (b + k·t/T); b = 1 is off</span></div>
   <label for="seed">seed (empty: random)</label><input id="seed" type="number" min="0">
   <label for="token">API token (if required)</label>
   <input id="token" type="password" autocomplete="off">
@@ -126,8 +126,10 @@ function request() {
   const body = { label: Number($("class").value), num_samples: Number($("count").value),
     sampler: $("sampler").value, steps: Number($("steps").value),
     guidance_scale: Number($("guidance").value), classifier_scale: Number($("classifier").value),
-    eps_scaling: Number($("eps-scaling").value), eps_scaling_slope: Number($("eps-slope").value),
     format: "json" };
+  // empty: the b searched for this version, sampler and steps (or 1), and k = 0
+  if ($("eps-scaling").value !== "") body.eps_scaling = Number($("eps-scaling").value);
+  if ($("eps-slope").value !== "") body.eps_scaling_slope = Number($("eps-slope").value);
   if (body.sampler === "ddim") body.eta = Number($("eta").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   return body;
@@ -181,7 +183,8 @@ async function sample(event) {
     if (!response.ok) { show(`${response.status}: ${result.detail}`, true); return; }
     showImages(result);
     $("download").style.display = "inline-block";
-    show(`${result.images.length} images, seed ${result.seed}, ` +
+      const scaled = result.batch.eps_scaling !== 1 ? `, ε̂ / ${result.batch.eps_scaling}` : "";
+    show(`${result.images.length} images, seed ${result.seed}${scaled}, ` +
          `${result.elapsed_s.toFixed(2)} s`, false);
   } catch (error) {
     show("the request failed: " + error, true);

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from serving.sampler import SampleJob
+from training.diffusion.exposure import EpsScalingDefaults
 from training.names import SamplerName
 
 ImageFormat = Literal["png", "json", "npy"]
@@ -41,6 +42,8 @@ class RequestLimits:
     default_steps: int
     max_guidance_scale: float
     max_classifier_scale: float
+    # the version's searched epsilon scaling, for requests that leave eps_scaling out
+    eps_defaults: EpsScalingDefaults = EpsScalingDefaults({})
 
     @classmethod
     def for_model(
@@ -53,6 +56,7 @@ class RequestLimits:
         default_steps: int,
         max_guidance_scale: float,
         max_classifier_scale: float,
+        eps_defaults: EpsScalingDefaults | None = None,
     ) -> RequestLimits:
         """Limits of the app intersected with what the model supports. A model saved
         without class names answers to ``"0"`` … ``"N-1"``."""
@@ -65,6 +69,7 @@ class RequestLimits:
             min(default_steps, steps),
             max_guidance_scale,
             max_classifier_scale,
+            eps_defaults or EpsScalingDefaults({}),
         )
 
     def allowed(self, field: str) -> str:
@@ -156,7 +161,11 @@ class SampleRequest(BaseModel):
         "png", description="png: one grid; json: base64 PNG per image; npy: the arrays"
     )
     # epsilon scaling (Ning et al. 2024): ε̂ / (b + k·t/T) against exposure bias
-    eps_scaling: float = Field(1.0, description="b of λ_t = b + k·t/T, ε̂ / λ_t; 1 is off")
+    eps_scaling: float | None = Field(
+        None,
+        description="b of λ_t = b + k·t/T, ε̂ / λ_t; 1 is off. Default: the b searched for "
+        "this version, sampler and step count (GET /v1/model, eps_scaling_defaults), else 1",
+    )
     eps_scaling_slope: float = Field(0.0, description="k of λ_t = b + k·t/T; 0 is off")
 
     @field_validator("labels")
@@ -213,8 +222,8 @@ class SampleRequest(BaseModel):
 
     @field_validator("eps_scaling")
     @classmethod
-    def _eps_scaling(cls, value: float) -> float:
-        if not 0.5 <= value <= 2.0:
+    def _eps_scaling(cls, value: float | None) -> float | None:
+        if value is not None and not 0.5 <= value <= 2.0:
             raise ValueError(f"{value:g} is outside 0.5 to 2")
         return value
 
@@ -233,14 +242,20 @@ class SampleRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_name_classes(self) -> SampleRequest:
+    def _one_way_to_name_classes(self, info: ValidationInfo) -> SampleRequest:
         if (self.labels is None) == (self.label is None):
             raise ValueError("give either 'labels' (one class per image) or 'label' (one class)")
         if self.labels is not None and self.num_samples is not None:
             raise ValueError("'num_samples' goes with 'label'; with 'labels' give one per image")
-        if self.eps_scaling + min(self.eps_scaling_slope, 0.0) <= 0:
+        if self.scaling_b(_limits(info)) + min(self.eps_scaling_slope, 0.0) <= 0:
             raise ValueError("epsilon scaling must stay positive: eps_scaling + eps_scaling_slope")
         return self
+
+    def scaling_b(self, limits: RequestLimits) -> float:
+        """The b this request is sampled with: its own, else the version's default."""
+        if self.eps_scaling is not None:
+            return self.eps_scaling
+        return limits.eps_defaults.for_request(self.sampler, self.steps or limits.default_steps)
 
     def to_job(self, limits: RequestLimits) -> SampleJob:
         """The validated request as work for the sampler (defaults filled in)."""
@@ -253,7 +268,7 @@ class SampleRequest(BaseModel):
             steps=self.steps or limits.default_steps,
             eta=self.eta if self.sampler == "ddim" else 0.0,
             seed=self.seed if self.seed is not None else secrets.randbelow(2**31),
-            eps_scaling=self.eps_scaling,
+            eps_scaling=self.scaling_b(limits),
             eps_scaling_slope=self.eps_scaling_slope,
         )
 

@@ -78,6 +78,12 @@ def _locations(args: argparse.Namespace) -> tuple[str, str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
+    from training.evaluation.eps_search import (
+        EPS_SCALING_TAG,
+        parse_cells,
+        search_eps_scaling,
+        store_eps_scaling,
+    )
     from training.evaluation.evaluator import get_evaluator
     from training.evaluation.promotion import _training_data, require_val_split
     from training.evaluation.scoring import evaluate_model, log_evaluation
@@ -95,11 +101,26 @@ def _evaluate(args: argparse.Namespace) -> int:
             model, data_url, evaluator, settings, progress=f"evaluating {name} v{version}"
         )
         log_evaluation(report, settings, tracking_uri, name, version)
+        search = None
+        if args.search_eps_scaling:
+            search = search_eps_scaling(
+                model,
+                data_url,
+                evaluator,
+                settings,
+                parse_cells(args.eps_cells),
+                tuple(float(b) for b in args.eps_scales.split(",")),
+                progress=True,
+            )
+            store_eps_scaling(tracking_uri, name, version, search.defaults)
     except Exception as error:
         print(f"ldm evaluate: error: {error}", file=sys.stderr)
         return 1
     print(f"{name} v{version} on {data_url}:")
     print(json.dumps(report.metrics, indent=2))
+    if search is not None:
+        print(f"epsilon scaling kept with v{version} (tag {EPS_SCALING_TAG}), best FD per cell:")
+        print("\n".join(f"  {line}" for line in search.summary()))
     return 0
 
 
@@ -155,6 +176,25 @@ def add_registry_commands(commands: argparse._SubParsersAction) -> None:
         "model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS"
     )
     _evaluation_options(evaluate)
+    evaluate.add_argument(
+        "--search-eps-scaling",
+        action="store_true",
+        help="also measure epsilon scaling b over --eps-scales at each of --eps-cells and "
+        "keep the best b per cell (lowest FD) with the version: the endpoint then uses "
+        "it for requests that do not set eps_scaling",
+    )
+    evaluate.add_argument(
+        "--eps-cells",
+        default="ddim10,ddim20,dpmpp_2m20",
+        metavar="SAMPLER+STEPS,…",
+        help="where to search (default: ddim10,ddim20,dpmpp_2m20)",
+    )
+    evaluate.add_argument(
+        "--eps-scales",
+        default="0.96,0.97,0.98,0.99,1,1.01",
+        metavar="B,…",
+        help="the values of b tried; 1 is always among them (default: 0.96,…,1.01)",
+    )
     _common(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 

@@ -116,8 +116,10 @@ def _sample(args: argparse.Namespace) -> int:
         "eta": args.eta,
         "format": args.format,
     }
-    if args.eps_scaling != 1.0 or args.eps_scaling_slope != 0.0:
-        payload |= {"eps_scaling": args.eps_scaling, "eps_scaling_slope": args.eps_scaling_slope}
+    if args.eps_scaling is not None:  # else the version's searched default
+        payload["eps_scaling"] = args.eps_scaling
+    if args.eps_scaling_slope != 0.0:
+        payload["eps_scaling_slope"] = args.eps_scaling_slope
     if args.labels:
         payload["labels"] = [parse_label(x) for x in args.labels.split(",")]
     else:
@@ -241,7 +243,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the app's)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     sample.add_argument("--seed", type=int, help="seed; image i uses seed+i (default: random)")
-    add_eps_scaling_options(sample)
+    add_eps_scaling_options(sample, default_b=None)
     sample.add_argument("--format", choices=("png", "json", "npy"), default="png")
     sample.add_argument("-o", "--out", default="samples.png", help="output file")
     sample.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")

@@ -153,3 +153,43 @@ def test_a_network_that_predicts_zero_everywhere_shows_no_bias():
 
     assert ExposureCurve((9, 0), (0.0, 4.0), (0.0, 1.0)).ratio == (1.0, 2.0)
     assert ExposureCurve((9,), (1.0,), (0.0,)).summary == float("inf")
+
+
+def test_a_version_default_follows_the_nearest_searched_step_count():
+    from training.diffusion.exposure import EpsScalingDefaults
+
+    defaults = EpsScalingDefaults({"ddim": {10: 0.97, 50: 0.99}, "dpmpp_2m": {20: 0.98}})
+    assert [defaults.for_request("ddim", n) for n in (5, 10, 20, 25, 100)] == [
+        0.97,
+        0.97,
+        0.97,  # 20 is nearer 10 than 50 on a log scale (2× against 2.5×)
+        0.99,
+        0.99,
+    ]
+    assert defaults.for_request("dpmpp_2m", 200) == 0.98
+    assert defaults.for_request("ddpm", 100) == 1.0  # never searched: off
+    again = EpsScalingDefaults.from_json(defaults.to_json())
+    assert again == defaults and EpsScalingDefaults.from_json(None).table == {}
+
+
+@pytest.mark.parametrize(
+    "tag", ['{"ddim": {"10": 3.0}}', '{"ddim": {"0": 1.0}}', "[1, 2]", '{"ddim": 0.98}', "nope"]
+)
+def test_a_table_that_is_not_one_is_refused(tag):
+    from training.diffusion.exposure import EpsScalingDefaults
+
+    with pytest.raises(ValueError):
+        EpsScalingDefaults.from_json(tag)
+
+
+def test_search_cells_are_sampler_and_steps():
+    from training.evaluation.eps_search import parse_cells
+
+    assert parse_cells("ddim10,dpmpp_2m20, ddpm100") == (
+        ("ddim", 10),
+        ("dpmpp_2m", 20),
+        ("ddpm", 100),
+    )
+    for bad in ("euler10", "ddim", "10", "ddim0"):
+        with pytest.raises(ValueError, match="SAMPLER\\+STEPS"):
+            parse_cells(bad)

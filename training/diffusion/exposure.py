@@ -11,11 +11,17 @@ with t the model timestep (0 … T−1, T the training chain's length), so one (
 means the same at any step count. The paper's default is the constant schedule
 (k = 0) with b slightly above 1 (1.004–1.017 for ADM models at 100 steps, more at
 fewer steps); b = 1, k = 0 leaves sampling unchanged, and is the default here until
-measured on a model.
+measured on a model. Measured on this project's digits models (``benchmarks/RESULTS.md``)
+the best b lies *below* 1 at few DDIM or DPM-Solver++ steps: which b is best depends on
+the model, the sampler and the step count, so it is searched per version on the val
+split (:mod:`training.evaluation.eps_search`) and kept with it as
+:class:`EpsScalingDefaults`, which the endpoint applies to requests that leave
+``eps_scaling`` out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +51,48 @@ def epsilon_scale(
 def scale_eps(eps: Tensor, lam: Tensor) -> Tensor:
     """ε̂ / λ_t with λ_t [B] broadcast over every other dimension of ε̂ [B, …]."""
     return eps / lam.to(eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class EpsScalingDefaults:
+    """A model version's b per sampler and step count, as searched on its val split:
+    ``{"ddim": {10: 0.98, 20: 0.98}, "dpmpp_2m": {20: 0.99}}``. A request uses the b of
+    its sampler's searched step count nearest to its own (on a log scale); 1 (off) for
+    a sampler that was not searched."""
+
+    table: dict[str, dict[int, float]]
+
+    def for_request(self, sampler: str, steps: int) -> float:
+        searched = self.table.get(sampler)
+        if not searched:
+            return 1.0
+        nearest = min(searched, key=lambda n: (abs(math.log(n / steps)), n))
+        return searched[nearest]
+
+    def to_json(self) -> str:
+        table = {
+            s: {str(n): b for n, b in sorted(steps.items())} for s, steps in self.table.items()
+        }
+        return json.dumps(table, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> EpsScalingDefaults:
+        """The defaults a registry tag holds; none (every b = 1) for no tag. ValueError
+        for a tag that is not such a table or holds a b outside [0.5, 2]."""
+        if not text:
+            return cls({})
+        try:
+            raw = json.loads(text)
+            table = {
+                str(s): {int(n): float(b) for n, b in steps.items()} for s, steps in raw.items()
+            }
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"not an epsilon scaling table: {text[:200]!r} ({error})") from None
+        for steps in table.values():
+            for n, b in steps.items():
+                if n < 1 or not 0.5 <= b <= 2.0:
+                    raise ValueError(f"epsilon scaling table entry {n}: {b} is out of range")
+        return cls(table)
 
 
 def check_eps_scaling(b: EpsScale, k: EpsScale) -> None:

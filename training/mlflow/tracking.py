@@ -19,6 +19,9 @@ from mlflow import MlflowClient
 # (the lineage a served image's version leads back to).
 DATASET_URL_TAG = "data.manifest_url"
 DATASET_DIGEST_TAG = "data.manifest_sha256"
+# Model version tag: the epsilon scaling b searched per sampler and step count
+# (training.evaluation.eps_search), which the endpoint applies by default.
+EPS_SCALING_TAG = "ldm.eps_scaling"
 
 
 def resolve_tracking_uri(local_store: Path, explicit: str | None = None) -> str:

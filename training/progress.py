@@ -14,6 +14,7 @@ Ray Train's and MLflow's own INFO logs stay off the console unless the job is
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -85,7 +86,9 @@ class StageProgress:
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """MLflow's INFO logs (system metrics started, tables created, examples validated)
-    only with ``verbose``; its warnings always. Ray Train's own are set per stage
-    (``RunConfig.logging_config``)."""
+    """MLflow's INFO logs (system metrics started, tables created, examples validated,
+    versions created) and its artifact download bars only with ``verbose``; its
+    warnings always. Set before a local Ray starts, the workers it starts inherit the
+    setting. Ray Train's own logs are set per stage (``RunConfig.logging_config``)."""
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if verbose else "false"

@@ -138,7 +138,9 @@ def _retrain(args: argparse.Namespace) -> int:
     except ValueError as error:
         return config_error("ldm retrain", error)
     from flows.retrain import retrain
+    from training.progress import quiet_libraries
 
+    quiet_libraries(config.train.verbose)
     try:
         with prefect_api():
             report = retrain(config)

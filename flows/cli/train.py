@@ -39,7 +39,10 @@ def _train(args: argparse.Namespace) -> int:
         job = train_settings_from_args(args).job(args.data_url)
     except ValueError as error:  # a ValidationError is a ValueError
         return config_error("ldm train", error)
+    from training.progress import quiet_libraries
     from training.ray.submit import train_job
+
+    quiet_libraries(job.verbose)
 
     try:
         result = train_job(job, os.environ.get("RAY_ADDRESS"))

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import publish
 from training.evaluation.evaluator import get_evaluator
 from training.evaluation.scoring import EvaluationSettings, evaluate_model
 from training.mlflow.registry import load_model_version
@@ -84,10 +85,7 @@ def main() -> None:
     for b, row in rows:
         lines.append(f"| {b:g} | " + " | ".join(f"{cc:.3f} / {fd:.3f}" for cc, fd in row) + " |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

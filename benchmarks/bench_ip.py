@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import publish
 from data.manifest import ShardOptions
 from data.shard import shard_dataset
 from training.evaluation.evaluator import get_evaluator, iter_split
@@ -203,10 +204,7 @@ def main() -> None:
         lines += ["", f"Longer runs ({args.long_steps} steps, seed 0):", ""]
         lines += table(done, gammas, [0], args.long_steps)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

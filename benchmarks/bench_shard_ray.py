@@ -31,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_data import make_folder
+from benchmarks.report import publish
 from data.manifest import ShardOptions
 from data.shard import shard_dataset
 
@@ -181,10 +182,7 @@ def main() -> None:
             "",
         ]
     )
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

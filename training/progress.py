@@ -90,5 +90,11 @@ def quiet_libraries(verbose: bool) -> None:
     versions created) and its artifact download bars only with ``verbose``; its
     warnings always. Set before a local Ray starts, the workers it starts inherit the
     setting. Ray Train's own logs are set per stage (``RunConfig.logging_config``)."""
-    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("mlflow").setLevel(level)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if verbose else "false"
+    try:  # Ray Train's "Reporting training result" line per checkpoint and rank
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)  # named after its file

@@ -111,9 +111,9 @@ def _start(job: StageJob) -> _Run:
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     step, epoch, into_epoch = _restore(net, optimisation, ema, job.start_from)
     model = ray.train.torch.prepare_model(net)
+    quiet_libraries(job.job.verbose)
     tracker = None
     if rank == 0:
-        quiet_libraries(job.job.verbose)
         job.job.tracking.apply_to_client()
         tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
         tracker.monitor_system()

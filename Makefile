@@ -34,7 +34,7 @@ browser:
 		apt-get install -y -qq --no-install-recommends chromium; }
 
 test: lint browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 format: install
 	$(BIN)/ruff check --fix .

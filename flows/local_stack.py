@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,11 @@ REGION = "us-east-1"
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
 CREDENTIALS_FILE = "credentials.json"
+SERVICE_ORDER = ("s3", "mlflow", "ray-head", "ray-worker", "prefect")
+# A Ray node asked to stop waits on its GCS for longer than is of any use, and keeps
+# nothing a later start needs (every ``ldm up`` starts a fresh cluster): it gets a short
+# grace before it is killed.
+RAY_GRACE_S = 3.0
 
 
 class StackError(RuntimeError):
@@ -75,6 +81,22 @@ class Stack:
 
     def running(self) -> list[Service]:
         return [s for s in self.services if _alive(s.pid)]
+
+
+@dataclass
+class Starting:
+    """A service that was spawned and is not known to answer yet."""
+
+    service: Service
+    what: str  # as errors name it
+    ready: Callable[[], bool]
+    timeout: float
+
+    def wait(self) -> Service:
+        """Return the service once it answers; stop it and raise StackError if it exits
+        or does not answer in time."""
+        _wait(self.what, self.service.pid, Path(self.service.log), self.ready, self.timeout)
+        return self.service
 
 
 def stack_folder(home: Path) -> Path:
@@ -140,26 +162,32 @@ def up(
         stack.env.update(
             AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION, RAY_AUTH_MODE="disabled"
         )
-
-        mlflow = start_mlflow(folder, env, bin_dir)
-        stack.services.append(mlflow)
+        # The others need only S3: they start together, and each is recorded as soon as
+        # it is spawned so that a failure or Ctrl-C stops it too.
+        mlflow = _spawn_mlflow(folder, env, bin_dir)
+        head = _spawn_ray_head(folder, env, bin_dir, head_cpus)
+        prefect = _spawn_prefect(folder, env, bin_dir) if with_prefect else None
+        for starting in (mlflow, head, prefect):
+            if starting is not None:
+                stack.services.append(starting.service)
         stack.save()
-        stack.env["MLFLOW_TRACKING_URI"] = mlflow.url
-        log(f"MLflow          {mlflow.url}")
 
-        head, worker = _start_ray(folder, env, bin_dir, head_cpus, worker_cpus, stack)
-        stack.env["RAY_ADDRESS"] = head.url
-        log(f"Ray dashboard   {head.url}  (head and one worker node)")
-
-        if with_prefect:
-            prefect = start_prefect(folder, env, bin_dir)
-            stack.services.append(prefect)
-            stack.save()
-            stack.env["PREFECT_API_URL"] = f"{prefect.url}/api"
-            log(f"Prefect         {prefect.url}")
+        stack.env["MLFLOW_TRACKING_URI"] = mlflow.wait().url
+        log(f"MLflow          {mlflow.service.url}")
+        head.wait()
+        worker = _spawn_ray_worker(folder, env, bin_dir, worker_cpus, head.service)
+        stack.services.append(worker.service)
+        stack.save()
+        worker.wait()
+        stack.env["RAY_ADDRESS"] = head.service.url
+        log(f"Ray dashboard   {head.service.url}  (head and one worker node)")
+        if prefect is not None:
+            stack.env["PREFECT_API_URL"] = f"{prefect.wait().url}/api"
+            log(f"Prefect         {prefect.service.url}")
     except BaseException:
         stop(stack)
         raise
+    stack.services.sort(key=lambda service: SERVICE_ORDER.index(service.name))
     stack.save()
     _write_env_file(folder / ENV_FILE, {**stack.env, **credentials})
     return stack
@@ -192,18 +220,22 @@ def down(home: Path) -> list[str]:
 
 
 def stop(stack: Stack, timeout: float = 10.0) -> list[str]:
-    """SIGTERM each service's whole process tree (newest service first), SIGKILL what
-    is left after ``timeout``."""
-    stopped = []
-    for service in reversed(stack.services):
-        if stop_service(service, timeout):
-            stopped.append(service.name)
+    """SIGTERM every service's whole process tree at once and SIGKILL what is left after
+    its grace (``timeout``; Ray's nodes get :data:`RAY_GRACE_S`); the names of the
+    services that were running, newest first."""
+    services = list(reversed(stack.services))
+    with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
+        running = list(pool.map(lambda s: stop_service(s, _grace(s, timeout)), services))
     gcs = [s.url for s in stack.services if s.name == "ray-worker"]
     if gcs:  # the head wrote its address for ray.init() to join; it is gone now
         from training.ray.connection import forget_address
 
         forget_address(gcs[0])
-    return stopped
+    return [s.name for s, was_running in zip(services, running, strict=True) if was_running]
+
+
+def _grace(service: Service, timeout: float) -> float:
+    return min(timeout, RAY_GRACE_S) if service.name.startswith("ray-") else timeout
 
 
 def stop_service(service: Service, timeout: float = 10.0) -> bool:
@@ -369,7 +401,17 @@ def start_mlflow(
     port: int | None = None,
 ) -> Service:
     """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``), on
-    ``port`` (default: a free one)."""
+    ``port`` (default: a free one); returns when it answers."""
+    return _spawn_mlflow(folder, env, bin_dir, artifacts, port).wait()
+
+
+def _spawn_mlflow(
+    folder: Path,
+    env: dict[str, str],
+    bin_dir: str,
+    artifacts: str = f"s3://{BUCKET}/mlflow",
+    port: int | None = None,
+) -> Starting:
     port = port or free_port()
     command = [
         str(Path(bin_dir) / "mlflow"),
@@ -387,8 +429,8 @@ def start_mlflow(
     ]
     pid, log = _spawn("mlflow", command, folder, env)
     url = f"http://127.0.0.1:{port}"
-    _wait("mlflow server", pid, log, lambda: _http_ok(f"{url}/health"), timeout=120)
-    return Service("mlflow", pid, url, str(log), [port])
+    service = Service("mlflow", pid, url, str(log), [port])
+    return Starting(service, "mlflow server", lambda: _http_ok(f"{url}/health"), timeout=120)
 
 
 def free_ports(count: int) -> list[int]:
@@ -419,18 +461,10 @@ def _ray_ports(ports: list[int]) -> list[str]:
     return [f"--{flag}-port={port}" for flag, port in zip(_NODE_PORTS, ports, strict=True)]
 
 
-def _start_ray(
-    folder: Path,
-    env: dict[str, str],
-    bin_dir: str,
-    head_cpus: int,
-    worker_cpus: int,
-    stack: Stack,
-) -> tuple[Service, Service]:
-    ray = str(Path(bin_dir) / "ray")
+def _spawn_ray_head(folder: Path, env: dict[str, str], bin_dir: str, cpus: int) -> Starting:
     gcs, dashboard, client, *node_ports = free_ports(3 + len(_NODE_PORTS))
-    head_command = [
-        ray,
+    command = [
+        str(Path(bin_dir) / "ray"),
         "start",
         "--head",
         "--block",
@@ -439,32 +473,34 @@ def _start_ray(
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}",
-        f"--num-cpus={head_cpus}",
+        f"--num-cpus={cpus}",
         "--disable-usage-stats",
         *_ray_ports(node_ports),
     ]
-    pid, log = _spawn("ray-head", head_command, folder, env)
-    head = Service("ray-head", pid, f"http://127.0.0.1:{dashboard}", str(log))
-    stack.services.append(head)
-    stack.save()
-    _wait("Ray head", pid, log, lambda: _http_ok(f"{head.url}/api/version"), timeout=120)
+    pid, log = _spawn("ray-head", command, folder, env)
+    url = f"http://127.0.0.1:{dashboard}"
+    service = Service("ray-head", pid, url, str(log), [gcs])
+    return Starting(service, "Ray head", lambda: _http_ok(f"{url}/api/version"), timeout=120)
 
-    worker_command = [
-        ray,
+
+def _spawn_ray_worker(
+    folder: Path, env: dict[str, str], bin_dir: str, cpus: int, head: Service
+) -> Starting:
+    """A worker node joining ``head`` (which must answer already)."""
+    gcs = f"127.0.0.1:{head.ports[0]}"
+    command = [
+        str(Path(bin_dir) / "ray"),
         "start",
         "--block",
-        f"--address=127.0.0.1:{gcs}",
+        f"--address={gcs}",
         "--node-ip-address=127.0.0.1",
-        f"--num-cpus={worker_cpus}",
+        f"--num-cpus={cpus}",
         "--disable-usage-stats",
         *_ray_ports(free_ports(len(_NODE_PORTS))),
     ]
-    pid, log = _spawn("ray-worker", worker_command, folder, env)
-    worker = Service("ray-worker", pid, f"127.0.0.1:{gcs}", str(log))
-    stack.services.append(worker)
-    stack.save()
-    _wait("Ray worker node", pid, log, lambda: _alive_nodes(head.url) >= 2, timeout=120)
-    return head, worker
+    pid, log = _spawn("ray-worker", command, folder, env)
+    service = Service("ray-worker", pid, gcs, str(log))
+    return Starting(service, "Ray worker node", lambda: _alive_nodes(head.url) >= 2, timeout=120)
 
 
 def _alive_nodes(dashboard: str) -> int:
@@ -476,6 +512,10 @@ def _alive_nodes(dashboard: str) -> int:
 def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
     """``prefect server start`` (its database in ``folder/prefect``) in a process
     session of its own; returns when its API answers."""
+    return _spawn_prefect(folder, env, bin_dir).wait()
+
+
+def _spawn_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Starting:
     port = free_port()
     home = folder / "prefect"
     home.mkdir(parents=True, exist_ok=True)
@@ -491,8 +531,8 @@ def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
     prefect_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     pid, log = _spawn("prefect", command, folder, prefect_env)
     url = f"http://127.0.0.1:{port}"
-    _wait("prefect server", pid, log, lambda: _http_ok(f"{url}/api/health"), timeout=120)
-    return Service("prefect", pid, url, str(log))
+    service = Service("prefect", pid, url, str(log))
+    return Starting(service, "prefect server", lambda: _http_ok(f"{url}/api/health"), timeout=120)
 
 
 def _write_env_file(path: Path, env: dict[str, str]) -> None:

@@ -90,48 +90,6 @@ def test_first_retrain_shards_trains_promotes_serves_and_samples(first_report, c
     assert "promoted to @champion" in markdown and report.training.run_id in markdown
 
 
-def test_second_retrain_through_the_dashboard_reuses_the_dataset_and_explains_itself(
-    first_report, config, ray_cluster
-):
-    """The second run goes through the cluster's dashboard: training as a Ray Job that
-    warm-starts from the champion (the first run's version, its autoencoder kept), the
-    endpoint updated by a config-file deploy through the Serve REST API."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    warm = WarmStartSettings(from_champion=True, reuse_autoencoder=True)
-    second = retrain(
-        config.model_copy(update={"ray_address": ray_cluster.dashboard_url, "warm_start": warm})
-    )
-    jobs = [
-        job
-        for job in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
-        if (job.metadata or {}).get("ldm.model_name") == config.train.model_name
-    ]
-    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
-    assert "training.ray.driver" in jobs[0].entrypoint
-    assert not second.dataset.resharded
-    assert second.training.parent_version == (
-        f"{config.train.model_name}/{first_report.training.version}"
-    )
-    with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
-        app = json.loads(r.read())["applications"][config.train.model_name]
-    assert app["source"] == "declarative" and app["status"] == "RUNNING"
-    with urllib.request.urlopen(f"{second.endpoint.url}/v1/model", timeout=30) as response:
-        info = json.loads(response.read())
-    champion = second.training.version if second.promotion.promoted else None
-    assert str(info["version"]) == (champion or first_report.training.version)
-    assert Image.open(second.endpoint.grid).size == Image.open(first_report.endpoint.grid).size
-    decision = second.promotion
-    assert decision.reason.startswith(("better: fd", "not better: fd"))
-    assert set(decision.metrics) == {
-        first_report.training.version,
-        second.training.version,
-    }
-    markdown = asyncio.run(_artifact_markdown())
-    assert decision.reason in markdown
-    assert f"**Started from**: {second.training.parent_version}" in markdown
-
-
 def test_a_failed_upload_is_retried_and_the_dataset_is_complete(
     prefect_harness, s3_session, monkeypatch
 ):
@@ -250,22 +208,33 @@ async def _finished_runs(deployment_id, timeout: float) -> list:
     raise TimeoutError(f"no finished flow run of deployment {deployment_id} in {timeout:.0f} s")
 
 
-def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
-    prefect_harness, config, ray_cluster, mlflow_server, tmp_path
+def _markdown_field(markdown: str, name: str) -> str:
+    (line,) = [line for line in markdown.splitlines() if line.startswith(f"- **{name}**: ")]
+    return line.removeprefix(f"- **{name}**: ")
+
+
+def test_a_new_dataset_triggers_a_scheduled_warm_retrain_through_the_dashboard(
+    prefect_harness, first_report, config, ray_cluster, mlflow_server, tmp_path
 ):
     """``ldm schedule`` registers retrain/NAME with its cron schedule; ``ldm shard``
-    to a new URL announces the dataset; the trigger runs a retrain on it as it is."""
+    to a new URL announces the dataset; the trigger runs a retrain on it as it is,
+    through the cluster's dashboard: training as a Ray Job that warm-starts from the
+    champion (the first run's version, its autoencoder kept), the endpoint updated by a
+    config-file deploy through the Serve REST API, and a report that explains it all."""
     import os
     import subprocess
     import sys
 
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     from tests.integration.services import stop_process_group
 
-    off = config.serve.model_copy(update={"enabled": False})
-    settings = config.model_copy(update={"serve": off, "ray_address": ray_cluster.dashboard_url})
+    warm = WarmStartSettings(from_champion=True, reuse_autoencoder=True)
+    settings = config.model_copy(
+        update={"ray_address": ray_cluster.dashboard_url, "warm_start": warm}
+    )
     (tmp_path / "retrain.json").write_text(settings.model_dump_json())
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     ldm = [sys.executable, "-m", "flows.cli"]
@@ -309,10 +278,38 @@ def test_schedule_serves_a_cron_deployment_that_a_new_dataset_triggers(
         (run,) = asyncio.run(_finished_runs(deployment.id, timeout=420))
         assert run.state.is_completed(), log.read_text()[-4000:]
         assert run.parameters["new_dataset"] == url
-        after = MlflowClient(mlflow_server).search_model_versions(
-            f"name='{config.train.model_name}'"
-        )
-        assert len(after) == len(before) + 1
-        assert f"`{url}`" in asyncio.run(_artifact_markdown())
     finally:
         stop_process_group(server)
+    after = MlflowClient(mlflow_server).search_model_versions(f"name='{config.train.model_name}'")
+    assert len(after) == len(before) + 1
+    second = str(max(int(v.version) for v in after))
+
+    jobs = [
+        job
+        for job in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+        if (job.metadata or {}).get("ldm.model_name") == config.train.model_name
+    ]
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
+    assert "training.ray.driver" in jobs[0].entrypoint
+
+    markdown = asyncio.run(_artifact_markdown())
+    assert markdown.startswith(f"# Retrain: {config.train.model_name} v{second}")
+    assert _markdown_field(markdown, "Dataset").startswith(f"`{url}`")
+    assert "re-sharding skipped" in _markdown_field(markdown, "Dataset")  # used as published
+    parent = f"{config.train.model_name}/{first_report.training.version}"
+    assert _markdown_field(markdown, "Started from") == parent
+    decision = _markdown_field(markdown, "Decision")
+    promoted = decision.startswith("promoted")
+    assert decision.split(" — ", 1)[1].startswith(("better: fd", "not better: fd"))
+    for version in (first_report.training.version, second):  # both evaluated
+        assert f"| v{version} |" in markdown
+
+    with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/serve/applications/") as r:
+        app = json.loads(r.read())["applications"][config.train.model_name]
+    assert app["source"] == "declarative" and app["status"] == "RUNNING"
+    endpoint = _markdown_field(markdown, "Endpoint")
+    with urllib.request.urlopen(f"{endpoint}/v1/model", timeout=30) as response:
+        info = json.loads(response.read())
+    assert str(info["version"]) == (second if promoted else first_report.training.version)
+    grid = _markdown_field(markdown, "Sample grid").strip("`")
+    assert Image.open(grid).size == Image.open(first_report.endpoint.grid).size

@@ -514,7 +514,10 @@ def test_a_burst_beyond_the_queue_gets_503_with_retry_after_and_no_500(guarded_u
     responses = _all_at_once(guarded_url, [request] * 8, headers=AUTH)
     assert time.monotonic() - started < 60
     codes = sorted(r.status_code for r in responses)
-    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    # Admitted requests are sampled; on a busy machine one that waited past
+    # request_timeout_s (1.5 s) ends as a 504, also an answer that says what happened.
+    assert set(codes) <= {200, 503, 504}, codes
+    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
     assert all(r.headers["retry-after"] == "3" for r in responses if r.status_code == 503)
 
 

@@ -20,9 +20,13 @@ import torch
 from mlflow import MlflowClient
 
 from data import storage
-from training.checkpoints import load_checkpoint, load_checkpoint_uri
+from training.checkpoints import (
+    checkpoint_artifact_path,
+    load_checkpoint,
+    load_checkpoint_uri,
+)
 from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
-from training.mlflow.checkpoint_artifacts import logged_checkpoints
+from training.mlflow.checkpoint_artifacts import checkpoint_logged, logged_checkpoints
 from training.mlflow.registry import load_model_version
 from training.optimisation import NonFiniteLoss
 from training.presets import get_preset
@@ -64,26 +68,20 @@ def _wait_for(condition, what: str, timeout: float = 300) -> None:
 
 
 def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outage: Outage):
-    """Stop the tracking server once the autoencoder stage has logged its last step, and
-    start it again (same port) only after the denoiser stage has written its first
-    checkpoint and at least 20 s have passed: far longer than the workers' client retries,
-    and every denoiser metric up to that checkpoint is logged while it is down."""
+    """Stop the tracking server once the autoencoder stage has sent everything (its
+    final checkpoint is in the run), and start it again (same port) only after the
+    denoiser stage has written its first checkpoint and at least 20 s have passed: far
+    longer than the workers' client retries, and every denoiser metric up to that
+    checkpoint is logged while it is down."""
     client = MlflowClient(mlflow_process.url)
-    last = job.model.autoencoder_training.steps
+    final = checkpoint_artifact_path("autoencoder", job.model.autoencoder_training.steps)
 
     def autoencoder_done() -> bool:
         runs = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             f"tags.`ldm.run_name` = '{job.run_name}'",
         )
-        return (
-            bool(runs)
-            and runs[0].data.metrics.get("autoencoder/epoch") is not None
-            and any(
-                m.step == last
-                for m in client.get_metric_history(runs[0].info.run_id, "autoencoder/loss")
-            )
-        )
+        return bool(runs) and checkpoint_logged(client, runs[0].info.run_id, final)
 
     def denoiser_checkpointed() -> bool:
         folder = f"{job.storage_url}/{job.run_name}-denoiser"

@@ -164,9 +164,9 @@ def up(
         )
         # The others need only S3: they start together, and each is recorded as soon as
         # it is spawned so that a failure or Ctrl-C stops it too.
-        mlflow = _spawn_mlflow(folder, env, bin_dir)
+        mlflow = spawn_mlflow(folder, env, bin_dir)
         head = _spawn_ray_head(folder, env, bin_dir, head_cpus)
-        prefect = _spawn_prefect(folder, env, bin_dir) if with_prefect else None
+        prefect = spawn_prefect(folder, env, bin_dir) if with_prefect else None
         for starting in (mlflow, head, prefect):
             if starting is not None:
                 stack.services.append(starting.service)
@@ -393,25 +393,15 @@ def _wait_for_bucket(service: Service, env: dict[str, str]) -> None:
             raise
 
 
-def start_mlflow(
-    folder: Path,
-    env: dict[str, str],
-    bin_dir: str,
-    artifacts: str = f"s3://{BUCKET}/mlflow",
-    port: int | None = None,
-) -> Service:
-    """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``), on
-    ``port`` (default: a free one); returns when it answers."""
-    return _spawn_mlflow(folder, env, bin_dir, artifacts, port).wait()
-
-
-def _spawn_mlflow(
+def spawn_mlflow(
     folder: Path,
     env: dict[str, str],
     bin_dir: str,
     artifacts: str = f"s3://{BUCKET}/mlflow",
     port: int | None = None,
 ) -> Starting:
+    """``mlflow server`` (sqlite in ``folder``, artifacts proxied to ``artifacts``), on
+    ``port`` (default: a free one); ``.wait()`` returns it once it answers."""
     port = port or free_port()
     command = [
         str(Path(bin_dir) / "mlflow"),
@@ -509,13 +499,9 @@ def _alive_nodes(dashboard: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
-def start_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Service:
+def spawn_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Starting:
     """``prefect server start`` (its database in ``folder/prefect``) in a process
-    session of its own; returns when its API answers."""
-    return _spawn_prefect(folder, env, bin_dir).wait()
-
-
-def _spawn_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Starting:
+    session of its own; ``.wait()`` returns it once its API answers."""
     port = free_port()
     home = folder / "prefect"
     home.mkdir(parents=True, exist_ok=True)

@@ -103,12 +103,12 @@ def prefect_api() -> Iterator[None]:
     if PREFECT_API_URL.value():
         yield
         return
-    from flows.local_stack import start_prefect, stop_service
+    from flows.local_stack import spawn_prefect, stop_service
     from training.job import default_local_store
 
-    server = start_prefect(
+    server = spawn_prefect(
         default_local_store(), dict(os.environ), str(Path(sys.executable).parent)
-    )
+    ).wait()
     try:
         with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
             try:

@@ -126,17 +126,17 @@ class MlflowProcess:
         self.start()
 
     def start(self) -> None:
-        from flows.local_stack import start_mlflow
+        from flows.local_stack import spawn_mlflow
 
         env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
         port = self.service.ports[0] if self.service else None
-        self.service = start_mlflow(
+        self.service = spawn_mlflow(
             self.folder,
             env,
             str(Path(sys.executable).parent),
             artifacts="s3://ldm-mlflow/artifacts",
             port=port,
-        )
+        ).wait()
 
     def stop(self) -> None:
         from flows.local_stack import stop_service

@@ -163,10 +163,13 @@ def up(
             AWS_ENDPOINT_URL=s3.url, AWS_DEFAULT_REGION=REGION, RAY_AUTH_MODE="disabled"
         )
         # The others need only S3: they start together, and each is recorded as soon as
-        # it is spawned so that a failure or Ctrl-C stops it too.
-        mlflow = spawn_mlflow(folder, env, bin_dir)
-        head = _spawn_ray_head(folder, env, bin_dir, head_cpus)
-        prefect = spawn_prefect(folder, env, bin_dir) if with_prefect else None
+        # it is spawned so that a failure or Ctrl-C stops it too. Their ports are drawn
+        # at once, as none of them has bound its own yet.
+        mlflow_port, prefect_port, *ray_ports = free_ports(2 + RAY_HEAD_PORTS + len(_NODE_PORTS))
+        head_ports, worker_ports = ray_ports[:RAY_HEAD_PORTS], ray_ports[RAY_HEAD_PORTS:]
+        mlflow = spawn_mlflow(folder, env, bin_dir, port=mlflow_port)
+        head = _spawn_ray_head(folder, env, bin_dir, head_cpus, head_ports)
+        prefect = spawn_prefect(folder, env, bin_dir, prefect_port) if with_prefect else None
         for starting in (mlflow, head, prefect):
             if starting is not None:
                 stack.services.append(starting.service)
@@ -175,7 +178,7 @@ def up(
         stack.env["MLFLOW_TRACKING_URI"] = mlflow.wait().url
         log(f"MLflow          {mlflow.service.url}")
         head.wait()
-        worker = _spawn_ray_worker(folder, env, bin_dir, worker_cpus, head.service)
+        worker = _spawn_ray_worker(folder, env, bin_dir, worker_cpus, head.service, worker_ports)
         stack.services.append(worker.service)
         stack.save()
         worker.wait()
@@ -444,6 +447,7 @@ _NODE_PORTS = (
     "runtime-env-agent",
     "metrics-export",
 )
+RAY_HEAD_PORTS = 3 + len(_NODE_PORTS)  # GCS, dashboard, client server, its node's
 
 
 def _ray_ports(ports: list[int]) -> list[str]:
@@ -451,8 +455,12 @@ def _ray_ports(ports: list[int]) -> list[str]:
     return [f"--{flag}-port={port}" for flag, port in zip(_NODE_PORTS, ports, strict=True)]
 
 
-def _spawn_ray_head(folder: Path, env: dict[str, str], bin_dir: str, cpus: int) -> Starting:
-    gcs, dashboard, client, *node_ports = free_ports(3 + len(_NODE_PORTS))
+def _spawn_ray_head(
+    folder: Path, env: dict[str, str], bin_dir: str, cpus: int, ports: list[int]
+) -> Starting:
+    """The head node on ``ports`` (:data:`RAY_HEAD_PORTS` of them: GCS, dashboard,
+    client server, then its node's components)."""
+    gcs, dashboard, client, *node_ports = ports
     command = [
         str(Path(bin_dir) / "ray"),
         "start",
@@ -474,9 +482,10 @@ def _spawn_ray_head(folder: Path, env: dict[str, str], bin_dir: str, cpus: int) 
 
 
 def _spawn_ray_worker(
-    folder: Path, env: dict[str, str], bin_dir: str, cpus: int, head: Service
+    folder: Path, env: dict[str, str], bin_dir: str, cpus: int, head: Service, ports: list[int]
 ) -> Starting:
-    """A worker node joining ``head`` (which must answer already)."""
+    """A worker node joining ``head`` (which must answer already), its components on
+    ``ports``."""
     gcs = f"127.0.0.1:{head.ports[0]}"
     command = [
         str(Path(bin_dir) / "ray"),
@@ -486,7 +495,7 @@ def _spawn_ray_worker(
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={cpus}",
         "--disable-usage-stats",
-        *_ray_ports(free_ports(len(_NODE_PORTS))),
+        *_ray_ports(ports),
     ]
     pid, log = _spawn("ray-worker", command, folder, env)
     service = Service("ray-worker", pid, gcs, str(log))
@@ -499,10 +508,13 @@ def _alive_nodes(dashboard: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
-def spawn_prefect(folder: Path, env: dict[str, str], bin_dir: str) -> Starting:
+def spawn_prefect(
+    folder: Path, env: dict[str, str], bin_dir: str, port: int | None = None
+) -> Starting:
     """``prefect server start`` (its database in ``folder/prefect``) in a process
-    session of its own; ``.wait()`` returns it once its API answers."""
-    port = free_port()
+    session of its own, on ``port`` (default: a free one); ``.wait()`` returns it once
+    its API answers."""
+    port = port or free_port()
     home = folder / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     command = [

@@ -4,11 +4,17 @@ request-level batching and unbatched serving, on a uniform and a mixed workload.
     .venv/bin/python benchmarks/bench_serve.py [--preset demo] [--threads 1]
 
 Registers an untrained model of ``--preset`` in a temporary sqlite MLflow, starts a
-local Ray (``--cpus``) and Serve on 127.0.0.1, and deploys the app three times, one
-after the other, in the same run:
+local Ray and Serve on 127.0.0.1, and deploys the app once per mode (``--modes``), all
+at once; each load is then sent to every mode in turn, ``--repeats`` times, the order
+of the modes rotating, and each mode's median images/s is reported with every
+repeat's figure beside it (on a shared VM the machine's speed drifts between minutes,
+so only modes measured in alternation compare):
 
 - ``step``: step-level batching (``max_rows_per_forward`` 64): requests join at every
-  denoising step and share forwards whatever their settings;
+  denoising step and share forwards whatever their settings; the sampling loop runs
+  in a child process of the replica (``engine: process``, the default);
+- ``step-thread``: the same, with the sampling loop in a thread of the replica
+  (``engine: thread``), sharing its interpreter with the event loop;
 - ``request``: the same loop with ``join_running`` false, so a batch runs to its
   longest chain before waiting requests start (request-level batching, like the
   ``@serve.batch`` grouping it replaced, except that it also mixes settings);
@@ -16,17 +22,19 @@ after the other, in the same run:
 - ``step-2-replicas``: step-level batching on two replicas, each reserving half the
   CPUs (scaling out on one machine: each replica is its own process).
 
-Each deployment of one replica reserves all ``--cpus``; every replica runs ``--threads``
-torch threads. Workloads, each at concurrency 1, 8 and 32 (closed-loop HTTP clients, one
+Each deployment of one replica reserves ``--cpus`` (logical CPUs: Ray is told of
+enough for all; an idle mode uses none); every replica runs ``--threads`` torch
+threads. Workloads, each at concurrency 1, 8 and 32 (closed-loop HTTP clients, one
 image per request, PNG answers, after a warm-up round):
 
 - ``uniform``: DDIM 20 steps, classifier-free guidance w = 3;
 - ``mixed``: steps in {10, 20, 50}, samplers in {ddim, dpmpp_2m, ddpm}, w in {0, 1, 3},
   drawn per request from a seeded generator; latencies are reported per step count.
 
-The ceiling is ``model.sample`` in this process at the same threads, on a batch as
-wide as the step-level forward (DDIM 20 steps, w = 3): the images/s the network gives
-when nothing else runs.
+The ceiling (a ``ceiling`` row after each load) is ``model.sample`` in this process at
+the same threads, on a batch as wide as the load's concurrency (at most 32; DDIM 20
+steps, w = 3), measured before each repeat while the replicas idle: the images/s the
+network gives when nothing else runs.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 import numpy as np
+import psutil
 import ray
 import torch
 from mlflow import MlflowClient
@@ -61,6 +70,7 @@ from training.presets import get_preset
 MODEL_NAME = "bench-serve"
 MODES = {  # name: AppConfig fields
     "step": {"max_rows_per_forward": 64},
+    "step-thread": {"max_rows_per_forward": 64, "engine": "thread"},
     "request": {"max_rows_per_forward": 64, "join_running": False},
     "unbatched": {"max_rows_per_forward": 1},
     "step-2-replicas": {"max_rows_per_forward": 64, "num_replicas": 2},
@@ -129,7 +139,8 @@ def one_round(url: str, workload: str, concurrency: int, total: int) -> dict:
     }
 
 
-def bench_mode(args, tracking_uri: str, port: int, mode: str) -> list[dict]:
+def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
+    """Deploy the app as ``mode`` under /``mode``; its URL."""
     replicas = MODES[mode].get("num_replicas", 1)
     app = build_app(
         {
@@ -143,30 +154,73 @@ def bench_mode(args, tracking_uri: str, port: int, mode: str) -> list[dict]:
         | MODES[mode]
     )
     serve.run(app, name=mode, route_prefix=f"/{mode}")
-    url = f"http://127.0.0.1:{port}/{mode}"
+    return f"http://127.0.0.1:{port}/{mode}"
+
+
+def measure(url: str, mode: str, workload: str, concurrency: int, total: int) -> dict:
+    """One round against ``url`` after a warm-up round, with the images per forward
+    the replica counted during it (one replica only: /v1/model answers from one)."""
+    one_round(url, workload, concurrency, concurrency)  # warm-up
+    before = httpx.get(f"{url}/v1/model").json()["stats"]
+    result = one_round(url, workload, concurrency, total)
+    after = httpx.get(f"{url}/v1/model").json()["stats"]
+    forwards = after["forwards"] - before["forwards"]
+    single = MODES[mode].get("num_replicas", 1) == 1
+    mean_rows = f"{(after['rows'] - before['rows']) / forwards:.1f}" if single and forwards else "–"
+    return result | {"mean_rows": mean_rows}
+
+
+def compare(
+    args, urls: dict[str, str], model: LatentDiffusion, workload: str, concurrency: int
+) -> tuple[list[dict], list[float]]:
+    """Every mode on the same load, ``args.repeats`` times, the order of the modes
+    rotating each time, so that none always runs first or last, with the ceiling at
+    the same width measured between them; one row per mode with the median images/s
+    (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings."""
+    total = max(args.requests if concurrency > 1 else args.requests // 8, concurrency)
+    modes = list(urls)
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    ceilings = []
+    for repeat in range(args.repeats):
+        ceilings.append(ceiling(model, args.threads, min(32, concurrency)))
+        for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
+            results[mode].append(measure(urls[mode], mode, workload, concurrency, total))
     rows = []
-    for workload in args.workloads:
-        for concurrency in args.concurrency:
-            one_round(url, workload, concurrency, concurrency)  # warm-up
-            total = max(args.requests if concurrency > 1 else args.requests // 8, concurrency)
-            before = httpx.get(f"{url}/v1/model").json()["stats"]
-            result = one_round(url, workload, concurrency, total)
-            after = httpx.get(f"{url}/v1/model").json()["stats"]
-            # Images per forward in this round; /v1/model answers from one replica.
-            forwards = after["forwards"] - before["forwards"]
-            mean_rows = (
-                f"{(after['rows'] - before['rows']) / forwards:.1f}"
-                if replicas == 1 and forwards
-                else "–"
-            )
-            rows.append(
-                {"mode": mode, "workload": workload, "concurrency": concurrency}
-                | result
-                | {"mean_rows": mean_rows}
-            )
-            print(format_row(rows[-1]), flush=True)
-    serve.delete(mode)
-    return rows
+    for mode, runs in results.items():
+        latencies: dict[int, list[float]] = {}
+        for run in runs:
+            for steps, values in run["latencies"].items():
+                latencies.setdefault(steps, []).extend(values)
+        rates = [run["images_per_s"] for run in runs]
+        rows.append(
+            {
+                "mode": mode,
+                "workload": workload,
+                "concurrency": concurrency,
+                "requests": sum(run["requests"] for run in runs),
+                "images_per_s": float(np.median(rates)),
+                "runs": rates,
+                "latencies": latencies,
+                "server_p50_s": float(np.median([run["server_p50_s"] for run in runs])),
+                "mean_rows": runs[-1]["mean_rows"],
+            }
+        )
+        print(format_row(rows[-1]), flush=True)
+    runs = ", ".join(f"{c:.1f}" for c in ceilings)
+    print(f"| ceiling | {workload} | {concurrency} | | {np.median(ceilings):.1f} ({runs}) | |")
+    return rows, ceilings
+
+
+def replica_memory(app: str) -> str:
+    """Resident memory of each replica process of ``app`` and of its engine child."""
+    parts = []
+    for process in psutil.process_iter(["cmdline", "memory_info"]):
+        if f"ServeReplica:{app}:" not in " ".join(process.info["cmdline"] or []):
+            continue
+        own = process.info["memory_info"].rss / 2**20
+        children = sum(c.memory_info().rss for c in process.children()) / 2**20
+        parts.append(f"{own:.0f} + engine {children:.0f}" if children else f"{own:.0f}")
+    return ", ".join(parts) or "not found"
 
 
 def ceiling(model: LatentDiffusion, threads: int, width: int, steps: int = 20) -> float:
@@ -194,9 +248,11 @@ def format_row(r: dict) -> str:
         f"{steps}: {np.percentile(v, 50):.2f} / {np.percentile(v, 99):.2f}"
         for steps, v in sorted(r["latencies"].items())
     )
+    runs = ", ".join(f"{rate:.1f}" for rate in r["runs"])
     return (
         f"| {r['mode']} | {r['workload']} | {r['concurrency']} | {r['requests']} | "
-        f"{r['images_per_s']:.1f} | {by_steps} | {r['server_p50_s']:.2f} | {r['mean_rows']} |"
+        f"{r['images_per_s']:.1f} ({runs}) | {by_steps} | {r['server_p50_s']:.2f} | "
+        f"{r['mean_rows']} |"
     )
 
 
@@ -215,36 +271,39 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per mode and load")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     began = time.perf_counter()
     model = build_model(args.preset)
     print(
-        "| mode | workload | concurrency | requests | images/s | p50 / p99 latency (s) by "
-        "steps | mean images per forward |"
+        "| mode | workload | concurrency | requests | images/s, median (each repeat) | "
+        "p50 / p99 latency (s) by steps | p50 in the replica (s) | mean images per forward |"
     )
-    print("|---|---|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tracking_uri = register(Path(tmp), model)
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
+        # Every mode is deployed at once and idle while another is measured; the CPUs
+        # Ray is told of are logical, enough for all of them.
+        ray.init(address="local", num_cpus=args.cpus * len(args.modes), include_dashboard=False)
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         try:
+            urls = {mode: deploy(args, tracking_uri, port, mode) for mode in args.modes}
+            for workload in args.workloads:
+                for concurrency in args.concurrency:
+                    rows += compare(args, urls, model, workload, concurrency)[0]
             for mode in args.modes:
-                rows += bench_mode(args, tracking_uri, port, mode)
+                print(f"{mode}: replica memory (RSS, MiB): {replica_memory(mode)}", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
-    widths = sorted({min(32, r["concurrency"]) for r in rows})
-    ceilings = {w: ceiling(model, args.threads, w) for w in widths}
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"ray {ray.__version__}; preset {args.preset}, {args.threads} torch thread(s); "
         f"{time.perf_counter() - began:.0f} s in all"
     )
-    for width, value in ceilings.items():
-        print(f"ceiling: model.sample, {width} images, DDIM 20, w = 3: {value:.1f} images/s")
 
 
 if __name__ == "__main__":

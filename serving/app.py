@@ -7,10 +7,12 @@ JSON, work budget) before it may wait for a batch, and waits at most
 ``request_timeout_s``; Serve bounds the queue (503 with ``Retry-After`` beyond it).
 A request is validated against the model version current when it arrives and is
 sampled with that version, even if the alias moves meanwhile. Valid requests go to
-the replica's :class:`~serving.scheduler.StepScheduler`, whose loop runs in one
-thread: at every denoising step it admits waiting images and runs one forward over
-all of them, whatever their sampler, steps or guidance, so the event loop keeps
-accepting requests while the network runs, and a request joins at the next step.
+the replica's sampling engine (:mod:`serving.engine`): a
+:class:`~serving.scheduler.StepScheduler` in a child process of the replica, with its
+own interpreter (``engine: thread`` runs it in a thread instead). At every denoising
+step it admits waiting images and runs one forward over all of them, whatever their
+sampler, steps or guidance, so the event loop keeps accepting requests while the
+network runs, and a request joins at the next step.
 A request whose client leaves or that times out is dropped at the next step.
 """
 
@@ -20,7 +22,6 @@ A request whose client leaves or that times out is dropped at the next step.
 import asyncio
 import logging
 import os
-import threading
 import time
 import uuid
 from typing import Any
@@ -45,11 +46,11 @@ from serving.admission import (
 from serving.autoscaling import ACTIVE_ROWS, WAITING_ROWS
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
+from serving.engine import Outcome, start_engine
 from serving.metrics import EngineMetrics
 from serving.model_store import AliasWatcher, LoadedModel, ModelStore
 from serving.page import PAGE_HTML
 from serving.sampler import SampleFailure, SampleJob, SampleResult
-from serving.scheduler import Outcome, StepScheduler
 from serving.schemas import (
     BatchInfo,
     ModelVersionInfo,
@@ -90,7 +91,10 @@ SAMPLES_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "the body is larger than the endpoint accepts"},
     415: {"description": "the body is not application/json"},
     422: {"description": "a field is invalid: detail names it and what it allows"},
-    503: {"description": "the queue is full: retry after Retry-After seconds"},
+    503: {
+        "description": "the queue is full, or the replica's sampling engine stopped and "
+        "the replica is being replaced: retry after Retry-After seconds"
+    },
     504: {"description": "the request did not finish within request_timeout_s"},
 }
 
@@ -171,23 +175,17 @@ class SamplerDeployment:
         self.config = config
         # Read where the app runs (a Secret, the node's environment); never logged.
         self._token = os.environ.get(TOKEN_ENV) or None
-        torch.set_num_threads(config.resolved_torch_threads)
-        self.store = ModelStore(config.model_ref, str(config.tracking_uri), config.resolved_device)
+        settings = config.engine_settings()
+        # With the engine in a child process, the replica's own torch work is small.
+        torch.set_num_threads(settings.torch_threads if not settings.process else 1)
+        self.store = ModelStore(config.model_ref, str(config.tracking_uri), config.store_device)
         self.current: LoadedModel = self.store.load_current()
         self._limits: tuple[LoadedModel, RequestLimits] | None = None
-        self.scheduler = StepScheduler(
-            config.resolved_max_rows_per_forward,
-            config.join_running,
-            after_step=EngineMetrics().after_step,
-            autocast=config.autocast_dtype,
-        )
+        # The sampling loop runs in its own process (or thread); the event loop stays
+        # free for requests.
+        self.scheduler = start_engine(settings, after_step=EngineMetrics().after_step)
+        self.scheduler.preload(self.current.model)
         self.stats = self.scheduler.stats
-        # One thread runs every step; the event loop stays free for requests.
-        self._stop = threading.Event()
-        self._sampling = threading.Thread(
-            target=self.scheduler.run, args=(self._stop,), name="sampler", daemon=True
-        )
-        self._sampling.start()
         self.watcher: AliasWatcher | None = None
         if config.model_ref.alias is not None and config.reload_interval_s > 0:
             self.watcher = AliasWatcher(
@@ -201,13 +199,14 @@ class SamplerDeployment:
         )
 
     def _swap(self, loaded: LoadedModel) -> None:
+        self.scheduler.preload(loaded.model)  # its first request need not wait for it
         self.current = loaded  # one reference assignment: requests keep what they captured
 
     def check_health(self) -> None:
         if self.watcher is not None and not self.watcher.is_alive():
             raise RuntimeError("the alias watcher thread stopped; replace this replica")
-        if not self._sampling.is_alive():
-            raise RuntimeError("the sampling thread stopped; replace this replica")
+        if not self.scheduler.is_alive():
+            raise RuntimeError("the sampling engine stopped; replace this replica")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The work this replica holds, for :class:`serving.autoscaling.WaitingWorkPolicy`
@@ -218,9 +217,8 @@ class SamplerDeployment:
     def __del__(self) -> None:
         if getattr(self, "watcher", None) is not None:
             self.watcher.stop()
-        if getattr(self, "_stop", None) is not None:
-            self._stop.set()
-            self.scheduler.wake()
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
 
     def limits_for(self, loaded: LoadedModel) -> RequestLimits:
         """The request limits for one model version (cached for the current one)."""
@@ -296,6 +294,7 @@ class SamplerDeployment:
             },
             "batching": {
                 "scheduling": "step" if c.join_running else "request",
+                "engine": c.engine,
                 "autocast": c.autocast,
                 "max_rows_per_forward": c.resolved_max_rows_per_forward,
                 "max_ongoing_requests": c.resolved_max_ongoing_requests,
@@ -335,6 +334,14 @@ class SamplerDeployment:
                 504,
                 f"the request did not finish within {timeout:g} s (this endpoint's "
                 "request_timeout_s): retry later, or ask for fewer images or steps",
+            )
+        if isinstance(outcome, SampleFailure) and outcome.retryable:
+            logger.error("request not sampled: %s", outcome.message)
+            return error_response(
+                503,
+                "this replica's sampling engine stopped and the replica is being replaced: "
+                f"retry after {self.config.retry_after_s} s",
+                headers={"Retry-After": str(self.config.retry_after_s)},
             )
         if isinstance(outcome, SampleFailure):
             request_id = uuid.uuid4().hex[:16]

@@ -84,6 +84,11 @@ class AppConfig(FrozenConfig):
         description="network rows per denoising step, across requests (an image with "
         "classifier-free guidance counts twice); default 64 on CPU, 256 on GPU",
     )
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="where the sampling loop runs: a child process of the replica with "
+        "its own interpreter (serving.engine), or a thread of the replica",
+    )
     join_running: bool = Field(
         True,
         description="admit requests at every step; false: only when no chain is running "
@@ -161,12 +166,22 @@ class AppConfig(FrozenConfig):
         return self.device
 
     @property
-    def autocast_dtype(self) -> Any:  # torch.dtype | None; torch is imported on use
-        if self.autocast == "off":
-            return None
-        import torch
+    def store_device(self) -> str:
+        """Where the replica loads a version: the CPU when a child process samples it
+        (the engine moves its copy to the device), else the device."""
+        return "cpu" if self.engine == "process" else self.resolved_device
 
-        return torch.bfloat16 if self.autocast == "bf16" else torch.float16
+    def engine_settings(self) -> Any:  # serving.engine.EngineSettings; imports torch
+        from serving.engine import EngineSettings
+
+        return EngineSettings(
+            max_rows_per_forward=self.resolved_max_rows_per_forward,
+            join_running=self.join_running,
+            autocast=self.autocast,
+            torch_threads=self.resolved_torch_threads,
+            device=self.resolved_device,
+            process=self.engine == "process",
+        )
 
     @property
     def resolved_torch_threads(self) -> int:

@@ -14,14 +14,14 @@ deployment and replica as tags. The names, with Ray's ``ray_`` prefix:
 
 from __future__ import annotations
 
-from serving.scheduler import StepScheduler
+from typing import Any
 
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
 
 class EngineMetrics:
-    """Call :meth:`after_step` from the scheduler's thread after every step."""
+    """The engine calls :meth:`after_step` after every step it reports."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
@@ -41,7 +41,8 @@ class EngineMetrics:
         self.images = metrics.Counter("ldm_images_total", description="images answered")
         self._images_seen = 0
 
-    def after_step(self, scheduler: StepScheduler) -> None:
+    def after_step(self, scheduler: Any) -> None:
+        """``scheduler``: the replica's engine (serving.engine), after one of its steps."""
         stats = scheduler.stats
         self.rows.observe(stats.last_rows)
         self.step.observe(stats.last_step_s)

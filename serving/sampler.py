@@ -64,6 +64,9 @@ class SampleFailure:
     """The job failed on the server; other requests are unaffected."""
 
     message: str
+    # The replica cannot sample at all now (its engine stopped) and is being replaced:
+    # the request may be sent again, unlike one whose own sampling failed.
+    retryable: bool = False
 
 
 def image_generator(seed: int, image: int) -> torch.Generator:

@@ -249,7 +249,16 @@ class StepScheduler:
             ticket = self._waiting[0]
             if ticket.row_cost > room and self._active:
                 return  # first come, first served: nobody overtakes the head
-            self._active.append(self._new_row(ticket, ticket.admitted))
+            try:
+                row = self._new_row(ticket, ticket.admitted)
+            except Exception as error:  # e.g. steps the model cannot do: this request fails
+                self._waiting.popleft()
+                self._active = [r for r in self._active if r.ticket is not ticket]
+                self.stats.failed += 1
+                ticket.cancelled = True
+                _deliver(ticket, SampleFailure(f"sampling failed: {type(error).__name__}: {error}"))
+                continue
+            self._active.append(row)
             room -= ticket.row_cost
             ticket.admitted += 1
             if ticket.first_admitted is None:

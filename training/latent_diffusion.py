@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
 from training.config import LDMConfig
@@ -107,6 +107,27 @@ class LatentDiffusion:
             state = {k: v.contiguous() for k, v in getattr(self, name).state_dict().items()}
             save_file(state, str(directory / filename))
         return directory
+
+    def to_bytes(self) -> tuple[str, dict[str, bytes]]:
+        """The config as JSON and each network's weights as safetensors bytes: what
+        :meth:`save` writes, in memory (e.g. for another process)."""
+        weights = {
+            name: save({k: v.contiguous() for k, v in getattr(self, name).state_dict().items()})
+            for name in WEIGHT_FILES
+        }
+        return self.config.model_dump_json(), weights
+
+    @classmethod
+    def from_bytes(
+        cls, config_json: str, weights: dict[str, bytes], device: str | torch.device = "cpu"
+    ) -> LatentDiffusion:
+        """Rebuild from :meth:`to_bytes`, in eval mode on ``device``."""
+        model = cls.build(LDMConfig.model_validate_json(config_json))
+        for name in WEIGHT_FILES:
+            net = getattr(model, name)
+            net.load_state_dict(load(weights[name]))
+            net.to(device)
+        return model.eval()
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:

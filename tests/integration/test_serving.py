@@ -484,6 +484,7 @@ def guarded_url(app_url, mlflow_server) -> str:
     )
     options = config.deployment_options()
     options["ray_actor_options"] |= {"runtime_env": {"env_vars": {"LDM_API_TOKEN": TOKEN}}}
+    options["health_check_period_s"] = 2  # a replica whose engine died is replaced sooner
     app = SamplerDeployment.options(name="Guarded", **options).bind(config)
     serve.run(app, name="ldm-guarded", route_prefix="/guarded")
     return f"{app_url}/guarded"
@@ -566,6 +567,48 @@ def test_engine_metrics_reach_prometheus(app_url, ray_cluster):
     totals = [float(line.rsplit(" ", 1)[1]) for line in ours if "ldm_images_total" in line]
     assert sum(totals) > 0
     assert any(line.startswith("ray_ldm_waiting_images") for line in ours)
+
+
+def _engines_of(replica: str) -> list[tuple[int, int]]:
+    """(engine pid, replica pid) of every sampling engine whose parent process is a
+    replica of ``replica`` (Ray titles an actor's process ``ray::ServeReplica:APP:NAME``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "-m serving.engine" not in cmdline:
+                continue
+            status = (entry / "status").read_text()
+            parent = int(status.split("PPid:")[1].split()[0])
+            title = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if f"ServeReplica:{replica}" in title:
+            found.append((int(entry.name), parent))
+    return found
+
+
+def test_a_replica_whose_engine_dies_answers_503_and_is_replaced(guarded_url):
+    """The sampling loop runs in a child process of the replica. Killed, the replica
+    answers 503 with Retry-After (not a 500, not a hang), reports itself unhealthy, and
+    Serve replaces it; requests succeed again."""
+    assert httpx.get(f"{guarded_url}/v1/model", headers=AUTH).json()["batching"]["engine"] == (
+        "process"
+    )
+    (engine, replica) = _engines_of("ldm-guarded:Guarded")[0]
+    os.kill(engine, signal.SIGKILL)
+    small = {"label": 3, "steps": 3, "format": "json"}
+    first = _post(guarded_url, small, timeout=30, headers=AUTH)
+    assert first.status_code == 503, first.text
+    assert first.headers["retry-after"] == "3" and "being replaced" in first.json()["detail"]
+    started, codes = time.monotonic(), []
+    while (code := _post(guarded_url, small, timeout=30, headers=AUTH).status_code) != 200:
+        codes.append(code)
+        assert time.monotonic() - started < 120, f"not replaced in 120 s: {codes}"
+        time.sleep(0.5)
+    assert set(codes) <= {503}, codes
+    engines = _engines_of("ldm-guarded:Guarded")
+    assert len(engines) == 1 and engines[0][1] != replica  # a new replica, its own engine
 
 
 # ------------------------------------------------------------------ scaling out

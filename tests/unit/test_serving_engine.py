@@ -1,0 +1,247 @@
+"""The sampling engine in its own process: the same images as the scheduler in this
+process, cancellation, several model versions, the work autoscaling reads, and no
+request left hanging (or process left behind) when either side dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from serving.engine import EngineProcess, EngineSettings, start_engine
+from serving.sampler import SampleFailure, SampleJob, SampleResult
+from serving.scheduler import StepScheduler
+from training.latent_diffusion import LatentDiffusion
+from training.presets import get_preset
+
+SETTINGS = EngineSettings(
+    max_rows_per_forward=64, join_running=True, autocast="off", torch_threads=1, device="cpu"
+)
+
+
+def _model(seed: int) -> LatentDiffusion:
+    torch.manual_seed(seed)
+    model = LatentDiffusion.build(get_preset("tiny").for_data(32, 1, 10))
+    with torch.no_grad():  # a fresh UNet predicts ε = 0; make the network matter
+        model.denoiser.conv_out.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LatentDiffusion:
+    return _model(0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = EngineProcess(SETTINGS)
+    yield engine
+    engine.close()
+
+
+class Outcomes:
+    """on_done callbacks that record each outcome and let a test wait for them."""
+
+    def __init__(self):
+        self.got: dict[object, SampleResult | SampleFailure] = {}
+        self.calls: list[object] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, key):
+        def done(outcome):
+            with self._changed:
+                self.calls.append(key)
+                self.got[key] = outcome
+                self._changed.notify_all()
+
+        return done
+
+    def wait(self, keys, timeout=60.0):
+        with self._changed:
+            assert self._changed.wait_for(lambda: set(keys) <= set(self.got), timeout), (
+                f"no outcome for {set(keys) - set(self.got)} within {timeout} s"
+            )
+        return [self.got[k] for k in keys]
+
+
+def _job(labels, seed, guidance=0.0, classifier=0.0, sampler="ddim", steps=4):
+    return SampleJob(tuple(labels), guidance, classifier, sampler, steps, 0.0, seed)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to ±2 levels on at most 1% of the pixels (serving.sampler's tolerance)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return a.shape == b.shape and diff.max() <= 2 and (diff > 0).mean() <= 0.01
+
+
+def _in_this_process(model, jobs) -> list[np.ndarray]:
+    scheduler, got = StepScheduler(), Outcomes()
+    for i, job in enumerate(jobs):
+        scheduler.submit(model, job, got(i))
+    while scheduler.step():
+        pass
+    return [outcome.images for outcome in got.wait(range(len(jobs)))]
+
+
+MIX = [
+    _job([3, 3], seed=1, guidance=3.0),
+    _job([1], seed=2),
+    _job([7, 2], seed=3, classifier=1.0, steps=6),
+    _job([4], seed=4, sampler="ddpm", steps=3),
+    _job([6, 8], seed=6, sampler="dpmpp_2m", steps=5, guidance=1.5),
+]
+
+
+def test_the_engine_process_samples_what_the_scheduler_samples_here(engine, model):
+    got = Outcomes()
+    for i, job in enumerate(MIX):
+        engine.submit(model, job, got(i))
+    outcomes = got.wait(range(len(MIX)))
+    expected = _in_this_process(model, MIX)
+    for i, (outcome, want) in enumerate(zip(outcomes, expected, strict=True)):
+        assert isinstance(outcome, SampleResult), outcome
+        assert _close(outcome.images, want), f"request {i} differs from the in-process run"
+        assert outcome.report.forwards == MIX[i].steps
+    assert sorted(got.calls) == list(range(len(MIX)))  # each answered once
+    assert engine.stats.requests >= len(MIX)
+    assert engine.stats.images >= sum(len(j.labels) for j in MIX)
+    assert engine.stats.forwards >= max(j.steps for j in MIX)
+
+
+def test_two_model_versions_each_sample_with_their_own_weights(engine, model):
+    other = _model(1)
+    job = _job([5, 2], seed=9, guidance=2.0)
+    got = Outcomes()
+    engine.submit(model, job, got("old"))
+    engine.preload(other)  # as when the alias moves
+    engine.submit(other, job, got("new"))
+    old, new = got.wait(["old", "new"])
+    assert _close(old.images, _in_this_process(model, [job])[0])
+    assert _close(new.images, _in_this_process(other, [job])[0])
+    assert not _close(old.images, new.images)  # different weights, different images
+    # The old version is forgotten once nothing uses it; requests for it still work.
+    engine.submit(model, job, got("old again"))
+    (again,) = got.wait(["old again"])
+    assert np.array_equal(again.images, old.images)
+
+
+def test_a_cancelled_request_is_never_answered_and_frees_its_rows(engine, model):
+    got = Outcomes()
+    ticket = engine.submit(model, _job(list(range(10)) * 6, seed=3, steps=100), got("long"))
+    deadline = time.monotonic() + 30
+    while engine.active_rows < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active_rows == 60
+    cancelled = engine.stats.cancelled
+    engine.cancel(ticket)
+    engine.submit(model, _job([1], seed=1), got("after"))
+    got.wait(["after"])
+    deadline = time.monotonic() + 10
+    while engine.stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.cancelled == cancelled + 1
+    time.sleep(0.2)
+    assert "long" not in got.got
+    assert engine.active_rows == 0
+
+
+def test_a_request_the_model_cannot_sample_fails_alone(engine, model):
+    got = Outcomes()
+    engine.submit(model, _job([1], seed=1, steps=10_000), got("impossible"))
+    engine.submit(model, _job([2], seed=2), got("fine"))
+    impossible, fine = got.wait(["impossible", "fine"])
+    assert isinstance(impossible, SampleFailure) and not impossible.retryable
+    assert "steps must be between 1 and 100" in impossible.message
+    assert isinstance(fine, SampleResult)
+    assert engine.is_alive()
+
+
+def test_the_work_that_waits_is_reported_for_autoscaling(model):
+    engine = EngineProcess(
+        EngineSettings(
+            max_rows_per_forward=4, join_running=True, autocast="off", torch_threads=1, device="cpu"
+        ),
+        after_step=lambda e: seen.append(e.network_rows()),
+    )
+    seen: list[tuple[int, int]] = []
+    try:
+        got = Outcomes()
+        engine.submit(model, _job([0, 1, 2, 3, 4, 5], seed=1, guidance=3.0, steps=20), got(0))
+        (outcome,) = got.wait([0])
+        assert isinstance(outcome, SampleResult)
+    finally:
+        engine.close()
+    # Two rows with guidance fill the forward of 4 network rows; 4 images (8 rows) wait.
+    assert (4, 8) in seen
+    assert max(active for active, _ in seen) <= 4
+    assert seen[-1][1] == 0
+
+
+def test_a_killed_engine_fails_what_was_pending_and_reports_itself_dead(model):
+    engine = EngineProcess(SETTINGS)
+    got = Outcomes()
+    engine.submit(model, _job(list(range(10)) * 6, seed=1, steps=100), got("pending"))
+    deadline = time.monotonic() + 30
+    while engine.active_rows == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    (outcome,) = got.wait(["pending"], timeout=15)
+    assert isinstance(outcome, SampleFailure) and outcome.retryable
+    assert "engine of this replica stopped" in outcome.message
+    assert not engine.is_alive()
+    engine.submit(model, _job([1], seed=1), got("after"))  # answered at once, not hung
+    (after,) = got.wait(["after"], timeout=1)
+    assert isinstance(after, SampleFailure) and after.retryable
+    engine.close()
+
+
+REPLICA = """
+import sys, time
+from serving.engine import EngineProcess, EngineSettings
+engine = EngineProcess(EngineSettings(8, True, "off", 1, "cpu"))
+print(engine._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_engine_exits_when_its_replica_is_killed():
+    replica = subprocess.Popen([sys.executable, "-c", REPLICA], stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(replica.stdout.readline())
+        os.kill(replica.pid, signal.SIGKILL)
+        replica.wait(10)
+        deadline = time.monotonic() + 20
+        while _running(engine_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(engine_pid), "the engine outlived its replica"
+    finally:
+        replica.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_thread_engine_offers_the_same_interface(model):
+    engine = start_engine(
+        EngineSettings(64, True, "off", 1, "cpu", process=False),
+    )
+    try:
+        got = Outcomes()
+        engine.preload(model)
+        engine.submit(model, MIX[0], got(0))
+        (outcome,) = got.wait([0])
+        assert _close(outcome.images, _in_this_process(model, [MIX[0]])[0])
+        assert engine.is_alive()
+    finally:
+        engine.close()
+    assert not engine.is_alive()

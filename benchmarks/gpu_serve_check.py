@@ -11,6 +11,10 @@ the network matters. For each precision:
 - throughput: ``c`` one-image requests (DDIM ``--steps``, classifier-free guidance
   w = 3) submitted at once and stepped to the end, for c in 1, 32, 128, after a
   warm-up; images/s = c / wall time (the replica's forward width is c rows × 2);
+  ``engine_images_per_s``: the same through :class:`serving.engine.EngineProcess`,
+  the scheduler in a child process as a replica runs it (weights sent as bytes,
+  images answered over a socket), so the price of the process boundary is seen at
+  GPU step times;
 - reproducibility: six requests of mixed samplers, steps and guidance, each sampled
   alone and then in a mix that joins a running chain mid-way; the largest pixel
   difference and the share of differing pixels (the tolerance of
@@ -27,6 +31,7 @@ import argparse
 import json
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from serving.engine import EngineProcess, EngineSettings
 from serving.sampler import SampleJob, SampleResult
 from serving.scheduler import StepScheduler
 from training.latent_diffusion import LatentDiffusion
@@ -100,6 +106,34 @@ def throughput(model: LatentDiffusion, dtype, concurrency: int, steps: int, devi
     return concurrency / (time.perf_counter() - started)
 
 
+def engine_throughput(
+    model: LatentDiffusion, precision: str, concurrency: int, steps: int, device: str
+) -> float:
+    """:func:`throughput` through the engine process (a warm-up round, then one timed)."""
+    settings = EngineSettings(
+        2 * concurrency, True, "off" if precision == "fp32" else precision, 1, device
+    )
+    engine = EngineProcess(settings)
+    try:
+        engine.preload(model)
+
+        def round_trip(seed: int) -> float:
+            done = threading.Semaphore(0)
+            started = time.perf_counter()
+            for i in range(concurrency):
+                job = SampleJob((i % 10,), 3.0, 0.0, "ddim", steps, 0.0, seed + i)
+                engine.submit(model, job, lambda outcome: done.release())
+            for _ in range(concurrency):
+                if not done.acquire(timeout=600):
+                    raise RuntimeError("the engine did not answer within 600 s")
+            return concurrency / (time.perf_counter() - started)
+
+        round_trip(0)  # warm-up: the child's kernels, autotuning, allocator
+        return round_trip(1000)
+    finally:
+        engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -125,6 +159,10 @@ def main() -> None:
             "precision": precision,
             "images_per_s": {
                 c: round(throughput(model, dtype, c, args.steps, args.device), 1)
+                for c in args.concurrency
+            },
+            "engine_images_per_s": {
+                c: round(engine_throughput(model, precision, c, args.steps, args.device), 1)
                 for c in args.concurrency
             },
             "mixed_vs_alone": difference(mixed, alone),

@@ -24,6 +24,7 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         num_gpus=args.num_gpus,
         autocast=args.autocast,
         max_rows_per_forward=args.max_rows_per_forward,
+        engine=args.engine,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
         max_evaluations_per_request=args.max_evaluations,
@@ -189,6 +190,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="images per denoising step across requests, an image with classifier-free "
         "guidance counting twice (default: 64 on CPU, 256 on GPU)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("process", "thread"),
+        default="process",
+        help="where each replica's sampling loop runs: a child process with its own "
+        "interpreter, or a thread of the replica (default: process)",
     )
     serve.add_argument(
         "--max-images-per-request", type=int, default=64, help="request limit (default: 64)"

@@ -121,3 +121,17 @@ def test_serve_rejects_bad_options_before_starting_ray(capsys):
     assert main(["serve", "--model-uri", "runs:/x", "--max-rows-per-forward", "0"]) == 2
     err = capsys.readouterr().err
     assert "--model-uri" in err and "--max-rows-per-forward" in err
+
+
+def test_serve_options_reach_the_app_config():
+    from flows.cli import build_parser
+    from flows.cli.serve import app_config_from_args
+
+    parse = build_parser().parse_args
+    default = app_config_from_args(parse(["serve", "--model-uri", "models:/m@champion"]))
+    assert default.engine == "process" and default.engine_settings().process
+    assert default.store_device == "cpu"  # the engine places its own copy
+    threaded = app_config_from_args(
+        parse(["serve", "--model-uri", "models:/m@champion", "--engine", "thread"])
+    )
+    assert threaded.engine == "thread" and not threaded.engine_settings().process

@@ -45,6 +45,12 @@ class StageConfig(FrozenConfig):
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 = no EMA
     log_every: int = Field(50, ge=1)
+    channels_last: bool = Field(
+        False,
+        description="train with 4-D weights and batches in channels-last memory format "
+        "(faster convolutions for some networks and hardware; measure it with "
+        "benchmarks/bench_train_levers.py)",
+    )
     shard_sampling: ShardSampling = Field(
         "partitioned",
         description="partitioned: every shard once per epoch, dealt to ranks (needs at "

@@ -19,7 +19,13 @@ from training.config import LDMConfig
 from training.diffusion import GaussianDiffusion
 from training.latent_diffusion import LatentDiffusion
 from training.models import EMA
-from training.optimisation import FiniteLossGuard, NonFiniteLoss, make_optimisation
+from training.optimisation import (
+    FiniteLossGuard,
+    NonFiniteLoss,
+    make_optimisation,
+    memory_format,
+    to_device,
+)
 from training.progress import StageProgress
 from training.stages import STAGES, Stage, get_stage
 
@@ -52,8 +58,8 @@ def _run_stage(
     up in ``model``. Returns the last step's metrics; ``history`` gets (step, loss) at
     every logging interval."""
     net, training, config = stage.network(model), stage.training(model.config), model.config
+    net.to(memory_format=memory_format(training)).train()
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
-    net.train()
     optimisation = make_optimisation(net, training)
     batches = _batches(len(y), training.batch_size, generator)
     metrics: dict[str, float] = {}
@@ -61,7 +67,8 @@ def _run_stage(
     lines = StageProgress(stage.name, training.steps, training.batch_size) if progress else None
     for step in range(training.steps):
         idx = next(batches)
-        losses = stage.losses(net, inputs[idx], y[idx], diffusion, config)
+        x = to_device(inputs[idx], "cpu", training)
+        losses = stage.losses(net, x, y[idx], diffusion, config)
         guard.observe(losses["loss"], step + 1)
         if guard.first_bad_step() is not None:  # on the CPU this costs nothing
             raise NonFiniteLoss(stage.name, step + 1)

@@ -79,3 +79,15 @@ def make_optimisation(model: nn.Module, stage: StageConfig) -> Optimisation:
         optimizer, lambda step: min(1.0, (step + 1) / warmup)
     )
     return Optimisation(optimizer, scheduler, stage.grad_clip)
+
+
+def memory_format(training: StageConfig) -> torch.memory_format:
+    """The memory format a stage trains its network and batches in."""
+    return torch.channels_last if training.channels_last else torch.preserve_format
+
+
+def to_device(x: Tensor, device: torch.device | str, training: StageConfig) -> Tensor:
+    """A batch on ``device``, in the stage's memory format when it is 4-D (images)."""
+    if x.dim() == 4:
+        return x.to(device, memory_format=memory_format(training))
+    return x.to(device)

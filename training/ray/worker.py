@@ -38,7 +38,13 @@ from training.images import make_grid, to_uint8
 from training.job import StageJob
 from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
-from training.optimisation import FiniteLossGuard, Optimisation, make_optimisation
+from training.optimisation import (
+    FiniteLossGuard,
+    Optimisation,
+    make_optimisation,
+    memory_format,
+    to_device,
+)
 from training.plots import label_rows
 from training.progress import StageProgress, quiet_libraries
 from training.stages import Stage, get_stage
@@ -106,7 +112,7 @@ def _start(job: StageJob) -> _Run:
     net = stage.build(config)
     if job.init_weights is not None:  # a warm start; a checkpoint of the run overrides it
         net.load_state_dict(load_weights(job.init_weights))
-    net = net.to(device)
+    net = net.to(device, memory_format=memory_format(training))
     optimisation = make_optimisation(net, training)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     step, epoch, into_epoch = _restore(net, optimisation, ema, job.start_from)
@@ -162,7 +168,7 @@ def _train(run: _Run) -> int | None:
             sampling=training.shard_sampling,
         )
         for x, y in itertools.islice(loader, run.into_epoch, None):
-            x, y = x.to(run.device), y.to(run.device)
+            x, y = to_device(x, run.device, training), y.to(run.device)
             run.model.train()
             # bf16 autocast on GPUs: matmuls and convolutions in bf16, the loss in fp32.
             with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):

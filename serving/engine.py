@@ -108,7 +108,6 @@ class EngineProcess:
         settings: EngineSettings,
         after_step: Callable[[EngineProcess], None] | None = None,
     ):
-        self.settings = settings
         self.after_step = after_step
         self.stats = EngineStats()
         self._status = StepStatus(0, 0.0, 0, 0, 0, 0, 0)
@@ -177,9 +176,6 @@ class EngineProcess:
                 known = self._pending.pop(ticket, None) is not None
             if known:
                 self._send_quietly(("cancel", ticket))
-
-    def wake(self) -> None:
-        """Nothing to do: the engine wakes on every message."""
 
     @property
     def waiting_rows(self) -> int:

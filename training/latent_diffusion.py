@@ -103,18 +103,14 @@ class LatentDiffusion:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
-        for name, filename in WEIGHT_FILES.items():
-            state = {k: v.contiguous() for k, v in getattr(self, name).state_dict().items()}
-            save_file(state, str(directory / filename))
+        for name, state in self._states().items():
+            save_file(state, str(directory / WEIGHT_FILES[name]))
         return directory
 
     def to_bytes(self) -> tuple[str, dict[str, bytes]]:
         """The config as JSON and each network's weights as safetensors bytes: what
         :meth:`save` writes, in memory (e.g. for another process)."""
-        weights = {
-            name: save({k: v.contiguous() for k, v in getattr(self, name).state_dict().items()})
-            for name in WEIGHT_FILES
-        }
+        weights = {name: save(state) for name, state in self._states().items()}
         return self.config.model_dump_json(), weights
 
     @classmethod
@@ -122,12 +118,8 @@ class LatentDiffusion:
         cls, config_json: str, weights: dict[str, bytes], device: str | torch.device = "cpu"
     ) -> LatentDiffusion:
         """Rebuild from :meth:`to_bytes`, in eval mode on ``device``."""
-        model = cls.build(LDMConfig.model_validate_json(config_json))
-        for name in WEIGHT_FILES:
-            net = getattr(model, name)
-            net.load_state_dict(load(weights[name]))
-            net.to(device)
-        return model.eval()
+        states = {name: load(weights[name]) for name in WEIGHT_FILES}
+        return cls._rebuild(LDMConfig.model_validate_json(config_json), states, device)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
@@ -136,9 +128,27 @@ class LatentDiffusion:
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a saved model folder")
-        model = cls.build(LDMConfig.model_validate(json.loads(config_path.read_text())))
-        for name, filename in WEIGHT_FILES.items():
+        config = LDMConfig.model_validate(json.loads(config_path.read_text()))
+        states = {
+            name: load_file(str(directory / filename), device=str(device))
+            for name, filename in WEIGHT_FILES.items()
+        }
+        return cls._rebuild(config, states, device)
+
+    def _states(self) -> dict[str, dict[str, Tensor]]:
+        """Each network's weights, contiguous (as safetensors stores them)."""
+        return {
+            name: {k: v.contiguous() for k, v in getattr(self, name).state_dict().items()}
+            for name in WEIGHT_FILES
+        }
+
+    @classmethod
+    def _rebuild(
+        cls, config: LDMConfig, states: dict[str, dict[str, Tensor]], device: str | torch.device
+    ) -> LatentDiffusion:
+        model = cls.build(config)
+        for name in WEIGHT_FILES:
             net = getattr(model, name)
-            net.load_state_dict(load_file(str(directory / filename), device=str(device)))
+            net.load_state_dict(states[name])
             net.to(device)
         return model.eval()

@@ -1,9 +1,11 @@
 """What each training lever buys on this machine: the `demo` preset's autoencoder and
 denoiser steps in eager mode, with channels-last memory format, under
-``torch.compile`` (inductor) and both, measured side by side in one run.
+``torch.compile`` (inductor), under bf16 autocast, and combinations, at the preset's
+batch size or several, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_train_levers.py [--steps 60] [--repeats 3]
-        [--threads 2] [--levers eager channels_last compile compile_channels_last]
+        [--threads 2] [--levers eager channels_last compile ... bf16 bf16_channels_last]
+        [--batch-sizes 32 64 128] [--stages denoiser autoencoder]
 
 Each variant builds its network and optimiser from the same seed and runs the stage's
 real step (``training.losses``, AdamW with clipping from ``training.optimisation``, EMA
@@ -11,7 +13,7 @@ for the denoiser) on batches drawn once, in memory (reading is measured by
 ``bench_train.py``; here only the step counts). Every variant is timed ``--repeats``
 times, the order of the variants rotating, after its warm-up (for ``compile``, the
 warm-up includes the compilation, reported apart). Reports images/s (median and each
-repeat) and the ratio to eager.
+repeat) and the ratio to the first variant (the first lever at the first batch size).
 """
 
 from __future__ import annotations
@@ -34,11 +36,25 @@ from training.models import EMA, Autoencoder, UNet
 from training.optimisation import make_optimisation
 from training.presets import get_preset
 
-LEVERS = ("eager", "channels_last", "compile", "compile_channels_last")
+LEVERS = (
+    "eager",
+    "channels_last",
+    "compile",
+    "compile_channels_last",
+    "bf16",
+    "bf16_channels_last",
+)
 
 
-def make_step(stage: str, config, lever: str) -> tuple[Callable[[], None], int]:
-    """One training step of ``stage`` with ``lever`` applied; its batch size."""
+def make_step(
+    stage: str, config, lever: str, batch_size: int | None = None
+) -> tuple[Callable[[], None], int]:
+    """One training step of ``stage`` with ``lever`` applied, at the preset's batch size
+    or ``batch_size``; returns the step and its batch size."""
+    if batch_size is not None:
+        field = f"{stage}_training"
+        training = getattr(config, field).model_copy(update={"batch_size": batch_size})
+        config = config.model_copy(update={field: training})
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(1)
     memory = torch.channels_last if "channels_last" in lever else torch.contiguous_format
@@ -66,14 +82,17 @@ def make_step(stage: str, config, lever: str) -> tuple[Callable[[], None], int]:
     forward = torch.compile(net) if lever.startswith("compile") else net
     diffusion = config.diffusion.build()
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever.startswith("bf16"))
+
     def step() -> None:
         net.train()
-        if stage == "autoencoder":
-            loss = autoencoder_losses(forward, batch[0], config.autoencoder.kl_weight)
-        else:
-            loss = denoiser_losses(
-                forward, diffusion, batch[0], batch[1], config.diffusion, config.num_classes
-            )
+        with autocast:
+            if stage == "autoencoder":
+                loss = autoencoder_losses(forward, batch[0], config.autoencoder.kl_weight)
+            else:
+                loss = denoiser_losses(
+                    forward, diffusion, batch[0], batch[1], config.diffusion, config.num_classes
+                )
         optimisation.step(loss["loss"], net)
         if ema is not None:
             ema.update(net)
@@ -89,6 +108,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", nargs="+", default=["denoiser", "autoencoder"])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="measure every lever at each of these batch sizes (default: the preset's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = get_preset("demo").for_data(32, 1, 10)
@@ -97,30 +123,39 @@ def main() -> None:
         f"{args.threads} threads; demo preset; {args.steps} steps × {args.repeats} repeats"
     )
     for stage in args.stages:
-        steps, warmups, rates = {}, {}, {lever: [] for lever in args.levers}
-        for lever in args.levers:
-            steps[lever], batch = make_step(stage, config, lever)
+        variants = [(lever, size) for size in (args.batch_sizes or [None]) for lever in args.levers]
+        steps, warmups, batches = {}, {}, {}
+        rates = {variant: [] for variant in variants}
+        for variant in variants:
+            steps[variant], batches[variant] = make_step(stage, config, *variant)
             started = time.perf_counter()
             for _ in range(args.warmup):
-                steps[lever]()
-            warmups[lever] = time.perf_counter() - started
+                steps[variant]()
+            warmups[variant] = time.perf_counter() - started
         for repeat in range(args.repeats):
-            turn = repeat % len(args.levers)
-            order = args.levers[turn:] + args.levers[:turn]
-            for lever in order:
+            turn = repeat % len(variants)
+            for variant in variants[turn:] + variants[:turn]:
                 started = time.perf_counter()
                 for _ in range(args.steps):
-                    steps[lever]()
-                rates[lever].append(args.steps * batch / (time.perf_counter() - started))
-        eager = np.median(rates["eager"]) if "eager" in rates else None
-        print(f"\n{stage} (batch {batch})\n")
-        print("| lever | images/s, median (each repeat) | × eager | warm-up incl. compile (s) |")
-        print("|---|---:|---:|---:|")
-        for lever in args.levers:
-            median = float(np.median(rates[lever]))
-            each = ", ".join(f"{r:.0f}" for r in rates[lever])
-            ratio = f"{median / eager:.2f}" if eager else "–"
-            print(f"| {lever} | {median:.0f} ({each}) | {ratio} | {warmups[lever]:.1f} |")
+                    steps[variant]()
+                rates[variant].append(
+                    args.steps * batches[variant] / (time.perf_counter() - started)
+                )
+        first = variants[0]
+        print(f"\n{stage}\n")
+        print(
+            f"| lever | batch | images/s, median (each repeat) | × {first[0]} at batch "
+            f"{batches[first]} | warm-up incl. compile (s) |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        reference = float(np.median(rates[first]))
+        for variant in variants:
+            median = float(np.median(rates[variant]))
+            each = ", ".join(f"{r:.0f}" for r in rates[variant])
+            print(
+                f"| {variant[0]} | {batches[variant]} | {median:.0f} ({each}) | "
+                f"{median / reference:.2f} | {warmups[variant]:.1f} |"
+            )
 
 
 if __name__ == "__main__":

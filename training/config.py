@@ -34,8 +34,13 @@ class DiffusionConfig(FrozenConfig):
         return GaussianDiffusion(get_named_beta_schedule(self.beta_schedule, self.num_timesteps))
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+LRDecay = Literal["constant", "cosine"]
+
+
 class StageConfig(FrozenConfig):
-    """Optimisation of one stage: AdamW with linear warm-up, then a constant rate."""
+    """Optimisation of one stage: AdamW with a linear warm-up, then a constant or a
+    cosine-decayed rate, in the precision the stage asks for."""
 
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -50,6 +55,17 @@ class StageConfig(FrozenConfig):
         description="train with 4-D weights and batches in channels-last memory format "
         "(faster convolutions for some networks and hardware; measure it with "
         "benchmarks/bench_train_levers.py)",
+    )
+    precision: Precision = Field(
+        "auto",
+        description="auto: bf16 autocast on a GPU, fp32 on a CPU; bf16: bf16 autocast on a "
+        "GPU and on a CPU with native bf16 instructions (AVX512-BF16 or AMX; fp32 on other "
+        "CPUs, where emulated bf16 is slower); fp32: no autocast anywhere",
+    )
+    lr_decay: LRDecay = Field(
+        "constant",
+        description="after the warm-up: hold the learning rate (constant) or take it to "
+        "zero at the last step along a half cosine (cosine)",
     )
     shard_sampling: ShardSampling = Field(
         "partitioned",

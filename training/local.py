@@ -22,6 +22,7 @@ from training.models import EMA
 from training.optimisation import (
     FiniteLossGuard,
     NonFiniteLoss,
+    autocast,
     make_optimisation,
     memory_format,
     to_device,
@@ -68,7 +69,8 @@ def _run_stage(
     for step in range(training.steps):
         idx = next(batches)
         x = to_device(inputs[idx], "cpu", training)
-        losses = stage.losses(net, x, y[idx], diffusion, config)
+        with autocast(training, "cpu"):
+            losses = stage.losses(net, x, y[idx], diffusion, config)
         guard.observe(losses["loss"], step + 1)
         if guard.first_bad_step() is not None:  # on the CPU this costs nothing
             raise NonFiniteLoss(stage.name, step + 1)

@@ -4,6 +4,7 @@ trainer and the Ray Train worker loop."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,8 @@ class FiniteLossGuard:
 
 @dataclass
 class Optimisation:
-    """AdamW, a linear warm-up to the stage's learning rate, and gradient clipping."""
+    """AdamW (fused), a linear warm-up to the stage's learning rate, then constant or a
+    cosine decay, and gradient clipping."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -71,14 +73,53 @@ class Optimisation:
 
 
 def make_optimisation(model: nn.Module, stage: StageConfig) -> Optimisation:
+    params = list(model.parameters())
+    # fused: one kernel for the whole update (4× faster than foreach on the demo's CPU)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=stage.learning_rate, weight_decay=stage.weight_decay
+        params, lr=stage.learning_rate, weight_decay=stage.weight_decay, fused=fused
     )
-    warmup = max(stage.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, step))
     return Optimisation(optimizer, scheduler, stage.grad_clip)
+
+
+def lr_factor(stage: StageConfig, step: int) -> float:
+    """The fraction of the stage's learning rate that step ``step`` (from 0) uses: a
+    linear warm-up, then constant or a half cosine that reaches zero after the last step."""
+    warmup = max(stage.warmup_steps, 1)
+    if step < warmup:
+        return (step + 1) / warmup
+    if stage.lr_decay == "constant" or stage.steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step + 1 - warmup) / (stage.steps - warmup + 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (x86 AVX512-BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(training: StageConfig, device: torch.device | str) -> torch.dtype | None:
+    """The dtype a stage's forward passes autocast to on ``device``; None for fp32."""
+    kind = torch.device(device).type
+    if training.precision == "fp32" or kind not in ("cuda", "cpu"):
+        return None
+    if kind == "cuda":
+        return torch.bfloat16
+    if training.precision == "bf16" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(training: StageConfig, device: torch.device | str) -> torch.autocast:
+    """The context a stage's forward pass and loss run in: matmuls and convolutions in
+    bf16 where :func:`autocast_dtype` says so (losses stay fp32), else plain fp32."""
+    dtype = autocast_dtype(training, device)
+    kind = torch.device(device).type
+    return torch.autocast(
+        kind if kind in ("cuda", "cpu") else "cpu", dtype, enabled=dtype is not None
+    )
 
 
 def memory_format(training: StageConfig) -> torch.memory_format:

@@ -28,7 +28,7 @@ from training.checkpoints import (
 from training.job import ScalingSettings, TrackingSettings, TrainJobConfig
 from training.mlflow.checkpoint_artifacts import checkpoint_logged, logged_checkpoints
 from training.mlflow.registry import load_model_version
-from training.optimisation import NonFiniteLoss
+from training.optimisation import NonFiniteLoss, cpu_has_native_bf16, lr_factor
 from training.presets import get_preset
 from training.ray.driver import fit_stage, run_training
 from training.ray.worker import WORKERS_FOLDER
@@ -102,8 +102,15 @@ def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outa
 def trained(ray_cluster, mlflow_process, mnist_url):
     """The e2e run, with the tracking server down for 20 s during the denoiser stage."""
     quick_to_fail = TrackingSettings(request_timeout_s=5, request_retries=0, outage_budget_s=300)
+    tiny = get_preset("tiny")  # its denoiser in bf16 (where the CPU has it), cosine decay
+    denoiser = tiny.denoiser_training.model_copy(update={"precision": "bf16", "lr_decay": "cosine"})
     job = _job(
-        mnist_url, mlflow_process.url, "e2e", tracking=quick_to_fail, mlflow_checkpoints="last:1"
+        mnist_url,
+        mlflow_process.url,
+        "e2e",
+        model=tiny.model_copy(update={"denoiser_training": denoiser}),
+        tracking=quick_to_fail,
+        mlflow_checkpoints="last:1",
     )
     outage = Outage()
     stopper = threading.Thread(
@@ -158,6 +165,16 @@ def test_mlflow_run_holds_params_tags_metrics_and_grids(trained, mlflow_server, 
     assert all(
         m.value > 0 for m in client.get_metric_history(result.run_id, "denoiser/images_per_s")
     )
+    training = job.model.denoiser_training  # warm-up, then the cosine down to zero
+    rates = client.get_metric_history(result.run_id, "denoiser/learning_rate")
+    assert [m.value for m in rates] == pytest.approx(
+        [training.learning_rate * lr_factor(training, m.step) for m in rates]
+    )
+    assert rates[-1].value < 0.05 * training.learning_rate
+    # bf16 autocast where asked for and native to the CPU, fp32 elsewhere
+    for stage, bf16 in (("autoencoder", False), ("denoiser", cpu_has_native_bf16())):
+        (flag,) = client.get_metric_history(result.run_id, f"{stage}/bf16_autocast")
+        assert flag.value == float(bf16), stage
     assert client.get_metric_history(result.run_id, "classifier/accuracy")
     # the grid is an image series (a step slider in the MLflow UI), rows named by class
     grids = [a.path for a in client.list_artifacts(result.run_id, "images")]

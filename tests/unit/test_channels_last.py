@@ -22,7 +22,7 @@ def _train(channels_last: bool, steps: int = 4):
         batch = to_device(x, "cpu", training)
         loss = autoencoder_losses(net, batch, config.autoencoder.kl_weight)["loss"]
         optimisation.step(loss, net)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return net, optimisation, config, batch, losses
 
 

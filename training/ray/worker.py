@@ -41,6 +41,8 @@ from training.models import EMA, Autoencoder
 from training.optimisation import (
     FiniteLossGuard,
     Optimisation,
+    autocast,
+    autocast_dtype,
     make_optimisation,
     memory_format,
     to_device,
@@ -123,6 +125,9 @@ def _start(job: StageJob) -> _Run:
         job.job.tracking.apply_to_client()
         tracker = RunTracker(job.job.tracking_uri, job.run_id, job.job.tracking.outage_budget_s)
         tracker.monitor_system()
+        # what the stage's precision setting became on this device (1: bf16 autocast)
+        bf16 = autocast_dtype(training, device) == torch.bfloat16
+        tracker.log_metrics({f"{job.stage}/bf16_autocast": float(bf16)}, step)
         if step > 0:
             tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
     return _Run(
@@ -170,8 +175,7 @@ def _train(run: _Run) -> int | None:
         for x, y in itertools.islice(loader, run.into_epoch, None):
             x, y = to_device(x, run.device, training), y.to(run.device)
             run.model.train()
-            # bf16 autocast on GPUs: matmuls and convolutions in bf16, the loss in fp32.
-            with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
+            with autocast(training, run.device):
                 losses = run.stage.losses(run.model, x, y, diffusion, config)
             guard.observe(losses["loss"], run.step + 1)
             grad_norm = run.optimisation.step(losses["loss"], run.model)

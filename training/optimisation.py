@@ -124,7 +124,7 @@ def autocast(training: StageConfig, device: torch.device | str) -> torch.autocas
 
 def memory_format(training: StageConfig) -> torch.memory_format:
     """The memory format a stage trains its network and batches in."""
-    return torch.channels_last if training.channels_last else torch.preserve_format
+    return torch.channels_last if training.channels_last else torch.contiguous_format
 
 
 def to_device(x: Tensor, device: torch.device | str, training: StageConfig) -> Tensor:

@@ -100,6 +100,8 @@ def test_a_seeded_in_process_run_ends_at_the_same_weights():
     expected = {
         "autoencoder": 192.27844733727,
         "denoiser": 619.48371468638,
-        "classifier": 55.841670467547,
+        # 55.8417 until one-channel pixels got plain NCHW strides (the convolutions
+        # had taken the channels-last path on them, another summation order)
+        "classifier": 56.599909878700,
     }
     assert sums == pytest.approx(expected, rel=1e-3)

@@ -7,12 +7,12 @@ built-in digits (4,500 training images) and on a small dataset of their first
         [--small 1800]
 
 Both read the same cached latents (encoded by one autoencoder) through
-``data.build_loader`` and run the same step (``training.losses``): DDPM-IP loss, AdamW,
-gradient clipping, EMA. Each loop reads the shards every epoch (``memory_budget`` 0,
-one loader worker) and from memory (the split decoded once, 256 MiB budget, the
-default of ``TrainJobConfig.loader_memory_mb``). The Ray number is the mean of the
-images/s the loop logs to MLflow after its warm-up interval. Targets: Ray / bare >= 0.9,
-and the small dataset as fast as the large one.
+``data.build_loader`` and run the same step (``training.losses``): DDPM-IP loss, in the
+preset's precision, AdamW, gradient clipping, EMA. Each loop reads the shards every
+epoch (``memory_budget`` 0, one loader worker) and from memory (the split decoded once,
+256 MiB budget, the default of ``TrainJobConfig.loader_memory_mb``). The Ray number is
+the mean of the images/s the loop logs to MLflow after its warm-up interval. Targets:
+Ray / bare >= 0.9, and the small dataset as fast as the large one.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from training.job import ScalingSettings, TrainJobConfig
 from training.losses import denoiser_losses
 from training.mlflow.tracking import ensure_experiment, resolve_tracking_uri
 from training.models import EMA, Autoencoder, UNet
-from training.optimisation import make_optimisation
+from training.optimisation import autocast, make_optimisation
 from training.presets import get_preset
 from training.ray.driver import fit_stage
 from training.ray.latent_cache import cache_latents
@@ -105,7 +105,8 @@ def bare_loop(latents: str, config, steps: int, warmup: int, threads: int, memor
         if done == warmup:
             started = time.perf_counter()
         unet.train()
-        loss = denoiser_losses(unet, diffusion, z0, y, config.diffusion, config.num_classes)
+        with autocast(training, "cpu"):  # the stage's precision, as the trainers run it
+            loss = denoiser_losses(unet, diffusion, z0, y, config.diffusion, config.num_classes)
         optimisation.step(loss["loss"], unet)
         ema.update(unet)
     return steps * training.batch_size / (time.perf_counter() - started)

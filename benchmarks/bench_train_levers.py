@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +34,7 @@ import torch
 
 from training.losses import autoencoder_losses, denoiser_losses
 from training.models import EMA, Autoencoder, UNet
-from training.optimisation import make_optimisation
+from training.optimisation import Optimisation, lr_factor, make_optimisation
 from training.presets import get_preset
 
 LEVERS = (
@@ -43,6 +44,7 @@ LEVERS = (
     "compile_channels_last",
     "bf16",
     "bf16_channels_last",
+    "foreach_adamw",
 )
 
 
@@ -78,6 +80,12 @@ def make_step(
         batch = (z0.contiguous(memory_format=memory), y)
     net = net.to(memory_format=memory)
     optimisation = make_optimisation(net, training)
+    if lever == "foreach_adamw":  # the multi-tensor AdamW the trainers used before fused
+        optimizer = torch.optim.AdamW(
+            net.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, training))
+        optimisation = Optimisation(optimizer, schedule, training.grad_clip)
     ema = EMA(net, training.ema_decay) if stage == "denoiser" else None
     forward = torch.compile(net) if lever.startswith("compile") else net
     diffusion = config.diffusion.build()

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("tiny", "demo"),
         default="demo",
         help="model size and training length: 'demo' learns recognisable "
-        "digits in about five minutes on 2 cores, 'tiny' runs in seconds "
+        "digits in about three and a half minutes on 2 cores, 'tiny' runs in seconds "
         "(default: demo)",
     )
     demo.add_argument(

@@ -44,6 +44,17 @@ from training.local import train_stage
 from training.presets import get_preset
 
 CELLS = (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddpm", 100))
+# The demo denoiser's schedule this ablation was measured with (the preset's until
+# bench_schedule.py moved it to bf16, batch 64 and a cosine decay).
+ABLATION_SCHEDULE = {
+    "steps": 1500,
+    "batch_size": 128,
+    "learning_rate": 1e-3,
+    "warmup_steps": 100,
+    "ema_decay": 0.995,
+    "lr_decay": "constant",
+    "precision": "fp32",
+}
 SCALED_CELLS = (("ddim", 10), ("ddim", 20))
 EPS_SCALING = 1.01
 GUIDANCE = 2.0
@@ -73,6 +84,31 @@ def prepare(state: Path) -> tuple[str, LatentDiffusion, torch.Tensor, torch.Tens
     return data_url, model, latents, labels
 
 
+def train_denoiser(
+    base: LatentDiffusion,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    gamma: float,
+    training_changes: dict,
+) -> tuple[LatentDiffusion, float]:
+    """A denoiser on ``base``'s autoencoder and latents, with DDPM-IP ``gamma`` and the
+    demo's denoiser training config changed by ``training_changes``; returns the model
+    and its training seconds."""
+    config = base.config
+    diffusion = config.diffusion.model_copy(update={"input_perturbation": gamma})
+    training = config.denoiser_training.model_copy(update=training_changes)
+    config = config.model_copy(
+        update={"diffusion": diffusion, "denoiser_training": training, "seed": seed}
+    )
+    torch.manual_seed(seed)
+    model = LatentDiffusion.build(config)
+    model.autoencoder.load_state_dict(base.autoencoder.state_dict())
+    started = time.perf_counter()
+    model = train_stage("denoiser", model, latents, labels, seed)
+    return model, time.perf_counter() - started
+
+
 def denoiser_cells(
     base: LatentDiffusion,
     latents: torch.Tensor,
@@ -85,18 +121,9 @@ def denoiser_cells(
     samples_per_class: int,
 ) -> dict:
     """Train one denoiser and evaluate it in every cell."""
-    config = base.config
-    diffusion = config.diffusion.model_copy(update={"input_perturbation": gamma})
-    training = config.denoiser_training.model_copy(update={"steps": steps})
-    config = config.model_copy(
-        update={"diffusion": diffusion, "denoiser_training": training, "seed": seed}
-    )
-    torch.manual_seed(seed)
-    model = LatentDiffusion.build(config)
-    model.autoencoder.load_state_dict(base.autoencoder.state_dict())
-    started = time.perf_counter()
-    model = train_stage("denoiser", model, latents, labels, seed)
-    results = {"train_s": time.perf_counter() - started, "cells": {}}
+    schedule = ABLATION_SCHEDULE | {"steps": steps}
+    model, seconds = train_denoiser(base, latents, labels, seed, gamma, schedule)
+    results = {"train_s": seconds, "cells": {}}
     scaled = SCALED_CELLS if gamma in (0.0, 0.1) else ()
     for (sampler, n), b in [(c, 1.0) for c in CELLS] + [(c, EPS_SCALING) for c in scaled]:
         settings = EvaluationSettings(

@@ -31,23 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_ip import prepare
+from benchmarks.bench_ip import ABLATION_SCHEDULE, prepare, train_denoiser
 from benchmarks.report import publish
 from training.evaluation.evaluator import get_evaluator
 from training.evaluation.scoring import EvaluationSettings, evaluate_model
 from training.latent_diffusion import LatentDiffusion
-from training.local import train_stage
 
-# The demo denoiser's schedule before this benchmark; each variant changes some of it.
-BEFORE = {
-    "steps": 1500,
-    "batch_size": 128,
-    "learning_rate": 1e-3,
-    "warmup_steps": 100,
-    "ema_decay": 0.995,
-    "lr_decay": "constant",
-    "precision": "fp32",
-}
+# The demo denoiser's schedule before this benchmark (the DDPM-IP ablation's); each
+# variant changes some of it.
+BEFORE = ABLATION_SCHEDULE
 VARIANTS: dict[str, dict] = {
     "base": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
@@ -107,19 +99,10 @@ def run_variant(
     samples_per_class: int,
 ) -> dict:
     """Train one denoiser with ``changes`` and score it in every cell."""
-    config = base.config
-    diffusion = config.diffusion.model_copy(update={"input_perturbation": 0.0})
-    training = config.denoiser_training.model_copy(update=BEFORE | changes)
-    config = config.model_copy(
-        update={"diffusion": diffusion, "denoiser_training": training, "seed": seed}
-    )
-    torch.manual_seed(seed)
-    model = LatentDiffusion.build(config)
-    model.autoencoder.load_state_dict(base.autoencoder.state_dict())
-    started = time.perf_counter()
-    model = train_stage("denoiser", model, latents, labels, seed)
+    model, seconds = train_denoiser(base, latents, labels, seed, 0.0, BEFORE | changes)
+    training = model.config.denoiser_training
     result = {
-        "train_s": time.perf_counter() - started,
+        "train_s": seconds,
         "steps": training.steps,
         "batch_size": training.batch_size,
         "cells": {},

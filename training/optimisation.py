@@ -5,6 +5,7 @@ trainer and the Ray Train worker loop."""
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,8 @@ def lr_factor(stage: StageConfig, step: int) -> float:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (x86 AVX512-BF16 or AMX)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def autocast_dtype(training: StageConfig, device: torch.device | str) -> torch.dtype | None:
@@ -112,14 +114,13 @@ def autocast_dtype(training: StageConfig, device: torch.device | str) -> torch.d
     return None
 
 
-def autocast(training: StageConfig, device: torch.device | str) -> torch.autocast:
+def autocast(training: StageConfig, device: torch.device | str) -> AbstractContextManager:
     """The context a stage's forward pass and loss run in: matmuls and convolutions in
     bf16 where :func:`autocast_dtype` says so (losses stay fp32), else plain fp32."""
     dtype = autocast_dtype(training, device)
-    kind = torch.device(device).type
-    return torch.autocast(
-        kind if kind in ("cuda", "cpu") else "cpu", dtype, enabled=dtype is not None
-    )
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype)
 
 
 def memory_format(training: StageConfig) -> torch.memory_format:

@@ -46,7 +46,7 @@ def _demo() -> LDMConfig:
         # Steps, not images, set the quality at this budget: batch 64 at twice the rate
         # with a cosine decay matched batch 128 at a constant rate over 3 seeds (class
         # consistency 0.971 ± 0.003, FD 1.47 ± 0.02 against 0.966 ± 0.009, 1.51 ± 0.12),
-        # in 0.6× the time; fewer steps lost badly (800 at batch 128: FD 4.6 to 9.7).
+        # in 0.6× the time; fewer steps lost badly (800 at batch 128: FD 4.6 to 10.6).
         denoiser_training=StageConfig(
             steps=1500,
             batch_size=64,

@@ -153,10 +153,12 @@ def explain(error: Exception, url: str) -> Exception:
             f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         )
-    if isinstance(error, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+    # A connection closed on every attempt is an endpoint that stopped answering.
+    unreachable = bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError
+    if isinstance(error, unreachable):
         return StorageError(
-            f"cannot reach the S3 endpoint {endpoint} for {url}: start the S3 server or set "
-            "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to its address"
+            f"cannot reach the S3 endpoint {endpoint} for {url} ({error}): start the S3 "
+            "server or set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to its address"
         )
     if not isinstance(error, bx.ClientError):
         return StorageError(f"S3 request for {url} at {endpoint} failed: {error}")

@@ -107,3 +107,14 @@ def test_data_package_loads_no_ray_train_mlflow_or_prefect():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "|", result.stderr
+
+
+def test_a_connection_closed_on_every_attempt_reads_as_an_unreachable_endpoint():
+    from botocore import exceptions as bx
+
+    from data.storage import StorageError, explain
+
+    closed = bx.ConnectionClosedError(endpoint_url="http://127.0.0.1:1/ldm/x.tar")
+    error = explain(closed, "s3://ldm/x.tar")
+    assert isinstance(error, StorageError)
+    assert "cannot reach the S3 endpoint" in str(error) and "x.tar" in str(error)

@@ -97,7 +97,7 @@ def test_bf16_computes_convolutions_in_bf16_keeps_fp32_weights_and_follows_fp32(
     assert bf16[-1] < bf16[0]
 
 
-def test_a_bf16_stage_trains_in_process_to_fp32_weights(monkeypatch):
+def test_a_bf16_stage_trains_in_process_in_bf16_to_fp32_weights(monkeypatch):
     monkeypatch.setattr(opt, "cpu_has_native_bf16", lambda: True)
     config = get_preset("tiny").for_data(32, 1, 10)
     training = config.denoiser_training.model_copy(
@@ -106,9 +106,14 @@ def test_a_bf16_stage_trains_in_process_to_fp32_weights(monkeypatch):
     config = config.model_copy(update={"denoiser_training": training})
     model = LatentDiffusion.build(config)
     before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    conv_dtypes = set()
+    for module in model.denoiser.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, out: conv_dtypes.add(out.dtype))
     z = torch.randn((32, *config.latent_shape), generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(3))
     model = train_stage("denoiser", model, z, y, seed=0)
+    assert conv_dtypes == {torch.bfloat16}  # the in-process trainer ran it in bf16
     after = model.denoiser.state_dict()
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -1,7 +1,8 @@
 """The configuration of a training job and of each Ray Train stage it launches.
 
-A :class:`StageJob` is the one argument a Ray Train worker reads: it names the
-data, the model config, where to log, and how often to checkpoint.
+A :class:`WorkerGroupJob` is the one argument a Ray Train worker reads: the stages its
+worker group trains, in order, each a :class:`StageJob` that names the data, the model
+config, where to log, and how often to checkpoint.
 """
 
 from __future__ import annotations
@@ -256,3 +257,17 @@ class StageJob(FrozenConfig):
     @property
     def training(self) -> StageConfig:
         return get_stage(self.stage).training(self.job.model)
+
+
+class WorkerGroupJob(FrozenConfig):
+    """What the workers of one Ray Train ``fit()`` train: consecutive stages, in order,
+    in one worker group (``training.stages.worker_groups``)."""
+
+    stages: tuple[StageJob, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> WorkerGroupJob:
+        names = [job.stage for job in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a worker group trains each stage once, got {names}")
+        return self

@@ -11,9 +11,11 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ from data import storage
 from data.manifest import Manifest, load_manifest, manifest_url
 from training.checkpoints import checkpoint_artifact_path, load_checkpoint_uri
 from training.config import LDMConfig
-from training.job import StageJob, TrainedVersion, TrainJobConfig
+from training.job import StageJob, TrainedVersion, TrainJobConfig, WorkerGroupJob
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.checkpoint_artifacts import checkpoint_logged, prune_checkpoints
 from training.mlflow.registry import log_model_version
@@ -49,13 +51,18 @@ from training.ray.resume import plan_resume
 from training.ray.starting_point import StartingPoint
 from training.ray.warm_start import PARENT_VERSION_TAG, plan_warm_start
 from training.ray.worker import train_worker
-from training.stages import STAGES, StageName, get_stage
+from training.stages import STAGES, StageName, get_stage, worker_groups
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
 # MLflow stores a dataset digest in 36 characters; the profile and the run's
 # data.manifest_sha256 tag hold all 64.
 DATASET_DIGEST_CHARS = 36
+# How often Ray Train's controller polls the workers (its default: 2 s). A poll is one
+# small actor call; a stage's end is seen within it, so at the default a worker group
+# waited 1 s on average at its end, and at its start (the driver's own setting wins).
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -143,33 +150,31 @@ def _train_and_register(
 def _train_stages(
     job: TrainJobConfig, run_id: str, start: StartingPoint | None = None
 ) -> tuple[dict[str, str], LDMConfig]:
-    """Each stage of the table as a Ray Train job, in order; the latents are cached once,
-    by the trained autoencoder, before the first stage that trains on them. Returns the
-    final checkpoint of each stage and the config they measured (the latent scale).
-    From a ``start``, the stages it finished are taken as they are and the others start
-    where it says (a checkpoint, initial weights)."""
+    """The stages of the table in order, each worker group of them
+    (``training.stages.worker_groups``) as one Ray Train job; the latents are cached
+    once, by the trained autoencoder, before the first stage that trains on them.
+    Returns the final checkpoint of each stage and the config they measured (the latent
+    scale). From a ``start``, the stages it finished are taken as they are and the
+    others start where it says (a checkpoint, initial weights)."""
     checkpoints: dict[str, str] = {}
     if start is not None:
         _tag_run(job, run_id, start.tags)
         checkpoints.update(start.finished)
     latents_url = None
-    for stage in STAGES:
-        if stage.name in checkpoints:
-            continue
-        extra: dict[str, Any] = dict(start.stage_options.get(stage.name, {})) if start else {}
-        if stage.inputs == "latents":
-            if latents_url is None:
-                latents_url = cache_latents(
-                    job.data_url,
-                    checkpoints["autoencoder"],
-                    f"{_run_root(job)}/latents",
-                    job.model,
-                )
-            extra["autoencoder_checkpoint"] = checkpoints["autoencoder"]  # decodes grids
-        data_url = latents_url if stage.inputs == "latents" else job.data_url
-        checkpoints[stage.name] = fit_stage(job, stage.name, data_url, run_id, **extra)
-        if stage.finish is not None:  # what it measured travels in its checkpoint's config
-            _, config = load_checkpoint_uri(checkpoints[stage.name])
+    for group in worker_groups(s for s in STAGES if s.name not in checkpoints):
+        options: dict[StageName, dict[str, Any]] = {}
+        for stage in group:
+            options[stage.name] = dict(start.stage_options.get(stage.name, {})) if start else {}
+            if stage.inputs == "latents":  # decodes the denoiser's grids
+                options[stage.name]["autoencoder_checkpoint"] = checkpoints["autoencoder"]
+        if group[0].inputs == "latents" and latents_url is None:
+            latents_url = cache_latents(
+                job.data_url, checkpoints["autoencoder"], f"{_run_root(job)}/latents", job.model
+            )
+        data_url = latents_url if group[0].inputs == "latents" else job.data_url
+        checkpoints.update(fit_stages(job, options, data_url, run_id))
+        if group[-1].finish is not None:  # what it measured travels in its checkpoint's config
+            _, config = load_checkpoint_uri(checkpoints[group[-1].name])
             job = job.model_copy(update={"model": config})
     return checkpoints, job.model
 
@@ -281,11 +286,31 @@ def fit_stage(
     job: TrainJobConfig, stage: StageName, data_url: str, run_id: str, **extra: Any
 ) -> str:
     """Run one stage as a TorchTrainer; returns the URI of its final checkpoint."""
-    stage_job = StageJob(stage=stage, job=job, data_url=data_url, run_id=run_id, **extra)
+    return fit_stages(job, {stage: extra}, data_url, run_id)[stage]
+
+
+def worker_group_name(job: TrainJobConfig, stages: Iterable[str]) -> str:
+    """The Ray Train run (and storage folder) of the worker group of ``stages``."""
+    return "-".join((job.run_name, *stages))
+
+
+def fit_stages(
+    job: TrainJobConfig, options: dict[StageName, dict[str, Any]], data_url: str, run_id: str
+) -> dict[StageName, str]:
+    """Run consecutive stages (``options``: each stage's extra :class:`StageJob` fields,
+    in order) in one worker group, as one TorchTrainer; returns the URI of each one's
+    final checkpoint. A re-run of the same group resumes it from its latest checkpoint."""
+    group = WorkerGroupJob(
+        stages=tuple(
+            StageJob(stage=stage, job=job, data_url=data_url, run_id=run_id, **extra)
+            for stage, extra in options.items()
+        )
+    )
     scaling = job.scaling
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=stage_job.model_dump(mode="json"),
+        train_loop_config=group.model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -293,24 +318,33 @@ def fit_stage(
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=f"{job.run_name}-{stage}",
+            name=worker_group_name(job, options),
             storage_path=job.storage_url,
             failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # each stage's final checkpoint (they outrank the others) and the newest
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=len(options) + 1, checkpoint_score_attribute="rank"
+            ),
             logging_config=LoggingConfig("INFO" if job.verbose else "WARNING"),
         ),
     )
-    result = _fit(trainer, stage)
-    bad_step = (result.return_value or {}).get("nonfinite_step")
-    if bad_step is not None:
-        raise NonFiniteLoss(stage, bad_step)
-    if result.checkpoint is None:
-        raise RuntimeError(f"the {stage} stage finished without a checkpoint")
-    path = result.checkpoint.path
-    return f"s3://{path.lstrip('/')}" if job.storage_url.startswith("s3://") else path
+    result = _fit(trainer, " and ".join(options))
+    returned = result.return_value or {}
+    if returned.get("nonfinite_step") is not None:
+        raise NonFiniteLoss(returned["nonfinite_stage"], returned["nonfinite_step"])
+    finals = {
+        metrics.get("stage"): checkpoint.path
+        for checkpoint, metrics in result.best_checkpoints or []
+        if metrics.get("final")
+    }
+    missing = [stage for stage in options if stage not in finals]
+    if missing:
+        raise RuntimeError(f"training the {' and '.join(missing)} ended without a final checkpoint")
+    to_uri = (lambda p: f"s3://{p.lstrip('/')}") if job.storage_url.startswith("s3://") else str
+    return {stage: to_uri(finals[stage]) for stage in options}
 
 
-def _fit(trainer: TorchTrainer, stage: str) -> ray.train.Result:
+def _fit(trainer: TorchTrainer, stages: str) -> ray.train.Result:
     """``trainer.fit()`` where Ctrl-C means Ctrl-C. On SIGINT Ray Train aborts the run
     and calls ``sys.exit(0)`` from a handler it leaves installed: here that becomes a
     KeyboardInterrupt (a command exits 130, not 0) and the caller's handler comes back."""
@@ -319,7 +353,7 @@ def _fit(trainer: TorchTrainer, stage: str) -> ray.train.Result:
     try:
         return trainer.fit()
     except SystemExit as aborted:
-        raise KeyboardInterrupt(f"the {stage} stage was interrupted") from aborted
+        raise KeyboardInterrupt(f"training the {stages} was interrupted") from aborted
     finally:
         if in_main and previous is not None:
             signal.signal(signal.SIGINT, previous)

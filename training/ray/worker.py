@@ -1,8 +1,11 @@
-"""The Ray Train worker function: one stage of the pipeline on one rank.
+"""The Ray Train worker function: consecutive stages of the pipeline on one rank.
 
-Each worker reads only its :class:`StageJob` argument. Ranks stream disjoint
-shards, DDP averages gradients, and rank 0 alone writes checkpoints and logs to
-MLflow. ``ray.train.report`` is a barrier, so every rank reports at the same steps.
+Each worker reads only its :class:`WorkerGroupJob` argument and trains its stages in
+order in the same process (one worker group for the denoiser and the classifier, not a
+``fit()`` each). Ranks stream disjoint shards, DDP averages gradients, and rank 0 alone
+writes checkpoints and logs to MLflow. ``ray.train.report`` is a barrier, so every rank
+reports at the same steps. Every checkpoint names its stage; the final one of each stage
+outranks the others, so Ray Train keeps it however many of the next stage follow.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from training.checkpoints import (
 )
 from training.config import StageConfig
 from training.images import make_grid, to_uint8
-from training.job import StageJob
+from training.job import StageJob, WorkerGroupJob
 from training.mlflow.run_tracker import RunTracker
 from training.models import EMA, Autoencoder
 from training.optimisation import (
@@ -54,6 +57,10 @@ from training.stages import Stage, get_stage
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
 GRID_KEY = "samples/denoiser"  # an image series of the run, one step per grid
+GRID_SAMPLER, GRID_STEPS = "ddim", 50  # the grid's chain: what the page samples with
+# A checkpoint's score, which Ray Train keeps the best of: a stage's final checkpoint
+# outranks every other, a later stage's outrank an earlier one's, then by step.
+STAGE_RANK, FINAL_RANK = 10**12, 10**15
 
 
 @dataclass
@@ -62,6 +69,7 @@ class _Run:
 
     job: StageJob
     stage: Stage
+    index: int  # its place in the worker group
     rank: int
     world: int
     device: torch.device
@@ -82,28 +90,52 @@ class _Run:
         return self.job.training
 
 
-def train_worker(job_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: train ``job.stage`` until its step budget is spent.
+def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: train each stage of the group until its step budget is
+    spent, from where the group's latest checkpoint left it (after a restart or a
+    re-run: the stages before that checkpoint's are finished and skipped).
 
-    Returns ``{"rank", "step", "epoch"}``, plus ``"nonfinite_step"`` when a loss was
-    inf or NaN: every rank then stops at the same check, before any later checkpoint,
-    and the driver raises :class:`training.optimisation.NonFiniteLoss`.
+    Returns ``{"rank", "steps": {stage: step}}``, plus ``"nonfinite_stage"`` and
+    ``"nonfinite_step"`` when a loss was inf or NaN: every rank then stops at the same
+    check, before any later checkpoint or stage, and the driver raises
+    :class:`training.optimisation.NonFiniteLoss`.
     """
-    run = _start(StageJob.model_validate(job_json))
-    bad_step = _train(run)
-    every = run.job.job.sample_every
-    if run.tracker and run.ema and bad_step is None and (every == 0 or run.step % every):
-        _log_grid(run.tracker, run.job, run.ema.model, run.step)
-    if run.tracker:
-        run.tracker.close()  # waits out an MLflow outage (up to the budget) before finishing
-    result = {"rank": run.rank, "step": run.step, "epoch": run.epoch}
-    return result if bad_step is None else result | {"nonfinite_step": bad_step}
+    group = WorkerGroupJob.model_validate(group_json)
+    restored = _load_state(ray.train.get_checkpoint())
+    order = [job.stage for job in group.stages]
+    result: dict[str, Any] = {"rank": ray.train.get_context().get_world_rank(), "steps": {}}
+    for index, job in enumerate(group.stages):
+        state = restored if restored is not None and restored.stage == job.stage else None
+        if state is None and job.start_from is not None:
+            state = _load_state(ray.train.Checkpoint(job.start_from))
+        later = restored is not None and index < order.index(restored.stage)
+        if later or (state is not None and state.step >= job.training.steps):
+            continue  # finished before this attempt: its final checkpoint is kept
+        run = _start(job, index, state)
+        bad_step = _train(run)
+        every = run.job.job.sample_every
+        if run.tracker and run.ema and bad_step is None and (every == 0 or run.step % every):
+            _log_grid(run.tracker, run.job, run.ema.model, run.step)
+        if run.tracker:
+            run.tracker.close()  # waits out an MLflow outage (up to the budget) before finishing
+        result["steps"][job.stage] = run.step
+        if bad_step is not None:
+            return result | {"nonfinite_stage": job.stage, "nonfinite_step": bad_step}
+    return result
 
 
-def _start(job: StageJob) -> _Run:
+def _load_state(checkpoint: ray.train.Checkpoint | None) -> StageState | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state, _ = load_checkpoint(folder)
+    return state
+
+
+def _start(job: StageJob, index: int, state: StageState | None) -> _Run:
     """Seed this rank, build the stage's network (from its initial weights, if given)
-    and optimiser, and restore them from the latest checkpoint of the run if there is
-    one."""
+    and optimiser, and restore them from ``state`` (the run's latest checkpoint of this
+    stage, or the checkpoint it starts from) if there is one."""
     stage = get_stage(job.stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -117,7 +149,7 @@ def _start(job: StageJob) -> _Run:
     net = net.to(device, memory_format=memory_format(training))
     optimisation = make_optimisation(net, training)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
-    step, epoch, into_epoch = _restore(net, optimisation, ema, job.start_from)
+    step, epoch, into_epoch = _restore(net, optimisation, ema, state)
     model = ray.train.torch.prepare_model(net)
     quiet_libraries(job.job.verbose)
     tracker = None
@@ -133,6 +165,7 @@ def _start(job: StageJob) -> _Run:
     return _Run(
         job,
         stage,
+        index,
         rank,
         world,
         device,
@@ -223,17 +256,10 @@ def _log_step(run: _Run, losses: dict[str, Tensor], grad_norm: Tensor) -> None:
 
 
 def _restore(
-    net: nn.Module, optimisation, ema: EMA | None, start_from: str | None
+    net: nn.Module, optimisation, ema: EMA | None, state: StageState | None
 ) -> tuple[int, int, int]:
-    """Load the latest checkpoint of this run (after a restart or a re-run), else the
-    checkpoint the stage starts from (``ldm train --resume-from``), if any."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and start_from is not None:
-        checkpoint = ray.train.Checkpoint(start_from)
-    if checkpoint is None:
+    if state is None:
         return 0, 0, 0
-    with checkpoint.as_directory() as folder:
-        state, _ = load_checkpoint(folder)
     net.load_state_dict(state.model)
     optimisation.optimizer.load_state_dict(state.optimizer)
     optimisation.scheduler.load_state_dict(state.scheduler)
@@ -249,7 +275,13 @@ def _report(run: _Run, final: bool, loader: Iterable) -> None:
     config, finish = run.job.job.model, run.stage.finish
     if final and finish is not None and run.rank == 0:
         config = finish(config, run.net, (x.to(run.device) for x, _ in loader))
-    metrics = {"step": run.step, "epoch": run.epoch, "final": final}
+    metrics = {
+        "stage": run.job.stage,
+        "step": run.step,
+        "epoch": run.epoch,
+        "final": final,
+        "rank": FINAL_RANK + run.index if final else run.index * STAGE_RANK + run.step,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if final:  # every rank signs the final checkpoint: which node trained what
@@ -311,8 +343,8 @@ def _log_grid(tracker: RunTracker, job: StageJob, denoiser: nn.Module, step: int
         (len(y), *config.latent_shape),
         y=y.to(device),
         guidance_scale=2.0,
-        sampler="ddpm",
-        steps=min(100, config.diffusion.num_timesteps),
+        sampler=GRID_SAMPLER,
+        steps=min(GRID_STEPS, config.diffusion.num_timesteps),
         generator=torch.Generator().manual_seed(config.seed),
     )
     grid = make_grid(to_uint8(autoencoder.decode_latents(z0)), ncols=GRID_SAMPLES_PER_CLASS)

@@ -250,7 +250,10 @@ class StageJob(FrozenConfig):
     job: TrainJobConfig
     data_url: str = Field(description="images (autoencoder) or cached latents (others)")
     run_id: str
-    autoencoder_checkpoint: str | None = None  # decodes sample grids of the denoiser
+    # the final checkpoint of the autoencoder (encodes the latents, decodes the
+    # denoiser's grids); None: the one trained earlier in the same worker group
+    autoencoder_checkpoint: str | None = None
+    latents_from: str | None = None  # the images data_url caches, if not cached yet
     start_from: str | None = None  # a checkpoint to start from when the run has none yet
     init_weights: str | None = None  # the network's first weights (safetensors), not random
 
@@ -261,7 +264,7 @@ class StageJob(FrozenConfig):
 
 class WorkerGroupJob(FrozenConfig):
     """What the workers of one Ray Train ``fit()`` train: consecutive stages, in order,
-    in one worker group (``training.stages.worker_groups``)."""
+    in one worker group (the driver runs every stage a job trains in one)."""
 
     stages: tuple[StageJob, ...] = Field(min_length=1)
 

@@ -102,22 +102,6 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES: tuple[StageName, ...] = tuple(stage.name for stage in STAGES)
 
 
-def worker_groups(stages: Iterable[Stage]) -> list[tuple[Stage, ...]]:
-    """``stages`` (in table order) as the runs of one worker group each: consecutive
-    stages that read the same inputs share one, so a Ray driver starts one worker group
-    for the denoiser and the classifier instead of one per stage. A stage that measures
-    something at its end (``finish``) closes its group: the stages after it are built
-    from the config it measured."""
-    groups: list[list[Stage]] = []
-    for stage in stages:
-        previous = groups[-1][-1] if groups else None
-        if previous is None or previous.inputs != stage.inputs or previous.finish is not None:
-            groups.append([stage])
-        else:
-            groups[-1].append(stage)
-    return [tuple(group) for group in groups]
-
-
 def get_stage(name: str) -> Stage:
     """The table's row for ``name``; anything else is an error, never a default."""
     for stage in STAGES:

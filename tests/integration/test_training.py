@@ -20,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from data import storage
+from data.manifest import load_manifest
 from training.checkpoints import (
     checkpoint_artifact_path,
     load_checkpoint,
@@ -30,8 +31,9 @@ from training.mlflow.checkpoint_artifacts import checkpoint_logged, logged_check
 from training.mlflow.registry import load_model_version
 from training.optimisation import NonFiniteLoss, cpu_has_native_bf16, lr_factor
 from training.presets import get_preset
-from training.ray.driver import fit_stage, fit_stages, run_training, worker_group_name
+from training.ray.driver import fit_stage, run_training, worker_group_name
 from training.ray.worker import WORKERS_FOLDER
+from training.stages import STAGE_NAMES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,8 +86,8 @@ def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outa
         return bool(runs) and checkpoint_logged(client, runs[0].info.run_id, final)
 
     def denoiser_checkpointed() -> bool:
-        folder = f"{job.storage_url}/{worker_group_name(job, ('denoiser', 'classifier'))}"
-        return any("checkpoint_" in f.name for f in storage.list_files(folder))
+        folder = f"{job.storage_url}/{worker_group_name(job, STAGE_NAMES)}"
+        return _registered(f"{folder}/{SNAPSHOT}", "denoiser")
 
     _wait_for(autoencoder_done, "the autoencoder stage")
     mlflow_process.stop()
@@ -362,59 +364,55 @@ def test_a_warm_start_begins_from_the_registered_weights(trained, mlflow_server,
     ]
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, mlflow_server, tmp_path):
-    """The denoiser and the classifier in one worker group: a worker killed during the
-    classifier restarts the group from the classifier's last checkpoint, the finished
-    denoiser is not trained again, and both final checkpoints are kept."""
-    job, result, _ = trained
-    model = result.model.config  # the e2e run's, with its latent scale
-    model = model.model_copy(
-        update={
-            "denoiser_training": model.denoiser_training.model_copy(update={"steps": 20}),
-            "classifier_training": model.classifier_training.model_copy(update={"steps": 300}),
-        }
+def test_a_killed_worker_resumes_from_the_last_checkpoint(
+    ray_cluster, mlflow_server, mnist_url, tmp_path
+):
+    """Every stage in one worker group: a worker killed during the denoiser restarts the
+    group from the denoiser's last checkpoint; the finished autoencoder is not trained
+    again, its final checkpoint and the latents the ranks cached are found as they are."""
+    model = get_preset("tiny")
+    denoiser = model.denoiser_training.model_copy(update={"steps": 200})
+    job = _job(
+        mnist_url,
+        mlflow_server,
+        "killed",
+        model=model.model_copy(update={"denoiser_training": denoiser}),
+        model_name="ldm-it-killed",
+        storage_url=str(tmp_path),
+        scaling=ScalingSettings(num_workers=2),
+        checkpoint_every=20,
+        max_failures=2,
+        mlflow_checkpoints="final",
     )
-    killed_job = job.model_copy(
-        update=dict(
-            model=model,
-            run_name="killed",
-            storage_url=str(tmp_path),
-            scaling=ScalingSettings(num_workers=2),
-            checkpoint_every=20,
-            max_failures=2,
-            mlflow_checkpoints="final",
-        )
-    )
-    latents = f"{job.storage_url}/{job.run_name}/latents"  # the e2e run's cache
-    stages = {
-        s: {"autoencoder_checkpoint": result.checkpoints["autoencoder"]}
-        for s in ("denoiser", "classifier")
-    }
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("integration")
-    run_id = client.create_run(experiment.experiment_id).info.run_id
+    snapshot = tmp_path / worker_group_name(job, STAGE_NAMES) / SNAPSHOT
     killed: list[int] = []
-    snapshot = tmp_path / worker_group_name(killed_job, stages) / "checkpoint_manager_snapshot.json"
     killer = threading.Thread(
-        target=_kill_a_worker_at_a_checkpoint, args=(snapshot, "classifier", killed)
+        target=_kill_a_worker_at_a_checkpoint, args=(snapshot, "denoiser", killed)
     )
     killer.start()
-    finals = fit_stages(killed_job, stages, latents, run_id)
+    result = run_training(job)
     killer.join()
     assert killed, "no worker was killed"
-    resumed = client.get_metric_history(run_id, "classifier/resumed_from_step")
-    assert len(resumed) == 1 and 20 <= resumed[0].value < 300
-    assert client.get_metric_history(run_id, "denoiser/resumed_from_step") == []
-    assert [m.step for m in client.get_metric_history(run_id, "denoiser/loss")][-1] == 20
-    for stage, steps in (("denoiser", 20), ("classifier", 300)):
-        assert all(r["steps"] == steps for r in _worker_records(finals[stage])), stage
-        state, _ = load_checkpoint_uri(finals[stage])
+    client = MlflowClient(mlflow_server)
+    resumed = client.get_metric_history(result.run_id, "denoiser/resumed_from_step")
+    assert len(resumed) == 1 and 20 <= resumed[0].value < 200
+    assert client.get_metric_history(result.run_id, "autoencoder/resumed_from_step") == []
+    losses = client.get_metric_history(result.run_id, "autoencoder/loss")
+    assert [m.step for m in losses] == [5, 10, 15, 20]  # trained once
+    for stage, uri in result.checkpoints.items():
+        steps = getattr(job.model, f"{stage}_training").steps
+        assert all(r["steps"] == steps for r in _worker_records(uri)), stage
+        state, _ = load_checkpoint_uri(uri)
         assert state.stage == stage and state.step == steps
+    latents = load_manifest(str(tmp_path / "killed" / "latents"))
+    assert latents.source.endswith(f"encoded by {result.checkpoints['autoencoder']}")
+    assert latents.counts["train"] == load_manifest(mnist_url).counts["train"]
 
-    # Running the same group again finds both stages finished: no more steps.
-    again = fit_stages(killed_job, stages, latents, run_id)
-    assert again == finals
-    assert len(client.get_metric_history(run_id, "classifier/resumed_from_step")) == 1
+    # Running the same run name again finds every stage finished: no more steps.
+    again = run_training(job)
+    assert again.checkpoints == result.checkpoints
+    for stage in STAGE_NAMES:
+        assert client.get_metric_history(again.run_id, f"{stage}/loss") == [], stage
 
 
 def test_one_node_run_matches_the_two_node_run(trained, mlflow_server, mnist_url):
@@ -437,20 +435,24 @@ def test_one_node_run_matches_the_two_node_run(trained, mlflow_server, mnist_url
         assert losses[-1] < 0.8 * losses[0], losses
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints
+
+
+def _registered(snapshot_url: str, stage: str) -> bool:
+    """Whether Ray Train has registered a checkpoint of ``stage``: only registered ones
+    are resumed from."""
+    try:
+        results = json.loads(storage.read_bytes(snapshot_url))["checkpoint_results"]
+    except (FileNotFoundError, ValueError, KeyError):  # not written yet, or being written
+        return False
+    return any(r["metrics"].get("stage") == stage for r in results)
+
+
 def _kill_a_worker_at_a_checkpoint(snapshot: Path, stage: str, killed: list[int]) -> None:
     """SIGKILL one training worker once the controller has registered a checkpoint of
-    ``stage`` (its snapshot in storage lists one): only registered checkpoints are
-    resumed from."""
-
-    def registered() -> bool:
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (OSError, ValueError, KeyError):  # not written yet, or being written
-            return False
-        return any(r["metrics"].get("stage") == stage for r in results)
-
+    ``stage``."""
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not registered():
+    while time.monotonic() < deadline and not _registered(str(snapshot), stage):
         time.sleep(0.2)
     for process in psutil.process_iter(["pid", "cmdline"]):
         if "ray::RayTrainWorker" in " ".join(process.info["cmdline"] or []):

@@ -13,11 +13,9 @@ from training.presets import get_preset
 from training.stages import (
     STAGE_NAMES,
     STAGES,
-    Stage,
     StageName,
     get_stage,
     with_latent_scale,
-    worker_groups,
 )
 
 
@@ -52,28 +50,6 @@ def test_the_latent_scale_gives_unit_variance_latents_and_updates_every_reader()
         latents = model.autoencoder.encode_latents(pixels)
     assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
     assert model.config.autoencoder.scale_factor == measured.autoencoder.scale_factor != 1.0
-
-
-def _names(groups: list[tuple[Stage, ...]]) -> list[list[str]]:
-    return [[stage.name for stage in group] for group in groups]
-
-
-def test_stages_on_the_same_inputs_share_a_worker_group():
-    assert _names(worker_groups(STAGES)) == [["autoencoder"], ["denoiser", "classifier"]]
-    assert _names(worker_groups(STAGES[1:])) == [["denoiser", "classifier"]]
-    assert _names(worker_groups(s for s in STAGES if s.name != "denoiser")) == [
-        ["autoencoder"],
-        ["classifier"],
-    ]
-    assert worker_groups([]) == []
-
-
-def test_a_stage_that_measures_at_its_end_closes_its_group():
-    """The stages after it are built from the config it measured (the latent scale)."""
-    measuring = Stage(
-        "denoiser", "latents", STAGES[1].build, STAGES[1].losses, finish=lambda c, n, b: c
-    )
-    assert _names(worker_groups([measuring, STAGES[2]])) == [["denoiser"], ["classifier"]]
 
 
 def test_a_worker_group_trains_each_stage_once(tmp_path):

@@ -1,5 +1,5 @@
-"""The driver of a training job: runs the three stages as Ray Train jobs, caches the
-latents in between, and logs and registers the result in MLflow.
+"""The driver of a training job: runs the stages in one Ray Train worker group (whose
+ranks cache the latents in between), and logs and registers the result in MLflow.
 
 ``python -m training.ray.driver CONFIG_URL`` runs a job from a JSON :class:`TrainJobConfig`
 (a local path or ``s3://``), which is how a Ray Job submission starts it on a cluster.
@@ -46,12 +46,11 @@ from training.mlflow.tracking import (
 from training.optimisation import NonFiniteLoss
 from training.progress import quiet_libraries
 from training.ray.connection import connect_ray
-from training.ray.latent_cache import cache_latents
 from training.ray.resume import plan_resume
 from training.ray.starting_point import StartingPoint
 from training.ray.warm_start import PARENT_VERSION_TAG, plan_warm_start
-from training.ray.worker import train_worker
-from training.stages import STAGES, StageName, get_stage, worker_groups
+from training.ray.worker import checkpoint_uri, train_worker
+from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
@@ -150,31 +149,32 @@ def _train_and_register(
 def _train_stages(
     job: TrainJobConfig, run_id: str, start: StartingPoint | None = None
 ) -> tuple[dict[str, str], LDMConfig]:
-    """The stages of the table in order, each worker group of them
-    (``training.stages.worker_groups``) as one Ray Train job; the latents are cached
-    once, by the trained autoencoder, before the first stage that trains on them.
-    Returns the final checkpoint of each stage and the config they measured (the latent
-    scale). From a ``start``, the stages it finished are taken as they are and the
-    others start where it says (a checkpoint, initial weights)."""
+    """The stages of the table in order, in one worker group (one Ray Train job): the
+    ranks cache the latents, by the trained autoencoder, before the first stage that
+    trains on them. Returns the final checkpoint of each stage and the config they
+    measured (the latent scale). From a ``start``, the stages it finished are taken as
+    they are and the others start where it says (a checkpoint, initial weights)."""
     checkpoints: dict[str, str] = {}
     if start is not None:
         _tag_run(job, run_id, start.tags)
         checkpoints.update(start.finished)
-    latents_url = None
-    for group in worker_groups(s for s in STAGES if s.name not in checkpoints):
-        options: dict[StageName, dict[str, Any]] = {}
-        for stage in group:
-            options[stage.name] = dict(start.stage_options.get(stage.name, {})) if start else {}
-            if stage.inputs == "latents":  # decodes the denoiser's grids
-                options[stage.name]["autoencoder_checkpoint"] = checkpoints["autoencoder"]
-        if group[0].inputs == "latents" and latents_url is None:
-            latents_url = cache_latents(
-                job.data_url, checkpoints["autoencoder"], f"{_run_root(job)}/latents", job.model
-            )
-        data_url = latents_url if group[0].inputs == "latents" else job.data_url
-        checkpoints.update(fit_stages(job, options, data_url, run_id))
-        if group[-1].finish is not None:  # what it measured travels in its checkpoint's config
-            _, config = load_checkpoint_uri(checkpoints[group[-1].name])
+    pending = [stage for stage in STAGES if stage.name not in checkpoints]
+    latents_url = f"{_run_root(job)}/latents"
+    options: dict[StageName, dict[str, Any]] = {}
+    for stage in pending:
+        options[stage.name] = dict(start.stage_options.get(stage.name, {})) if start else {}
+        options[stage.name]["data_url"] = job.data_url
+        if stage.inputs == "latents":
+            options[stage.name] |= {
+                "data_url": latents_url,
+                "latents_from": job.data_url,
+                "autoencoder_checkpoint": checkpoints.get("autoencoder"),  # None: trained here
+            }
+    if options:
+        checkpoints.update(fit_stages(job, options, run_id))
+    for stage in pending:
+        if stage.finish is not None:  # what it measured travels in its checkpoint's config
+            _, config = load_checkpoint_uri(checkpoints[stage.name])
             job = job.model_copy(update={"model": config})
     return checkpoints, job.model
 
@@ -286,7 +286,7 @@ def fit_stage(
     job: TrainJobConfig, stage: StageName, data_url: str, run_id: str, **extra: Any
 ) -> str:
     """Run one stage as a TorchTrainer; returns the URI of its final checkpoint."""
-    return fit_stages(job, {stage: extra}, data_url, run_id)[stage]
+    return fit_stages(job, {stage: {"data_url": data_url, **extra}}, run_id)[stage]
 
 
 def worker_group_name(job: TrainJobConfig, stages: Iterable[str]) -> str:
@@ -295,15 +295,16 @@ def worker_group_name(job: TrainJobConfig, stages: Iterable[str]) -> str:
 
 
 def fit_stages(
-    job: TrainJobConfig, options: dict[StageName, dict[str, Any]], data_url: str, run_id: str
+    job: TrainJobConfig, options: dict[StageName, dict[str, Any]], run_id: str
 ) -> dict[StageName, str]:
-    """Run consecutive stages (``options``: each stage's extra :class:`StageJob` fields,
-    in order) in one worker group, as one TorchTrainer; returns the URI of each one's
-    final checkpoint. A re-run of the same group resumes it from its latest checkpoint."""
+    """Run stages in order in one worker group, as one TorchTrainer (``options``: each
+    stage's :class:`StageJob` fields besides the job and run, its ``data_url`` among
+    them); returns the URI of each one's final checkpoint. A re-run of the same stages
+    resumes them from the group's latest checkpoint."""
     group = WorkerGroupJob(
         stages=tuple(
-            StageJob(stage=stage, job=job, data_url=data_url, run_id=run_id, **extra)
-            for stage, extra in options.items()
+            StageJob(stage=stage, job=job, run_id=run_id, **fields)
+            for stage, fields in options.items()
         )
     )
     scaling = job.scaling
@@ -328,20 +329,19 @@ def fit_stages(
             logging_config=LoggingConfig("INFO" if job.verbose else "WARNING"),
         ),
     )
-    result = _fit(trainer, " and ".join(options))
+    result = _fit(trainer, ", ".join(options))
     returned = result.return_value or {}
     if returned.get("nonfinite_step") is not None:
         raise NonFiniteLoss(returned["nonfinite_stage"], returned["nonfinite_step"])
     finals = {
-        metrics.get("stage"): checkpoint.path
+        metrics.get("stage"): checkpoint_uri(checkpoint.path, job.storage_url)
         for checkpoint, metrics in result.best_checkpoints or []
         if metrics.get("final")
     }
     missing = [stage for stage in options if stage not in finals]
     if missing:
-        raise RuntimeError(f"training the {' and '.join(missing)} ended without a final checkpoint")
-    to_uri = (lambda p: f"s3://{p.lstrip('/')}") if job.storage_url.startswith("s3://") else str
-    return {stage: to_uri(finals[stage]) for stage in options}
+        raise RuntimeError(f"training the {', '.join(missing)} ended without a final checkpoint")
+    return {stage: finals[stage] for stage in options}
 
 
 def _fit(trainer: TorchTrainer, stages: str) -> ray.train.Result:

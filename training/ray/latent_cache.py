@@ -1,9 +1,10 @@
 """The latent cache: the training split encoded once by the trained autoencoder.
 
 Each image shard becomes one latent shard (``npy`` float32 [C, h, w] scaled latents
-plus the class id), written by a Ray task, so the denoiser and classifier stages
-never run the encoder per step. The cache has its own manifest (kind ``latents``)
-and is read with the same reader as the images.
+plus the class id), written by a Ray task (``cache_latents``) or, inside a Ray Train
+worker group that trained the autoencoder, by its ranks (``cache_latents_on_ranks``),
+so the denoiser and classifier stages never run the encoder per step. The cache has
+its own manifest (kind ``latents``) and is read with the same reader as the images.
 
 Resumable at any size: beside each latent shard its task writes a record
 ``done/<shard>.json`` (its manifest entry, the cache's fingerprint and the image
@@ -21,6 +22,7 @@ import hashlib
 import io
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,45 +42,125 @@ ENCODE_BATCH = 256
 def cache_latents(
     data_url: str, autoencoder_checkpoint: str, out_url: str, config: LDMConfig
 ) -> str:
-    """Encode the ``train`` split of ``data_url`` into latent shards under ``out_url``.
+    """Encode the ``train`` split of ``data_url`` into latent shards under ``out_url``,
+    a Ray task per shard.
 
     Returns the folder URL of the latent dataset. A cache whose manifest already
     names this dataset and this autoencoder checkpoint is reused as it is.
     """
-    source_url = manifest_url_of(data_url)
-    images = load_manifest(source_url)
-    fingerprint = hashlib.sha256(
-        f"{images.fingerprint}\n{autoencoder_checkpoint}\n{config.autoencoder.model_dump_json()}".encode()
-    ).hexdigest()
-    out_url = out_url.rstrip("/")
-    if storage.stat(manifest_url(out_url)) is not None:
-        try:
-            if load_manifest(out_url).fingerprint == fingerprint:
-                return out_url
-        except ValueError:
-            pass  # damaged or edited: rebuilt below
-        # Shards are about to be replaced: the old manifest must not describe them.
-        storage.delete(manifest_url(out_url))
-    folder = source_url.rsplit("/", 1)[0]
+    cache = _LatentCache.plan(data_url, autoencoder_checkpoint, out_url, config)
+    if cache.complete():
+        return cache.out_url
+    cache.forget_manifest()
     encode = ray.remote(num_cpus=1)(_encode_shard)
-    settings = (images.channels, autoencoder_checkpoint, out_url, fingerprint)
-    pending = [
-        encode.remote(folder, entry.model_dump(), *settings)
-        for entry in images.split_shards("train")
-    ]
-    entries = [ShardEntry.model_validate(done) for done in ray.get(pending)]
-    latent = Manifest(
-        kind="latents",
-        image_size=config.latent_size,
-        channels=config.autoencoder.latent_channels,
-        class_names=images.class_names,
-        counts={"train": sum(e.num_samples for e in entries), "val": 0},
-        shards=tuple(entries),
-        source=f"{source_url} encoded by {autoencoder_checkpoint}",
-        fingerprint=fingerprint,
-    )
-    storage.write_bytes(manifest_url(out_url), latent.to_json())
-    return out_url
+    pending = [encode.remote(*cache.shard_args(entry)) for entry in cache.shards]
+    cache.write_manifest([ShardEntry.model_validate(done) for done in ray.get(pending)])
+    return cache.out_url
+
+
+def cache_latents_on_ranks(
+    data_url: str,
+    autoencoder_checkpoint: str,
+    out_url: str,
+    config: LDMConfig,
+    rank: int,
+    world: int,
+    threads: int,
+) -> str:
+    """The same cache made by the ranks of a Ray Train worker group (no task of its
+    own to start): rank r encodes shards r, r + world, …, with ``threads`` torch
+    threads, and rank 0 writes the manifest once every rank is done. Every rank calls
+    it; it returns when the cache is complete."""
+    from ray.train.collective import barrier
+
+    cache = _LatentCache.plan(data_url, autoencoder_checkpoint, out_url, config)
+    if cache.complete():  # every rank reads the same manifest: all return, or none
+        return cache.out_url
+    if rank == 0:
+        cache.forget_manifest()
+    for entry in cache.shards[rank::world]:
+        _encode_shard(*cache.shard_args(entry), threads=threads)
+    barrier()
+    if rank == 0:
+        cache.write_manifest([cache.recorded(entry) for entry in cache.shards])
+    barrier()
+    return cache.out_url
+
+
+@dataclass(frozen=True)
+class _LatentCache:
+    """The latent cache of one dataset and one autoencoder checkpoint."""
+
+    source_url: str
+    images: Manifest
+    autoencoder_checkpoint: str
+    out_url: str
+    config: LDMConfig
+    fingerprint: str
+
+    @classmethod
+    def plan(
+        cls, data_url: str, autoencoder_checkpoint: str, out_url: str, config: LDMConfig
+    ) -> _LatentCache:
+        source_url = manifest_url_of(data_url)
+        images = load_manifest(source_url)
+        fingerprint = hashlib.sha256(
+            f"{images.fingerprint}\n{autoencoder_checkpoint}\n"
+            f"{config.autoencoder.model_dump_json()}".encode()
+        ).hexdigest()
+        return cls(
+            source_url, images, autoencoder_checkpoint, out_url.rstrip("/"), config, fingerprint
+        )
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return list(self.images.split_shards("train"))
+
+    def complete(self) -> bool:
+        """Whether a manifest of this very cache is already there."""
+        if storage.stat(manifest_url(self.out_url)) is None:
+            return False
+        try:
+            return load_manifest(self.out_url).fingerprint == self.fingerprint
+        except ValueError:
+            return False  # damaged or edited: rebuilt
+
+    def forget_manifest(self) -> None:
+        """Shards are about to be replaced: the old manifest must not describe them."""
+        if storage.stat(manifest_url(self.out_url)) is not None:
+            storage.delete(manifest_url(self.out_url))
+
+    def shard_args(self, entry: ShardEntry) -> tuple:
+        folder = self.source_url.rsplit("/", 1)[0]
+        return (
+            folder,
+            entry.model_dump(),
+            self.images.channels,
+            self.autoencoder_checkpoint,
+            self.out_url,
+            self.fingerprint,
+        )
+
+    def recorded(self, entry: ShardEntry) -> ShardEntry:
+        """The latent shard of image shard ``entry``, as its encoder recorded it."""
+        record_url = storage.join(self.out_url, f"done/{entry.name}.json")
+        done = _recorded(record_url, self.out_url, self.fingerprint, entry.sha256)
+        if done is None:
+            raise RuntimeError(f"{entry.name} was not encoded into {self.out_url}")
+        return ShardEntry.model_validate(done)
+
+    def write_manifest(self, entries: list[ShardEntry]) -> None:
+        latent = Manifest(
+            kind="latents",
+            image_size=self.config.latent_size,
+            channels=self.config.autoencoder.latent_channels,
+            class_names=self.images.class_names,
+            counts={"train": sum(e.num_samples for e in entries), "val": 0},
+            shards=tuple(entries),
+            source=f"{self.source_url} encoded by {self.autoencoder_checkpoint}",
+            fingerprint=self.fingerprint,
+        )
+        storage.write_bytes(manifest_url(self.out_url), latent.to_json())
 
 
 def _encode_shard(
@@ -88,15 +170,17 @@ def _encode_shard(
     autoencoder_checkpoint: str,
     out_url: str,
     fingerprint: str,
+    threads: int = 1,
 ) -> dict:
-    """Ray task: one image shard → one latent shard at ``out_url``; returns its entry
-    (the recorded one when an earlier run already wrote this shard of this cache)."""
+    """One image shard → one latent shard at ``out_url`` (a Ray task, or a rank of a
+    worker group); returns its entry (the recorded one when an earlier run already
+    wrote this shard of this cache)."""
     entry = ShardEntry.model_validate(entry_json)
     record_url = storage.join(out_url, f"done/{entry.name}.json")
     done = _recorded(record_url, out_url, fingerprint, entry.sha256)
     if done is not None:
         return done
-    written = _encode(folder, entry, channels, autoencoder_checkpoint, out_url)
+    written = _encode(folder, entry, channels, autoencoder_checkpoint, out_url, threads)
     record = {"entry": written, "fingerprint": fingerprint, "source_sha256": entry.sha256}
     storage.write_bytes(record_url, json.dumps(record).encode())
     return written
@@ -122,11 +206,16 @@ def _autoencoder(checkpoint: str):  # -> Autoencoder, loaded once per worker pro
 
 
 def _encode(
-    folder: str, entry: ShardEntry, channels: int, autoencoder_checkpoint: str, out_url: str
+    folder: str,
+    entry: ShardEntry,
+    channels: int,
+    autoencoder_checkpoint: str,
+    out_url: str,
+    threads: int,
 ) -> dict:
     import webdataset as wds
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     autoencoder = _autoencoder(autoencoder_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / entry.name

@@ -1,11 +1,12 @@
-"""The Ray Train worker function: consecutive stages of the pipeline on one rank.
+"""The Ray Train worker function: the stages of a training job on one rank.
 
 Each worker reads only its :class:`WorkerGroupJob` argument and trains its stages in
-order in the same process (one worker group for the denoiser and the classifier, not a
-``fit()`` each). Ranks stream disjoint shards, DDP averages gradients, and rank 0 alone
-writes checkpoints and logs to MLflow. ``ray.train.report`` is a barrier, so every rank
-reports at the same steps. Every checkpoint names its stage; the final one of each stage
-outranks the others, so Ray Train keeps it however many of the next stage follow.
+order in the same process (one worker group for the whole job, not a ``fit()`` per
+stage); between the autoencoder and the first latent stage the ranks cache the
+latents. Ranks stream disjoint shards, DDP averages gradients, and rank 0 alone writes
+checkpoints and logs to MLflow. ``ray.train.report`` is a barrier, so every rank
+reports at the same steps. Every checkpoint names its stage; the final one of each
+stage outranks the others, so Ray Train keeps it however many of the next stage follow.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from training.checkpoints import (
     checkpoint_artifact_path,
     load_autoencoder,
     load_checkpoint,
+    load_checkpoint_uri,
     load_weights,
     save_checkpoint,
 )
@@ -52,6 +54,7 @@ from training.optimisation import (
 )
 from training.plots import label_rows
 from training.progress import StageProgress, quiet_libraries
+from training.ray.latent_cache import cache_latents_on_ranks
 from training.stages import Stage, get_stage
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
@@ -111,6 +114,7 @@ def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
         later = restored is not None and index < order.index(restored.stage)
         if later or (state is not None and state.step >= job.training.steps):
             continue  # finished before this attempt: its final checkpoint is kept
+        job = _after_autoencoder(job)
         run = _start(job, index, state)
         bad_step = _train(run)
         every = run.job.job.sample_every
@@ -122,6 +126,46 @@ def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
         if bad_step is not None:
             return result | {"nonfinite_stage": job.stage, "nonfinite_step": bad_step}
     return result
+
+
+def _after_autoencoder(job: StageJob) -> StageJob:
+    """A latent stage's job with the autoencoder it follows: the one trained earlier in
+    this worker group when the driver could not name it (its final checkpoint, and the
+    config with the latent scale it measured), and the latent cache made by the ranks
+    if it is not there yet."""
+    if get_stage(job.stage).inputs != "latents":
+        return job
+    if job.autoencoder_checkpoint is None:
+        uri = reported_final_checkpoint("autoencoder", job.job.storage_url)
+        _, config = load_checkpoint_uri(uri)
+        settings = job.job.model_copy(update={"model": config})
+        job = job.model_copy(update={"autoencoder_checkpoint": uri, "job": settings})
+    if job.latents_from is not None:
+        ctx = ray.train.get_context()
+        cache_latents_on_ranks(
+            job.latents_from,
+            job.autoencoder_checkpoint,
+            job.data_url,
+            job.job.model,
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            job.job.scaling.torch_threads,
+        )
+    return job
+
+
+def reported_final_checkpoint(stage: str, storage_url: str) -> str:
+    """The URI of ``stage``'s final checkpoint among those this run reported (this
+    attempt's and, after a restart or a re-run, the earlier ones')."""
+    for reported in reversed(ray.train.get_all_reported_checkpoints()):
+        if reported.metrics.get("stage") == stage and reported.metrics.get("final"):
+            return checkpoint_uri(reported.checkpoint.path, storage_url)
+    raise RuntimeError(f"no final {stage} checkpoint was reported in this run")
+
+
+def checkpoint_uri(path: str, storage_url: str) -> str:
+    """A checkpoint's path as Ray Train gives it, as a URI in ``storage_url``'s scheme."""
+    return f"s3://{path.lstrip('/')}" if storage_url.startswith("s3://") else path
 
 
 def _load_state(checkpoint: ray.train.Checkpoint | None) -> StageState | None:

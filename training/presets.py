@@ -56,8 +56,10 @@ def _demo() -> LDMConfig:
             ema_decay=0.995,
             precision="bf16",
         ),
+        # bf16 too: 1.25× the steps/s, the same accuracy on noised latents (0.543 and
+        # 0.541 against 0.549 and 0.537 in fp32 over t = 0, 100, …, 900; two seeds)
         classifier_training=StageConfig(
-            steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=50
+            steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=50, precision="bf16"
         ),
     )
 

@@ -114,7 +114,7 @@ def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
         later = restored is not None and index < order.index(restored.stage)
         if later or (state is not None and state.step >= job.training.steps):
             continue  # finished before this attempt: its final checkpoint is kept
-        job = _after_autoencoder(job)
+        job = _after_autoencoder(job, trained_here="autoencoder" in order[:index])
         run = _start(job, index, state)
         bad_step = _train(run)
         every = run.job.job.sample_every
@@ -128,19 +128,21 @@ def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _after_autoencoder(job: StageJob) -> StageJob:
+def _after_autoencoder(job: StageJob, trained_here: bool) -> StageJob:
     """A latent stage's job with the autoencoder it follows: the one trained earlier in
-    this worker group when the driver could not name it (its final checkpoint, and the
-    config with the latent scale it measured), and the latent cache made by the ranks
-    if it is not there yet."""
+    this worker group (``trained_here``) when the driver could not name it (its final
+    checkpoint, and the config with the latent scale it measured), and the latent cache
+    made by the ranks if it is not there yet."""
     if get_stage(job.stage).inputs != "latents":
         return job
-    if job.autoencoder_checkpoint is None:
+    if job.autoencoder_checkpoint is None and trained_here:
         uri = reported_final_checkpoint("autoencoder", job.job.storage_url)
         _, config = load_checkpoint_uri(uri)
         settings = job.job.model_copy(update={"model": config})
         job = job.model_copy(update={"autoencoder_checkpoint": uri, "job": settings})
     if job.latents_from is not None:
+        if job.autoencoder_checkpoint is None:
+            raise ValueError(f"the {job.stage} stage caches latents but names no autoencoder")
         ctx = ray.train.get_context()
         cache_latents_on_ranks(
             job.latents_from,

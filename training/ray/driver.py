@@ -49,7 +49,7 @@ from training.ray.connection import connect_ray
 from training.ray.resume import plan_resume
 from training.ray.starting_point import StartingPoint
 from training.ray.warm_start import PARENT_VERSION_TAG, plan_warm_start
-from training.ray.worker import checkpoint_uri, train_worker
+from training.ray.worker import KEEP_SCORE, checkpoint_uri, train_worker
 from training.stages import STAGES, StageName, get_stage
 
 RUN_NAME_TAG = "ldm.run_name"
@@ -59,7 +59,7 @@ PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
 DATASET_DIGEST_CHARS = 36
 # How often Ray Train's controller polls the workers (its default: 2 s). A poll is one
 # small actor call; a stage's end is seen within it, so at the default a worker group
-# waited 1 s on average at its end, and at its start (the driver's own setting wins).
+# waited 1 s on average at its end, and at its start. A value in the environment is kept.
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = 0.25
 
@@ -324,7 +324,7 @@ def fit_stages(
             failure_config=FailureConfig(max_failures=job.max_failures),
             # each stage's final checkpoint (they outrank the others) and the newest
             checkpoint_config=CheckpointConfig(
-                num_to_keep=len(options) + 1, checkpoint_score_attribute="rank"
+                num_to_keep=len(options) + 1, checkpoint_score_attribute=KEEP_SCORE
             ),
             logging_config=LoggingConfig("INFO" if job.verbose else "WARNING"),
         ),

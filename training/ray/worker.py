@@ -61,8 +61,9 @@ WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
 GRID_KEY = "samples/denoiser"  # an image series of the run, one step per grid
 GRID_SAMPLER, GRID_STEPS = "ddim", 50  # the grid's chain: what the page samples with
-# A checkpoint's score, which Ray Train keeps the best of: a stage's final checkpoint
-# outranks every other, a later stage's outrank an earlier one's, then by step.
+# A checkpoint's keep score (the metric Ray Train keeps the best of): a stage's final
+# checkpoint outranks every other, a later stage's outrank an earlier one's, then by step.
+KEEP_SCORE = "keep_score"
 STAGE_RANK, FINAL_RANK = 10**12, 10**15
 
 
@@ -326,7 +327,7 @@ def _report(run: _Run, final: bool, loader: Iterable) -> None:
         "step": run.step,
         "epoch": run.epoch,
         "final": final,
-        "rank": FINAL_RANK + run.index if final else run.index * STAGE_RANK + run.step,
+        KEEP_SCORE: FINAL_RANK + run.index if final else run.index * STAGE_RANK + run.step,
     }
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None

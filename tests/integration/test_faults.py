@@ -226,3 +226,45 @@ def test_a_training_job_of_a_running_run_is_awaited_not_duplicated_and_stopped_a
     while client.get_job_status(first) != JobStatus.STOPPED:
         assert time.monotonic() < deadline, client.get_job_status(first)
         time.sleep(0.5)
+
+
+_LOCAL_FIT = """
+import ray, ray.train
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.state import list_actors
+from training.ray.connection import connect_ray
+
+connect_ray("local")
+TorchTrainer(
+    lambda: ray.train.report({"done": 1}),
+    scaling_config=ScalingConfig(num_workers=1),
+    run_config=RunConfig(name="one", storage_path=STORAGE),
+).fit()
+print("actors:", sorted({a.class_name for a in list_actors(limit=1000)}))
+"""
+
+
+def test_a_training_job_on_a_local_ray_starts_no_preemption_watcher(tmp_path):
+    """A Ray started on this machine has no node a cloud drains: the job's controller
+    runs without Ray Train's preemption watcher (and without the error line its actor
+    logs at every start)."""
+    ray_tmp = _ray_tmp()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    script = _LOCAL_FIT.replace("STORAGE", repr(str(tmp_path)))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+        )
+        deadline = time.monotonic() + 30
+        while _processes_using(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _processes_using(ray_tmp) == []  # its Ray went with it
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    actors = next(line for line in done.stdout.splitlines() if line.startswith("actors:"))
+    assert "TrainController" in actors and "PreemptionWatcher" not in actors, actors
+    assert "PreemptionWatcher" not in output

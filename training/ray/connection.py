@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0
 STALE_CHECK_S = 3.0  # an address file whose cluster does not answer this fast is stale
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's driver
 
 
 def is_job_address(address: str | None) -> bool:
@@ -56,6 +57,10 @@ def connect_ray(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S
         # A local Ray gets its dashboard on 127.0.0.1 (8265, or a free port): Ray
         # Train watches its controller through the state API the dashboard serves.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        # One machine has no node a cloud drains: Ray Train's preemption watcher has
+        # nothing to watch (its actor logs an error line at every start on this Ray
+        # version). Clusters keep it; a value in the environment is kept.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     else:
         env = {} if JOB_CONFIG_ENV in os.environ else settings_env()
         ray.init(address=target, runtime_env={"env_vars": env} if env else None)

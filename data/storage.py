@@ -179,12 +179,21 @@ def explain(error: Exception, url: str) -> Exception:
 
 def s3_call(url: str, fn: Callable[[], _T], attempts: int = 1) -> _T:
     """Run ``fn``, retrying transient failures ``attempts`` times with backoff."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore import exceptions as bx
 
     for attempt in range(attempts):
         try:
             return fn()
-        except (bx.BotoCoreError, bx.ClientError) as error:
+        except (bx.BotoCoreError, bx.ClientError, S3UploadFailedError) as raised:
+            # upload_file wraps the client's error (a 500 from a stopping server, say)
+            cause = raised.__cause__ or raised.__context__
+            wrapped = isinstance(raised, S3UploadFailedError)
+            error = (
+                cause
+                if wrapped and isinstance(cause, bx.BotoCoreError | bx.ClientError)
+                else raised
+            )
             code = error.response["Error"].get("Code") if isinstance(error, bx.ClientError) else ""
             transient = code in _TRANSIENT_CODES or isinstance(
                 error, bx.ConnectionClosedError | bx.ReadTimeoutError

@@ -241,7 +241,8 @@ TorchTrainer(
     scaling_config=ScalingConfig(num_workers=1),
     run_config=RunConfig(name="one", storage_path=STORAGE),
 ).fit()
-print("actors:", sorted({a.class_name for a in list_actors(limit=1000)}))
+actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000)
+print("actors:", sorted({a.class_name for a in actors}))
 """
 
 

@@ -104,8 +104,12 @@ def _stop_tracking_during_the_denoiser(mlflow_process, job: TrainJobConfig, outa
 def trained(ray_cluster, mlflow_process, mnist_url):
     """The e2e run, with the tracking server down for 20 s during the denoiser stage."""
     quick_to_fail = TrackingSettings(request_timeout_s=5, request_retries=0, outage_budget_s=300)
-    tiny = get_preset("tiny")  # its denoiser in bf16 (where the CPU has it), cosine decay
-    denoiser = tiny.denoiser_training.model_copy(update={"precision": "bf16", "lr_decay": "cosine"})
+    tiny = get_preset("tiny")  # its denoiser in bf16 (where the CPU has it), cosine decay,
+    # long enough to be still training when the tracking server stops (the stages follow
+    # one another in one worker group, with no start-up in between)
+    denoiser = tiny.denoiser_training.model_copy(
+        update={"precision": "bf16", "lr_decay": "cosine", "steps": 100}
+    )
     job = _job(
         mnist_url,
         mlflow_process.url,
@@ -256,20 +260,22 @@ def test_registered_candidate_reloads_and_samples_exactly(trained, mlflow_server
 
 
 def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_server, mnist_url):
-    """``--resume-from runs:/…/checkpoints/denoiser/step-0000020`` with a budget of 30
-    denoiser steps: a new run takes the earlier run's autoencoder as it is, trains the
-    denoiser from step 20 on (its optimiser and EMA restored) and the classifier, and
+    """``--resume-from runs:/…/checkpoints/denoiser/step-N`` (the e2e run's last) with a
+    budget of N + 10 denoiser steps: a new run takes the earlier run's autoencoder as it
+    is, trains the denoiser from step N on (its optimiser and EMA restored) and the
+    classifier, and
     records where it came from. A checkpoint already at the budget is refused before
     any run starts. The classifier draws its shards with replacement on both ranks."""
     job, result, _ = trained
-    source = f"runs:/{result.run_id}/checkpoints/denoiser/step-0000020"
+    done = job.model.denoiser_training.steps
+    source = f"runs:/{result.run_id}/checkpoints/denoiser/step-{done:07d}"
     at_budget = _job(mnist_url, mlflow_server, "resumed-too-far", resume_from=source)
     with pytest.raises(ValueError, match="give the stage more steps"):
         run_training(at_budget)
     tiny = get_preset("tiny")
     longer = tiny.model_copy(
         update={
-            "denoiser_training": tiny.denoiser_training.model_copy(update={"steps": 30}),
+            "denoiser_training": tiny.denoiser_training.model_copy(update={"steps": done + 10}),
             "classifier_training": tiny.classifier_training.model_copy(
                 update={"steps": 10, "shard_sampling": "resampled"}
             ),
@@ -291,8 +297,8 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     assert run.data.tags["ldm.resumed_from.run_id"] == result.run_id
     assert "autoencoder/loss" not in run.data.metrics  # taken, not trained
     history = client.get_metric_history(resumed.run_id, "denoiser/loss")
-    assert [m.step for m in history] == [25, 30]
-    assert run.data.metrics["denoiser/resumed_from_step"] == 20
+    assert [m.step for m in history] == [done + 5, done + 10]
+    assert run.data.metrics["denoiser/resumed_from_step"] == done
     assert len(client.get_metric_history(resumed.run_id, "classifier/loss")) == 2
     assert resumed.model.config.classifier_training.shard_sampling == "resampled"
     earlier, _ = load_checkpoint_uri(result.checkpoints["autoencoder"])

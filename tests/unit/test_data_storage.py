@@ -118,3 +118,28 @@ def test_a_connection_closed_on_every_attempt_reads_as_an_unreachable_endpoint()
     error = explain(closed, "s3://ldm/x.tar")
     assert isinstance(error, StorageError)
     assert "cannot reach the S3 endpoint" in str(error) and "x.tar" in str(error)
+
+
+def test_an_upload_that_failed_on_a_transient_error_is_retried(monkeypatch):
+    """boto3's upload_file wraps the client's error in S3UploadFailedError: a 500 from
+    a server that is stopping is retried like any transient error, then explained."""
+    from boto3.exceptions import S3UploadFailedError
+
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    calls = []
+
+    def upload(code: str) -> str:
+        calls.append(code)
+        if len(calls) < 3:
+            try:
+                raise _client_error(code)
+            except Exception as error:
+                raise S3UploadFailedError(f"Failed to upload x.tar: {error}")  # noqa: B904
+        return "done"
+
+    assert storage.s3_call("s3://bkt/x.tar", lambda: upload("InternalError"), attempts=3) == "done"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(StorageError, match="refused the credentials"):
+        storage.s3_call("s3://bkt/x.tar", lambda: upload("AccessDenied"), attempts=3)
+    assert len(calls) == 1

@@ -314,7 +314,7 @@ def test_a_stage_continues_from_a_checkpoint_logged_to_mlflow(trained, mlflow_se
     }
     assert logged == {
         "autoencoder": "checkpoints/autoencoder/step-0000020",
-        "denoiser": "checkpoints/denoiser/step-0000030",
+        "denoiser": f"checkpoints/denoiser/step-{done + 10:07d}",
         "classifier": "checkpoints/classifier/step-0000010",
     }
     assert resumed.model_version.run_id == resumed.run_id

@@ -25,16 +25,18 @@ so only modes measured in alternation compare):
 Each deployment of one replica reserves ``--cpus`` (logical CPUs: Ray is told of
 enough for all; an idle mode uses none); every replica runs ``--threads`` torch
 threads. Workloads, each at concurrency 1, 8 and 32 (closed-loop HTTP clients, one
-image per request, PNG answers, after a warm-up round):
+image per request, PNG answers, after a warm-up round; each round lasts ``--seconds``
+and counts the requests answered in its steady window, see ``one_round``):
 
 - ``uniform``: DDIM 20 steps, classifier-free guidance w = 3;
 - ``mixed``: steps in {10, 20, 50}, samplers in {ddim, dpmpp_2m, ddpm}, w in {0, 1, 3},
   drawn per request from a seeded generator; latencies are reported per step count.
 
 The ceiling (a ``ceiling`` row after each load) is ``model.sample`` in this process at
-the same threads, on a batch as wide as the load's concurrency (at most 32; DDIM 20
-steps, w = 3), measured before each repeat while the replicas idle: the images/s the
-network gives when nothing else runs.
+the same threads, on batches as wide as the load's concurrency (at most 32) of the
+load's work (DDIM 20 steps, w = 3 for the uniform load; the mixed load's step counts,
+with and without guidance, weighted as drawn), measured before each repeat while the
+replicas idle: the images/s the network gives when nothing else runs.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def register(root: Path, model: LatentDiffusion) -> str:
     return uri
 
 
+# The mixed workload's settings, each drawn per request with equal odds.
+MIXED_STEPS = (10, 20, 50)
+MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+MIXED_GUIDANCE = (0.0, 1.0, 3.0)
+
+
 def request_body(workload: str, client: int, index: int) -> dict:
     """The body of request ``index`` of ``client``: the same in every mode."""
     if workload == "uniform":
@@ -99,43 +107,63 @@ def request_body(workload: str, client: int, index: int) -> dict:
     else:
         draw = random.Random(client * 100_003 + index)
         settings = {
-            "steps": draw.choice([10, 20, 50]),
-            "sampler": draw.choice(["ddim", "dpmpp_2m", "ddpm"]),
-            "guidance_scale": draw.choice([0.0, 1.0, 3.0]),
+            "steps": draw.choice(MIXED_STEPS),
+            "sampler": draw.choice(MIXED_SAMPLERS),
+            "guidance_scale": draw.choice(MIXED_GUIDANCE),
         }
     return {"label": (client + index) % 10, "seed": client * 1000 + index} | settings
 
 
-def one_round(url: str, workload: str, concurrency: int, total: int) -> dict:
-    """``total`` requests from ``concurrency`` clients: images/s and latencies by steps."""
-    per_client = max(1, total // concurrency)
-    latencies: dict[int, list[float]] = {}
-    server: list[float] = []  # from arrival at the replica to the answer (X-Elapsed-S)
+def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` closed-loop clients sending until ``seconds`` have passed:
+    images/s and latencies by steps over the steady window, from the moment every
+    client has had its first answer (the first requests all arrive at once) to the
+    end. Requests answered outside the window are not counted, so a round does not
+    end on a tail of a few clients still busy (with a fixed number of requests per
+    client, the mixed load's round ran on until the client that drew the most
+    50-step requests finished, at a fraction of the width)."""
+    records: list[tuple[float, float, int, float]] = []  # answered, latency, steps, in replica
+    first: list[float] = []
     lock = threading.Lock()
+    started = time.perf_counter()
+    deadline = started + seconds
 
     def client(index: int) -> None:
         with httpx.Client(timeout=600) as http:
-            for i in range(per_client):
+            i = 0
+            while i == 0 or time.perf_counter() < deadline:
                 body = request_body(workload, index, i)
-                started = time.perf_counter()
+                sent = time.perf_counter()
                 response = http.post(f"{url}/v1/samples", json=body)
-                elapsed = time.perf_counter() - started
+                answered = time.perf_counter()
                 if response.status_code != 200:
                     raise RuntimeError(f"{response.status_code}: {response.text}")
+                server = float(response.headers["x-elapsed-s"])
                 with lock:
-                    latencies.setdefault(body["steps"], []).append(elapsed)
-                    server.append(float(response.headers["x-elapsed-s"]))
+                    records.append((answered, answered - sent, body["steps"], server))
+                    if i == 0:
+                        first.append(answered)
+                i += 1
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    wall = time.perf_counter() - started
-    count = sum(len(v) for v in latencies.values())
+    if seconds <= 0:  # a warm-up: every client sent one request
+        return {}
+    window_start = max(first)
+    if deadline - window_start < seconds / 3:
+        raise RuntimeError(
+            f"the first answers took {window_start - started:.1f} s of a {seconds:.0f} s round: "
+            "give a longer --seconds"
+        )
+    counted = [r for r in records if window_start < r[0] <= deadline]
+    latencies: dict[int, list[float]] = {}
+    for _, latency, steps, _ in counted:
+        latencies.setdefault(steps, []).append(latency)
     return {
-        "images_per_s": count / wall,
-        "requests": count,
+        "images_per_s": len(counted) / (deadline - window_start),
+        "requests": len(counted),
         "latencies": latencies,
-        "server_p50_s": float(np.percentile(server, 50)),
+        "server_p50_s": float(np.percentile([r[3] for r in counted], 50)),
     }
 
 
@@ -157,12 +185,12 @@ def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
     return f"http://127.0.0.1:{port}/{mode}"
 
 
-def measure(url: str, mode: str, workload: str, concurrency: int, total: int) -> dict:
+def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float) -> dict:
     """One round against ``url`` after a warm-up round, with the images per forward
     the replica counted during it (one replica only: /v1/model answers from one)."""
-    one_round(url, workload, concurrency, concurrency)  # warm-up
+    one_round(url, workload, concurrency, 0.0)  # warm-up: one request per client
     before = httpx.get(f"{url}/v1/model").json()["stats"]
-    result = one_round(url, workload, concurrency, total)
+    result = one_round(url, workload, concurrency, seconds)
     after = httpx.get(f"{url}/v1/model").json()["stats"]
     forwards = after["forwards"] - before["forwards"]
     single = MODES[mode].get("num_replicas", 1) == 1
@@ -177,14 +205,13 @@ def compare(
     rotating each time, so that none always runs first or last, with the ceiling at
     the same width measured between them; one row per mode with the median images/s
     (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings."""
-    total = max(args.requests if concurrency > 1 else args.requests // 8, concurrency)
     modes = list(urls)
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     ceilings = []
     for repeat in range(args.repeats):
-        ceilings.append(ceiling(model, args.threads, min(32, concurrency)))
+        ceilings.append(ceiling(model, args.threads, min(32, concurrency), workload))
         for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
-            results[mode].append(measure(urls[mode], mode, workload, concurrency, total))
+            results[mode].append(measure(urls[mode], mode, workload, concurrency, args.seconds))
     rows = []
     for mode, runs in results.items():
         latencies: dict[int, list[float]] = {}
@@ -223,24 +250,34 @@ def replica_memory(app: str) -> str:
     return ", ".join(parts) or "not found"
 
 
-def ceiling(model: LatentDiffusion, threads: int, width: int, steps: int = 20) -> float:
-    """Images/s of ``model.sample`` in this process: ``width`` images, DDIM, w = 3."""
+def ceiling(model: LatentDiffusion, threads: int, width: int, workload: str) -> float:
+    """Images/s of ``model.sample`` in this process on the load's work, ``width`` images
+    a batch: DDIM 20, w = 3 for the uniform load; for the mixed one, each of its step
+    counts with and without classifier-free guidance (DDIM; the three samplers take the
+    same forwards), weighted as the load draws them."""
     torch.set_num_threads(threads)
     labels = torch.arange(width) % 10
 
-    def run() -> None:
-        model.sample(
-            labels,
-            guidance_scale=3.0,
-            sampler="ddim",
-            steps=steps,
-            generator=generators_for(0, width),
-        )
+    def seconds(steps: int, guidance: float) -> float:
+        def run() -> None:
+            model.sample(
+                labels,
+                guidance_scale=guidance,
+                sampler="ddim",
+                steps=steps,
+                generator=generators_for(0, width),
+            )
 
-    run()  # warm-up
-    started = time.perf_counter()
-    run()
-    return width / (time.perf_counter() - started)
+        run()  # warm-up
+        started = time.perf_counter()
+        run()
+        return time.perf_counter() - started
+
+    if workload == "uniform":
+        return width / seconds(20, 3.0)
+    guided = sum(w > 0 for w in MIXED_GUIDANCE) / len(MIXED_GUIDANCE)
+    mean = np.mean([(1 - guided) * seconds(s, 0.0) + guided * seconds(s, 3.0) for s in MIXED_STEPS])
+    return width / float(mean)
 
 
 def format_row(r: dict) -> str:
@@ -265,7 +302,7 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="demo", choices=("tiny", "demo"))
-    parser.add_argument("--requests", type=int, default=96, help="per round (1/8 at c=1)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))

@@ -115,7 +115,8 @@ def request_body(workload: str, client: int, index: int) -> dict:
 
 
 def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict:
-    """``concurrency`` closed-loop clients sending until ``seconds`` have passed:
+    """``concurrency`` closed-loop clients sending until ``seconds`` have passed (each at
+    least one request):
     images/s and latencies by steps over the steady window, from the moment every
     client has had its first answer (the first requests all arrive at once) to the
     end. Requests answered outside the window are not counted, so a round does not

@@ -94,7 +94,8 @@ def register(root: Path, model: LatentDiffusion) -> str:
     return uri
 
 
-# The mixed workload's settings, each drawn per request with equal odds.
+# The uniform workload's settings; the mixed one's, each drawn per request with equal odds.
+UNIFORM = {"guidance_scale": 3.0, "sampler": "ddim", "steps": 20}
 MIXED_STEPS = (10, 20, 50)
 MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 MIXED_GUIDANCE = (0.0, 1.0, 3.0)
@@ -103,7 +104,7 @@ MIXED_GUIDANCE = (0.0, 1.0, 3.0)
 def request_body(workload: str, client: int, index: int) -> dict:
     """The body of request ``index`` of ``client``: the same in every mode."""
     if workload == "uniform":
-        settings = {"guidance_scale": 3.0, "sampler": "ddim", "steps": 20}
+        settings = UNIFORM
     else:
         draw = random.Random(client * 100_003 + index)
         settings = {
@@ -115,11 +116,10 @@ def request_body(workload: str, client: int, index: int) -> dict:
 
 
 def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict:
-    """``concurrency`` closed-loop clients sending until ``seconds`` have passed (each at
-    least one request):
-    images/s and latencies by steps over the steady window, from the moment every
-    client has had its first answer (the first requests all arrive at once) to the
-    end. Requests answered outside the window are not counted, so a round does not
+    """``concurrency`` closed-loop clients sending until ``seconds`` have passed (each
+    at least one request): images/s and latencies by steps over the steady window, from
+    the moment every client has had its first answer (the first requests all arrive at
+    once) to the end. Requests answered outside the window are not counted, so a round does not
     end on a tail of a few clients still busy (with a fixed number of requests per
     client, the mixed load's round ran on until the client that drew the most
     50-step requests finished, at a fraction of the width)."""
@@ -264,7 +264,7 @@ def ceiling(model: LatentDiffusion, threads: int, width: int, workload: str) -> 
             model.sample(
                 labels,
                 guidance_scale=guidance,
-                sampler="ddim",
+                sampler=UNIFORM["sampler"],
                 steps=steps,
                 generator=generators_for(0, width),
             )
@@ -275,7 +275,7 @@ def ceiling(model: LatentDiffusion, threads: int, width: int, workload: str) -> 
         return time.perf_counter() - started
 
     if workload == "uniform":
-        return width / seconds(20, 3.0)
+        return width / seconds(UNIFORM["steps"], UNIFORM["guidance_scale"])
     guided = sum(w > 0 for w in MIXED_GUIDANCE) / len(MIXED_GUIDANCE)
     mean = np.mean([(1 - guided) * seconds(s, 0.0) + guided * seconds(s, 3.0) for s in MIXED_STEPS])
     return width / float(mean)

@@ -76,7 +76,7 @@ def save_checkpoint(directory: str | Path, state: StageState, config: LDMConfig)
         "epoch": state.epoch,
         "batches_into_epoch": state.batches_into_epoch,
         "optimizer": optimizer_json,
-        "scheduler": state.scheduler,
+        "scheduler": _numbers(state.scheduler),
         "has_ema": state.ema is not None,
         "run_id": state.run_id,
     }
@@ -105,7 +105,19 @@ def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
                 tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous().clone()
             else:
                 other.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "state": other}
+    return tensors, {"param_groups": _numbers(state["param_groups"]), "state": other}
+
+
+def _numbers(data: Any) -> Any:
+    """``data`` with each tensor (a learning rate kept on the GPU for a CUDA graph) as
+    the number or list it holds."""
+    if isinstance(data, torch.Tensor):
+        return data.tolist()
+    if isinstance(data, dict):
+        return {key: _numbers(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return type(data)(_numbers(value) for value in data)
+    return data
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, Any]:

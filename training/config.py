@@ -56,6 +56,19 @@ class StageConfig(FrozenConfig):
         "(faster convolutions for some networks and hardware; measure it with "
         "benchmarks/bench_train_levers.py)",
     )
+    compile: bool = Field(
+        False,
+        description="run the stage's network through torch.compile (inductor): fewer, "
+        "fused kernels per step after a compile of a minute or so when the stage starts; "
+        "pays on a GPU, not on small CPU runs (benchmarks/RESULTS.md)",
+    )
+    cuda_graph: bool = Field(
+        False,
+        description="on one CUDA GPU (a single worker), capture the whole step (loss, "
+        "backward, clipping, AdamW, EMA) as a CUDA graph after three eager steps and "
+        "replay it: one launch per step where the host would queue thousands of kernels; "
+        "ignored on CPUs and with several workers",
+    )
     precision: Precision = Field(
         "auto",
         description="auto: bf16 autocast on a GPU, fp32 on a CPU; bf16: bf16 autocast on a "

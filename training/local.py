@@ -22,13 +22,14 @@ from training.models import EMA
 from training.optimisation import (
     FiniteLossGuard,
     NonFiniteLoss,
-    autocast,
+    compiled,
     make_optimisation,
     memory_format,
     to_device,
 )
 from training.progress import StageProgress
 from training.stages import STAGES, Stage, get_stage
+from training.step import StageStep
 
 Log = Callable[[str], None]
 ENCODE_CHUNK = 256  # images per forward pass when encoding or measuring latents
@@ -62,21 +63,24 @@ def _run_stage(
     net.to(memory_format=memory_format(training)).train()
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     optimisation = make_optimisation(net, training)
+    train_step = StageStep(
+        lambda module, x, labels: stage.losses(module, x, labels, diffusion, config),
+        compiled(net, training),
+        optimisation,
+        ema,
+        training,
+        torch.device("cpu"),
+    )
     batches = _batches(len(y), training.batch_size, generator)
     metrics: dict[str, float] = {}
     guard = FiniteLossGuard(torch.device("cpu"))
     lines = StageProgress(stage.name, training.steps, training.batch_size) if progress else None
     for step in range(training.steps):
         idx = next(batches)
-        x = to_device(inputs[idx], "cpu", training)
-        with autocast(training, "cpu"):
-            losses = stage.losses(net, x, y[idx], diffusion, config)
+        losses, grad_norm = train_step(to_device(inputs[idx], "cpu", training), y[idx])
         guard.observe(losses["loss"], step + 1)
         if guard.first_bad_step() is not None:  # on the CPU this costs nothing
             raise NonFiniteLoss(stage.name, step + 1)
-        grad_norm = optimisation.step(losses["loss"], net)
-        if ema is not None:
-            ema.update(net)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics["grad_norm"] = float(grad_norm)
         done = step + 1

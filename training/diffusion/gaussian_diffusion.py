@@ -41,12 +41,6 @@ Coefficients = Callable[[str], Tensor]
 [B, 1, …, 1] in the sample's dtype."""
 
 
-def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
-    """values[t] as a tensor shaped [B, 1, …, 1] to broadcast against ``like``."""
-    out = torch.from_numpy(values).to(like.device)[t.to(like.device)].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 class GaussianDiffusion:
     """The diffusion process defined by ``betas`` (float64 [T], each in (0, 1]).
 
@@ -94,6 +88,7 @@ class GaussianDiffusion:
         # 1 where an ancestral step adds noise (every step but the last, t = 0).
         self.nonzero = (np.arange(self.num_timesteps) != 0).astype(np.float64)
         self._dpm_solver_tables()
+        self._device_tables: dict[tuple[int, str], Tensor] = {}
         self._respaced: dict[tuple[int, TimestepSpacing], GaussianDiffusion] = {}
 
     def _dpm_solver_tables(self) -> None:
@@ -119,21 +114,39 @@ class GaussianDiffusion:
         history_weight[middle] = h[middle] / (2.0 * h[middle + 1])  # 1/(2r)
         self.dpm_history_weight = history_weight
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_device_tables": {}}  # device copies stay where they are
+
+    def _on_device(self, values: np.ndarray, device: torch.device) -> Tensor:
+        """One of this chain's tables as a tensor on ``device``, copied there once: a
+        copy from host memory at every step makes the host wait for the GPU, and cannot
+        be captured in a CUDA graph."""
+        key = (id(values), str(device))
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = torch.from_numpy(values).to(device)
+        return table
+
+    def _extract(self, values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
+        """values[t] as a tensor shaped [B, 1, …, 1] to broadcast against ``like``."""
+        out = self._on_device(values, like.device)[t.to(like.device)].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.dim() - 1)))
+
     # ----------------------------------------------------------------- forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = √ᾱ_t x_0 + √(1−ᾱ_t) ε.  x0 [B,…], t long [B]."""
         if noise is None:
             noise = torch.randn_like(x0)
         return (
-            _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+            self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t."""
         return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
     def q_posterior_mean_variance(
@@ -141,11 +154,11 @@ class GaussianDiffusion:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x_0)."""
         mean = (
-            _extract(self.posterior_mean_coef1, t, x_t) * x0
-            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+            self._extract(self.posterior_mean_coef1, t, x_t) * x0
+            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
         )
-        variance = _extract(self.posterior_variance, t, x_t)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        variance = self._extract(self.posterior_variance, t, x_t)
+        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance.expand_as(x_t), log_variance.expand_as(x_t)
 
     # ----------------------------------------------------------------- training
@@ -204,7 +217,7 @@ class GaussianDiffusion:
 
     def coefficients(self, t: Tensor, like: Tensor) -> Coefficients:
         """Every row of ``like`` at step ``t`` (long [B]) of this chain."""
-        return lambda name: _extract(getattr(self, name), t, like)
+        return lambda name: self._extract(getattr(self, name), t, like)
 
     def ddpm_step(self, x_t: Tensor, t: Tensor, eps: Tensor, noise: Tensor) -> Tensor:
         """Ancestral step x_{t−1} = μ̃(x̂_0(ε̂), x_t) + σ̃_t z, no noise at t = 0."""
@@ -284,7 +297,7 @@ class GaussianDiffusion:
 
     def _model_timesteps(self, t: Tensor) -> Tensor:
         """Map this chain's step indices to the timesteps the model was trained on."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._on_device(self.timestep_map, t.device)[t]
 
 
 # ------------------------------------------------------------------- sampler steps

@@ -46,16 +46,17 @@ from training.models import EMA, Autoencoder
 from training.optimisation import (
     FiniteLossGuard,
     Optimisation,
-    autocast,
     autocast_dtype,
+    batches_on_device,
+    compiled,
     make_optimisation,
     memory_format,
-    to_device,
 )
 from training.plots import label_rows
 from training.progress import StageProgress, quiet_libraries
 from training.ray.latent_cache import cache_latents_on_ranks
 from training.stages import Stage, get_stage
+from training.step import StageStep, uses_cuda_graph
 
 WORKERS_FOLDER = "workers"  # in the final checkpoint: one JSON record per rank
 GRID_SAMPLES_PER_CLASS = 4
@@ -81,6 +82,7 @@ class _Run:
     model: nn.Module  # ``net`` as Ray Train prepared it (DDP across ranks)
     optimisation: Optimisation
     ema: EMA | None
+    cuda_graph: bool  # its steps run as a CUDA graph (training.step)
     tracker: RunTracker | None  # rank 0 only
     step: int
     epoch: int
@@ -194,10 +196,11 @@ def _start(job: StageJob, index: int, state: StageState | None) -> _Run:
     if job.init_weights is not None:  # a warm start; a checkpoint of the run overrides it
         net.load_state_dict(load_weights(job.init_weights))
     net = net.to(device, memory_format=memory_format(training))
-    optimisation = make_optimisation(net, training)
+    graph = uses_cuda_graph(training, device, world)
+    optimisation = make_optimisation(net, training, graph_device=device if graph else None)
     ema = EMA(net, training.ema_decay) if stage.keeps_ema else None
     step, epoch, into_epoch = _restore(net, optimisation, ema, state)
-    model = ray.train.torch.prepare_model(net)
+    model = compiled(ray.train.torch.prepare_model(net), training)
     quiet_libraries(job.job.verbose)
     tracker = None
     if rank == 0:
@@ -206,7 +209,8 @@ def _start(job: StageJob, index: int, state: StageState | None) -> _Run:
         tracker.monitor_system()
         # what the stage's precision setting became on this device (1: bf16 autocast)
         bf16 = autocast_dtype(training, device) == torch.bfloat16
-        tracker.log_metrics({f"{job.stage}/bf16_autocast": float(bf16)}, step)
+        applied = {"bf16_autocast": bf16, "cuda_graph": graph}  # 1: in use on this device
+        tracker.log_metrics({f"{job.stage}/{k}": float(v) for k, v in applied.items()}, step)
         if step > 0:
             tracker.log_metrics({f"{job.stage}/resumed_from_step": step}, step)
     return _Run(
@@ -220,6 +224,7 @@ def _start(job: StageJob, index: int, state: StageState | None) -> _Run:
         model,
         optimisation,
         ema,
+        graph,
         tracker,
         step,
         epoch,
@@ -239,6 +244,15 @@ def _train(run: _Run) -> int | None:
     job, training, config = run.job, run.training, run.job.job.model
     diffusion = config.diffusion.build()
     guard, distributed = FiniteLossGuard(run.device), run.world > 1
+    step = StageStep(
+        lambda model, x, y: run.stage.losses(model, x, y, diffusion, config),
+        run.model,
+        run.optimisation,
+        run.ema,
+        training,
+        run.device,
+        graph=run.cuda_graph,
+    )
     while run.step < training.steps:
         loader = build_loader(
             job.data_url,
@@ -252,15 +266,10 @@ def _train(run: _Run) -> int | None:
             memory_budget=job.job.loader_memory_mb << 20,
             sampling=training.shard_sampling,
         )
-        for x, y in itertools.islice(loader, run.into_epoch, None):
-            x, y = to_device(x, run.device, training), y.to(run.device)
-            run.model.train()
-            with autocast(training, run.device):
-                losses = run.stage.losses(run.model, x, y, diffusion, config)
+        batches = itertools.islice(loader, run.into_epoch, None)
+        for x, y in batches_on_device(batches, run.device, training):
+            losses, grad_norm = step(x, y)
             guard.observe(losses["loss"], run.step + 1)
-            grad_norm = run.optimisation.step(losses["loss"], run.model)
-            if run.ema is not None:
-                run.ema.update(run.model)
             run.step, run.into_epoch = run.step + 1, run.into_epoch + 1
             checkpoint_due = run.step % job.job.checkpoint_every == 0 or run.step == training.steps
             # Every rank checks at the same steps (collective), before any checkpoint.
@@ -308,8 +317,7 @@ def _restore(
     if state is None:
         return 0, 0, 0
     net.load_state_dict(state.model)
-    optimisation.optimizer.load_state_dict(state.optimizer)
-    optimisation.scheduler.load_state_dict(state.scheduler)
+    optimisation.load_state_dict(state.optimizer, state.scheduler)
     if ema is not None and state.ema is not None:
         ema.load_state_dict(state.ema)
     return state.step, state.epoch, state.batches_into_epoch

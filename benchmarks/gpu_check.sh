@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Denoiser-stage images/s and model FLOPs utilisation of the `base` preset on one
-# NVIDIA GPU, with bf16, in under five minutes; downloads nothing. Not part of CI.
+# Everything the project measures on one NVIDIA GPU, in one run of under ten minutes;
+# downloads nothing. Not part of CI.
 #
-#   bash benchmarks/gpu_check.sh [--steps 300] [--batch-size N] [--modes eager,compile]
+#   bash benchmarks/gpu_check.sh [gpu_check.py options]
 #
-# Needs python3 with a CUDA build of torch, numpy and pydantic. When pydantic is
-# missing it is installed offline from the wheels in $LDM_WHEELS (default: .whl/ at
-# the repository root). PYTHON picks the interpreter.
-set -euo pipefail
+# 1. benchmarks/gpu_serve_check.py: the sampling engine's images/s at 1, 32 and 128
+#    concurrent requests in fp32, bf16 and fp16, and whether half precision keeps
+#    images reproducible (the `demo` model).
+# 2. benchmarks/gpu_check.py with the options given: training-step throughput and MFU
+#    of the `base` denoiser and autoencoder stages and the latent encoding, eager,
+#    channels-last, compiled and with CUDA graphs.
+#
+# Each part runs under its own time limit (SERVE_TIMEOUT, TRAIN_TIMEOUT seconds) and
+# writes its log and JSON into GPU_CHECK_OUT (default: gpu-check/) as it goes, so a part
+# cut short keeps what it measured. Needs python3 with a CUDA build of torch, numpy and
+# pydantic. When pydantic is missing it is installed offline from the wheels in
+# $LDM_WHEELS (default: .whl/ at the repository root). PYTHON picks the interpreter.
+set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
+out=${GPU_CHECK_OUT:-gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 
 if ! "$python" -c "import pydantic" 2>/dev/null; then
   wheels=${LDM_WHEELS:-$here/../.whl}
@@ -19,10 +31,22 @@ if ! "$python" -c "import pydantic" 2>/dev/null; then
     exit 2
   fi
   site=$(mktemp -d)
-  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+    "$wheels"/*.whl || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
-  2>/dev/null || true
-exec timeout --signal=INT 300 "$python" "$here/gpu_check.py" "$@"
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  echo "cpus: $(nproc)"
+} 2>&1 | tee "$out/machine.txt"
+
+status=0
+timeout --signal=INT "${SERVE_TIMEOUT:-180}" "$python" "$here/gpu_serve_check.py" \
+  --json "$out/serve.json" 2>&1 | tee "$out/serve.log" || status=1
+timeout --signal=INT "${TRAIN_TIMEOUT:-360}" "$python" "$here/gpu_check.py" \
+  --json "$out/train.json" "$@" >"$out/train.log" 2>&1 || status=1
+grep '^{' "$out/train.log" | cut -c1-400
+tail -n 3 "$out/train.log"
+exit $status

@@ -170,8 +170,8 @@ def main() -> None:
         }
         results.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.json:  # after every precision, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

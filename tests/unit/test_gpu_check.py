@@ -21,15 +21,17 @@ def test_peak_table_matches_cuda_device_names():
     assert peak_tflops("Some Future GPU") is None
 
 
-def test_runs_the_denoiser_step_and_reports_throughput_and_flops(tmp_path):
+def test_runs_each_stage_and_reports_throughput_and_flops(tmp_path):
     out = tmp_path / "check.json"
     args = [
         "--device",
         "cpu",
         "--preset",
         "tiny",
-        "--modes",
-        "eager",
+        "--runs",
+        "denoiser:eager,autoencoder:eager_cl,encode:eager@32,denoiser:graph_cl_host",
+        "--profile",
+        "denoiser:eager",
         "--steps",
         "4",
         "--warmup",
@@ -43,15 +45,25 @@ def test_runs_the_denoiser_step_and_reports_throughput_and_flops(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["preset"] == "tiny" and report["latent_shape"] == [4, 8, 8]
-    (result,) = report["results"]
-    assert result["mode"] == "eager" and result["steps"] == 4 and result["batch_size"] == 16
-    assert result["images_per_s"] > 0 and result["gflops_per_step"] > 0
-    assert 0 < result["mfu"] < 1
-    assert result["loss_first"] > 0 and result["loss_last"] > 0
+    denoiser, autoencoder, encode, host = report["results"]
+    assert denoiser["run"] == "denoiser:eager" and denoiser["steps"] == 4
+    assert denoiser["batch_size"] == 16  # the preset's
+    for result in (denoiser, autoencoder, encode, host):
+        assert "error" not in result, result
+        assert result["images_per_s"] > 0 and result["gflops_per_step"] > 0
+        assert 0 < result["mfu"] < 1
+    assert denoiser["loss_first"] > 0 and denoiser["loss_last"] > 0
+    assert autoencoder["stage"] == "autoencoder" and autoencoder["loss_last"] > 0
+    # encoding is a forward pass only: fewer FLOPs per image than a training step
+    assert encode["batch_size"] == 32 and "loss_last" not in encode
+    assert encode["gflops_per_step"] / 32 < autoencoder["gflops_per_step"] / 16
+    top = denoiser["profile"]["top"]
+    assert top and all(row["ms_per_step"] > 0 for row in top)
+    assert host["loss_last"] > 0  # batches cut on the host reach the step
 
 
-def test_unknown_mode_is_refused_with_the_choices():
-    args = ["--device", "cpu", "--preset", "tiny", "--modes", "fast"]
+def test_unknown_run_is_refused_with_the_choices():
+    args = ["--device", "cpu", "--preset", "tiny", "--runs", "denoiser:fast"]
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "use eager or compile" in done.stdout
+    assert "write stage:mode[@batch]" in done.stdout and "graph_cl" in done.stdout

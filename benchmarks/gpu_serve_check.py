@@ -15,6 +15,8 @@ the network matters. For each precision:
   the scheduler in a child process as a replica runs it (weights sent as bytes,
   images answered over a socket), so the price of the process boundary is seen at
   GPU step times;
+- ``fp32_strict``: fp32 with cuDNN's TF32 convolutions off (in this process only), to
+  tell whether TF32 is what moves an image between batch widths on a GPU;
 - reproducibility: six requests of mixed samplers, steps and guidance, each sampled
   alone and then in a mix that joins a running chain mid-way; the largest pixel
   difference and the share of differing pixels (the tolerance of
@@ -46,7 +48,14 @@ from serving.scheduler import StepScheduler
 from training.latent_diffusion import LatentDiffusion
 from training.presets import PRESETS, get_preset
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32_strict: fp32 with cuDNN's TF32 convolutions off (in this process; its engine row
+# keeps the default), to see whether TF32 is what moves an image between batch widths
+PRECISIONS = {
+    "fp32": None,
+    "fp32_strict": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
     SampleJob((1,), 0.0, 0.0, "ddim", 20, 0.0, 2),
@@ -140,7 +149,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    parser.add_argument(
+        "--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS)
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -149,10 +160,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
     print(f"{name}; torch {torch.__version__}; preset {args.preset}; DDIM {args.steps}, w = 3")
     head = SampleJob((1, 2), 0.0, 0.0, "dpmpp_2m", 24, 0.0, 10)
-    reference = [run(model, [job], None, 256)[0] for job in MIX]
+    reference = [run(model, [job], None, 256)[0] for job in MIX]  # fp32, cuDNN's defaults
     results = []
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
+        torch.backends.cudnn.allow_tf32 = precision != "fp32_strict"
         alone = [run(model, [job], dtype, 256)[0] for job in MIX]
         mixed = run(model, MIX, dtype, 256, head=head)
         row = {
@@ -164,7 +176,9 @@ def main() -> None:
             "engine_images_per_s": {
                 c: round(engine_throughput(model, precision, c, args.steps, args.device), 1)
                 for c in args.concurrency
-            },
+            }
+            if precision != "fp32_strict"
+            else None,
             "mixed_vs_alone": difference(mixed, alone),
             "vs_fp32": difference(alone, reference),
         }

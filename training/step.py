@@ -64,10 +64,6 @@ class StageStep:
         self.optimisation.scheduler.step()
         return out
 
-    @property
-    def captured(self) -> bool:
-        return self._captured is not None
-
     def _step(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         self.model.train()
         with autocast(self.training, self.device, cache=not self.graph):

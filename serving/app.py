@@ -46,7 +46,7 @@ from serving.admission import (
 from serving.autoscaling import ACTIVE_ROWS, WAITING_ROWS
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
-from serving.engine import Outcome, start_engine
+from serving.engine import Outcome, configure_torch, start_engine
 from serving.metrics import EngineMetrics
 from serving.model_store import AliasWatcher, LoadedModel, ModelStore
 from serving.page import PAGE_HTML
@@ -176,8 +176,10 @@ class SamplerDeployment:
         # Read where the app runs (a Secret, the node's environment); never logged.
         self._token = os.environ.get(TOKEN_ENV) or None
         settings = config.engine_settings()
-        # With the engine in a child process, the replica's own torch work is small.
-        torch.set_num_threads(settings.torch_threads if not settings.process else 1)
+        if settings.process:  # the engine's process samples; the replica's torch work is small
+            torch.set_num_threads(1)
+        else:
+            configure_torch(settings)
         self.store = ModelStore(config.model_ref, str(config.tracking_uri), config.store_device)
         self.current: LoadedModel = self.store.load_current()
         self._limits: tuple[LoadedModel, RequestLimits] | None = None
@@ -296,6 +298,9 @@ class SamplerDeployment:
                 "scheduling": "step" if c.join_running else "request",
                 "engine": c.engine,
                 "autocast": c.autocast,
+                "deterministic": c.deterministic,
+                "batch_invariant": c.batch_invariant,
+                "cuda_graph": c.cuda_graph,
                 "max_rows_per_forward": c.resolved_max_rows_per_forward,
                 "max_ongoing_requests": c.resolved_max_ongoing_requests,
                 "max_queued_requests": c.max_queued_requests,

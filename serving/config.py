@@ -76,6 +76,25 @@ class AppConfig(FrozenConfig):
         "replicas; the samplers' updates stay float32); check images against 'off' with "
         "benchmarks/gpu_check.sh before turning it on",
     )
+    deterministic: bool = Field(
+        True,
+        description="deterministic kernels and full float32 on a GPU (no TF32), so the "
+        "same request gives the same images every time; false allows TF32 and "
+        "cuDNN's fastest algorithms",
+    )
+    batch_invariant: bool = Field(
+        False,
+        description="run every network forward at exactly max_rows_per_forward rows "
+        "(padded), so an image never depends on what it is batched with, also on a GPU "
+        "whose kernels change with the batch width; costs a full forward at every step, "
+        "whatever the load",
+    )
+    cuda_graph: bool = Field(
+        False,
+        description="on a GPU replica with batch_invariant: replay the denoiser's "
+        "forward as a CUDA graph recorded at its one width (one launch per step instead "
+        "of one per kernel)",
+    )
     # ----------------------------------------------------------- step-level batching
     max_rows_per_forward: int | None = Field(
         None,
@@ -151,6 +170,11 @@ class AppConfig(FrozenConfig):
             raise ValueError(
                 f"default_steps ({self.default_steps}) must not exceed max_steps ({self.max_steps})"
             )
+        if self.cuda_graph and not (self.batch_invariant and self.resolved_device == "cuda"):
+            raise ValueError(
+                "cuda_graph needs batch_invariant (a graph is recorded at one width) and a "
+                "GPU replica (num_gpus > 0)"
+            )
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("device='cuda' needs num_gpus > 0 (Serve must place it on a GPU)")
         return self
@@ -181,6 +205,9 @@ class AppConfig(FrozenConfig):
             torch_threads=self.resolved_torch_threads,
             device=self.resolved_device,
             process=self.engine == "process",
+            batch_invariant=self.batch_invariant,
+            cuda_graph=self.cuda_graph,
+            deterministic=self.deterministic,
         )
 
     @property

@@ -62,12 +62,46 @@ class EngineSettings:
     torch_threads: int
     device: str  # where the engine moves each model version it receives
     process: bool = True  # False: a thread of the replica (ThreadEngine)
+    batch_invariant: bool = False  # every network call at max_rows_per_forward rows
+    cuda_graph: bool = False  # with batch_invariant on a GPU: the denoiser as a CUDA graph
+    deterministic: bool = True  # deterministic GPU kernels, float32 without TF32
 
     @property
     def autocast_dtype(self) -> Any:  # torch.dtype | None
         import torch
 
         return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+
+
+def scheduler_options(settings: EngineSettings) -> dict[str, Any]:
+    """The :class:`~serving.scheduler.StepScheduler` arguments of ``settings``."""
+    return {
+        "max_rows_per_forward": settings.max_rows_per_forward,
+        "join_running": settings.join_running,
+        "autocast": settings.autocast_dtype,
+        "batch_invariant": settings.batch_invariant,
+        "cuda_graph": settings.cuda_graph,
+    }
+
+
+def configure_torch(settings: EngineSettings) -> None:
+    """Set this process's torch for sampling: its threads and, when ``deterministic``,
+    kernels that give the same result every run. On a GPU that means cuDNN's and
+    cuBLAS's deterministic algorithms and full float32 (no TF32, whose 10-bit
+    mantissa turns the kernel's choice of summation order into visible pixel changes).
+    Process-wide: the engine's process, or the replica's with the thread engine. A CPU
+    engine is left as it is: its kernels already repeat themselves run to run."""
+    torch.set_num_threads(settings.torch_threads)
+    if not settings.deterministic or settings.device != "cuda":
+        return
+    # cuBLAS reads this when it first creates a handle, i.e. before the first matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # An op without a deterministic kernel warns instead of failing its request.
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def start_engine(
@@ -298,12 +332,7 @@ class ThreadEngine(StepScheduler):
     same interface as :class:`EngineProcess`."""
 
     def __init__(self, settings: EngineSettings, after_step: Callable[[Any], None] | None = None):
-        super().__init__(
-            settings.max_rows_per_forward,
-            settings.join_running,
-            after_step=after_step,
-            autocast=settings.autocast_dtype,
-        )
+        super().__init__(after_step=after_step, **scheduler_options(settings))
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self.run, args=(self._stop,), name="sampler", daemon=True
@@ -329,10 +358,8 @@ class ThreadEngine(StepScheduler):
 def serve_engine(conn: Connection) -> None:
     """The engine's loop: receive work between steps, step, report; return at EOF or stop."""
     settings: EngineSettings = conn.recv()
-    torch.set_num_threads(settings.torch_threads)
-    scheduler = StepScheduler(
-        settings.max_rows_per_forward, settings.join_running, autocast=settings.autocast_dtype
-    )
+    configure_torch(settings)
+    scheduler = StepScheduler(**scheduler_options(settings))
     models: dict[int, Any] = {}
     tickets: dict[int, Any] = {}
 

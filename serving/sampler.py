@@ -14,6 +14,15 @@ to a rare ±1 level (measured on CPU, 16 two-image requests, DDPM 20 steps: the 
 preset differed by 1 level on 0.05% of the pixels, the demo preset not at all). The
 tests allow ±2 levels on at most 1% of the pixels, alone, in a mix and joining a
 running batch mid-chain.
+
+A GPU moves more: its kernels are chosen per batch width, and with cuDNN's default
+TF32 convolutions, and its non-deterministic algorithms, an fp32 image in a mix
+differed from the same request alone by 1 level on 1.28% of the pixels (H200,
+``benchmarks/RESULTS.md``). A GPU engine therefore runs deterministic kernels in full
+float32 (``deterministic``, the default; see :func:`serving.engine.configure_torch`).
+With ``batch_invariant`` every network call runs at one width, so nothing depends on
+the batch: an image is bit-identical alone, in a mix and joining mid-chain, on any
+device (tested with a network whose output moves with its batch width).
 """
 
 from __future__ import annotations

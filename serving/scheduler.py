@@ -25,6 +25,14 @@ in a mix or joined mid-chain, up to the arithmetic tolerance stated in
 long request cannot hold back requests behind it for longer than its rows occupy the
 forward, and a short request never waits for a running chain to end.
 
+With ``batch_invariant`` every network call runs at exactly ``max_rows_per_forward``
+rows (:class:`~serving.forward.FixedWidth` pads it), so no kernel ever sees another
+batch size and an image's arithmetic cannot depend on what shares its forward: on a
+GPU, whose kernels change with the batch width, that makes mixed and joining images
+equal to the same request alone, at the price of always computing a full forward.
+With ``cuda_graph`` too, that one width is recorded as a CUDA graph per model version
+and replayed at every step.
+
 Plain Python and torch, no Ray: the Serve replica feeds it from its event loop and
 runs :meth:`StepScheduler.run` in one thread.
 """
@@ -40,8 +48,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from serving.forward import CudaGraphed, FixedWidth
 from serving.sampler import (
     RequestReport,
     SampleFailure,
@@ -137,6 +146,9 @@ class StepScheduler:
     runs to its longest chain before the next one starts: the request-level batching
     that step-level scheduling replaces, kept for comparison in the benchmark.
     ``after_step`` is called with the scheduler after every step, from its thread.
+    ``batch_invariant`` pads every network call to ``max_rows_per_forward`` rows (see
+    the module docstring); with it, ``cuda_graph`` replays the denoiser's forward as a
+    CUDA graph recorded at that one width, for each model version on a CUDA device.
     """
 
     def __init__(
@@ -145,19 +157,26 @@ class StepScheduler:
         join_running: bool = True,
         after_step: Callable[[StepScheduler], None] | None = None,
         autocast: torch.dtype | None = None,
+        batch_invariant: bool = False,
+        cuda_graph: bool = False,
     ):
         if max_rows_per_forward < 1:
             raise ValueError(f"max_rows_per_forward must be >= 1, got {max_rows_per_forward}")
+        if cuda_graph and not batch_invariant:
+            raise ValueError("cuda_graph needs batch_invariant: a graph is recorded at one width")
         self.max_rows_per_forward = max_rows_per_forward
         self.join_running = join_running
         # The networks' forward under autocast to this dtype (bf16/fp16 on a GPU); the
         # guidance combination and the samplers' updates stay float32.
         self.autocast = autocast
+        self.batch_invariant = batch_invariant
+        self.cuda_graph = cuda_graph
         self.after_step = after_step  # e.g. metrics, called from the sampling thread
         self.stats = EngineStats()
         self._waiting: deque[Ticket] = deque()
         self._active: list[Row] = []
         self._diffusions: dict[int, tuple[LatentDiffusion, GaussianDiffusion]] = {}
+        self._networks: dict[int, tuple[LatentDiffusion, nn.Module, nn.Module | None]] = {}
         self._wakeup = threading.Condition()
 
     # ------------------------------------------------------------------ feeding it
@@ -280,6 +299,19 @@ class StepScheduler:
             self._diffusions[id(model)] = (model, model.diffusion)
         return self._diffusions[id(model)][1]
 
+    def _nets(self, model: LatentDiffusion) -> tuple[nn.Module, nn.Module | None]:
+        """The denoiser and classifier as the forward calls them: at a fixed width when
+        batch invariant (built once per model version), else as they are."""
+        if not self.batch_invariant:
+            return model.denoiser, model.classifier
+        if id(model) not in self._networks:
+            width, denoiser = self.max_rows_per_forward, model.denoiser
+            if self.cuda_graph and next(denoiser.parameters()).is_cuda:
+                denoiser = CudaGraphed(denoiser)  # the classifier's gradient stays eager
+            classifier = None if model.classifier is None else FixedWidth(model.classifier, width)
+            self._networks[id(model)] = (model, FixedWidth(denoiser, width), classifier)
+        return self._networks[id(model)][1:]
+
     def _account(self, rows: Sequence[Row]) -> None:
         tickets = {id(r.ticket): r.ticket for r in rows}.values()
         for ticket in tickets:
@@ -320,18 +352,16 @@ class StepScheduler:
         labels = torch.tensor([r.ticket.job.labels[r.image] for r in rows], device=device)
         scales = [[j.guidance_scale for j in jobs], [j.classifier_scale for j in jobs]]
         w, s = (torch.tensor(v, dtype=torch.float32, device=device) for v in scales)
-        coef = _row_coefficients(rows, x)
-        with torch.autocast(device.type, self.autocast, enabled=self.autocast is not None):
-            eps = guided_eps(
-                model.denoiser,
-                x,
-                model_t,
-                labels,
-                w,
-                model.classifier,
-                s,
-                coef("sqrt_one_minus_alphas_cumprod"),
-            )
+        sigma = _row_coefficients(rows, x)("sqrt_one_minus_alphas_cumprod")
+        denoiser, classifier = self._nets(model)
+        cast = torch.autocast(
+            device.type,
+            self.autocast,
+            enabled=self.autocast is not None,
+            cache_enabled=not self.cuda_graph,  # a graph must not record the cast cache
+        )
+        with cast:
+            eps = guided_eps(denoiser, x, model_t, labels, w, classifier, s, sigma)
         if any(j.eps_scaling != 1 or j.eps_scaling_slope != 0 for j in jobs):
             b = torch.tensor([j.eps_scaling for j in jobs], device=device)
             k = torch.tensor([j.eps_scaling_slope for j in jobs], device=device)
@@ -416,3 +446,4 @@ class StepScheduler:
             )
             if not busy:
                 self._diffusions.pop(id(model), None)
+                self._networks.pop(id(model), None)

@@ -25,6 +25,9 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         autocast=args.autocast,
         max_rows_per_forward=args.max_rows_per_forward,
         engine=args.engine,
+        deterministic=not args.fast_kernels,
+        batch_invariant=args.batch_invariant or args.cuda_graph,
+        cuda_graph=args.cuda_graph,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
         max_evaluations_per_request=args.max_evaluations,
@@ -197,6 +200,24 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         default="process",
         help="where each replica's sampling loop runs: a child process with its own "
         "interpreter, or a thread of the replica (default: process)",
+    )
+    serve.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="run every denoising step at the full --max-rows-per-forward width (padded), "
+        "so an image is bit-identical whatever it is batched with, also on a GPU",
+    )
+    serve.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="on a GPU replica: replay each denoising step as a CUDA graph recorded at "
+        "the full width (implies --batch-invariant)",
+    )
+    serve.add_argument(
+        "--fast-kernels",
+        action="store_true",
+        help="on a GPU, allow TF32 and cuDNN's non-deterministic algorithms (faster; the "
+        "same request may then differ by a pixel level between runs)",
     )
     serve.add_argument(
         "--max-images-per-request", type=int, default=64, help="request limit (default: 64)"

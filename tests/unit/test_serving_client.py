@@ -135,3 +135,16 @@ def test_serve_options_reach_the_app_config():
         parse(["serve", "--model-uri", "models:/m@champion", "--engine", "thread"])
     )
     assert threaded.engine == "thread" and not threaded.engine_settings().process
+    assert default.engine_settings().deterministic and not default.batch_invariant
+    exact = app_config_from_args(
+        parse(["serve", "--model-uri", "models:/m@champion", "--batch-invariant"])
+    )
+    assert exact.engine_settings().batch_invariant
+    fast = app_config_from_args(
+        parse(["serve", "--model-uri", "models:/m@champion", "--fast-kernels"])
+    )
+    assert not fast.engine_settings().deterministic
+    graphed = app_config_from_args(
+        parse(["serve", "--model-uri", "models:/m@champion", "--cuda-graph", "--num-gpus", "1"])
+    )
+    assert graphed.engine_settings().cuda_graph and graphed.engine_settings().batch_invariant

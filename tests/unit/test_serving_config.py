@@ -61,6 +61,8 @@ def test_serve_run_strings_are_parsed():
 def test_rows_per_forward_default_to_the_device():
     assert AppConfig().resolved_max_rows_per_forward == 64
     assert AppConfig(num_gpus=1).resolved_max_rows_per_forward == 256
+    graphed = AppConfig(num_gpus=1, batch_invariant=True, cuda_graph=True).engine_settings()
+    assert (graphed.batch_invariant, graphed.cuda_graph, graphed.deterministic) == (True,) * 3
 
 
 @pytest.mark.parametrize(
@@ -75,6 +77,8 @@ def test_rows_per_forward_default_to_the_device():
         ({"device": "cuda"}, "needs num_gpus > 0"),
         ({"max_rows_per_forward": 0}, "greater than or equal to 1"),
         ({"max_batch": 8}, "Extra inputs"),
+        ({"cuda_graph": True, "num_gpus": 1}, "cuda_graph needs batch_invariant"),
+        ({"cuda_graph": True, "batch_invariant": True}, "and a GPU replica"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(values, message):

@@ -2,6 +2,7 @@
 process, cancellation, several model versions, the work autoscaling reads, and no
 request left hanging (or process left behind) when either side dies."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.engine import EngineProcess, EngineSettings, start_engine
+from serving.engine import EngineProcess, EngineSettings, scheduler_options, start_engine
 from serving.sampler import SampleFailure, SampleJob, SampleResult
 from serving.scheduler import StepScheduler
 from training.latent_diffusion import LatentDiffusion
@@ -245,3 +246,58 @@ def test_the_thread_engine_offers_the_same_interface(model):
     finally:
         engine.close()
     assert not engine.is_alive()
+
+
+def test_the_engine_settings_reach_the_scheduler(model):
+    """Both engines build their scheduler from scheduler_options; with batch_invariant
+    every forward of the thread engine runs at the full width."""
+    settings = EngineSettings(16, True, "off", 1, "cpu", process=False, batch_invariant=True)
+    assert scheduler_options(settings) == {
+        "max_rows_per_forward": 16,
+        "join_running": True,
+        "autocast": None,
+        "batch_invariant": True,
+        "cuda_graph": False,
+    }
+    engine = start_engine(settings)
+    try:
+        assert engine.batch_invariant and engine.max_rows_per_forward == 16
+        got = Outcomes()
+        engine.submit(model, MIX[1], got(0))
+        (outcome,) = got.wait([0])
+        assert outcome.report.mean_rows_per_forward == 1  # the real rows; 16 computed
+        assert _close(outcome.images, _in_this_process(model, [MIX[1]])[0])
+    finally:
+        engine.close()
+
+
+CONFIGURE = """
+import json, os, torch
+from serving.engine import EngineSettings, configure_torch
+configure_torch(EngineSettings(8, True, "off", 2, {device!r}, deterministic={deterministic}))
+print(json.dumps([
+    torch.get_num_threads(),
+    torch.are_deterministic_algorithms_enabled(),
+    torch.backends.cudnn.allow_tf32,
+    torch.backends.cudnn.deterministic,
+    os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("device", "deterministic", "expected"),
+    [
+        ("cuda", True, [2, True, False, True, ":4096:8"]),
+        ("cuda", False, [2, False, True, False, None]),
+        ("cpu", True, [2, False, True, False, None]),  # CPU kernels left as they are
+    ],
+)
+def test_configure_torch_sets_deterministic_gpu_kernels(device, deterministic, expected):
+    """In a fresh process (the settings are process-wide); setting the flags needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    code = CONFIGURE.format(device=device, deterministic=deterministic)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == expected

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from serving.forward import CudaGraphed, FixedWidth
 from serving.sampler import SampleFailure, SampleJob, SampleResult, generators_for
 from serving.scheduler import StepScheduler
 from training.images import to_uint8
@@ -300,3 +301,82 @@ def test_a_failing_callback_does_not_stop_the_loop(model):
     scheduler.submit(model, _job([2], seed=0, steps=3), got("next"))
     _run(scheduler)
     assert isinstance(got.outcomes["next"], SampleResult)
+
+
+class WidthDependentNet(CountingNet):
+    """A network whose output moves with the size of its batch, as a GPU's does when
+    its kernels sum in another order for another width (here far more than rounding,
+    so that it shows in the pixels)."""
+
+    def forward(self, *args):
+        return super().forward(*args) + 0.02 * len(args[0])
+
+
+def test_fixed_width_pads_and_chunks_without_touching_real_rows():
+    net = CountingNet(torch.nn.Linear(3, 2))
+    x = torch.randn(10, 3, requires_grad=True)
+    out = FixedWidth(net, 4)(x)
+    assert net.sizes == [4, 4, 4]  # 10 rows: 4 + 4 + 2 padded to 4
+    torch.testing.assert_close(out, net.net(x))
+    out.sum().backward()  # the padding copies of row 9 are cut off: no gradient from them
+    torch.testing.assert_close(x.grad, net.net.weight.sum(0).expand(10, 3))
+
+
+class Unconditional(torch.nn.Module):
+    def forward(self, x, y):
+        assert y is None  # None passes through, unpadded
+        return 2 * x
+
+
+def test_fixed_width_passes_none_through():
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(FixedWidth(Unconditional(), 4)(x, None), 2 * x)
+    with pytest.raises(ValueError, match="width"):
+        FixedWidth(Unconditional(), 0)
+
+
+def test_batch_invariant_images_are_identical_alone_in_a_mix_and_joining(model):
+    """With a width-dependent network, images change with what they are batched with;
+    with batch_invariant every call is max_rows_per_forward wide and nothing moves."""
+    wobbly = LatentDiffusion(
+        model.config,
+        model.autoencoder,
+        WidthDependentNet(model.denoiser),
+        WidthDependentNet(model.classifier),
+    )
+
+    def sample(batch_invariant: bool, with_others: bool) -> dict:
+        scheduler = StepScheduler(max_rows_per_forward=24, batch_invariant=batch_invariant)
+        got = Collector()
+        if with_others:  # a long request runs three steps before the mix joins it
+            scheduler.submit(wobbly, _job([1, 2], seed=10, sampler="dpmpp_2m", steps=12), got("x"))
+            for _ in range(3):
+                scheduler.step()
+            for key, job in enumerate(MIX):
+                scheduler.submit(wobbly, job, got(key))
+        else:
+            for key, job in enumerate(MIX):
+                scheduler.submit(wobbly, job, got(key))
+                _run(scheduler)
+        _run(scheduler)
+        return {key: got.outcomes[key].images for key in range(len(MIX))}
+
+    alone, mixed = sample(False, False), sample(False, True)
+    assert any(not np.array_equal(alone[k], mixed[k]) for k in alone)  # the net is wobbly
+    wobbly.denoiser.sizes.clear()
+    wobbly.classifier.sizes.clear()
+    alone, mixed = sample(True, False), sample(True, True)
+    for key, job in enumerate(MIX):
+        assert np.array_equal(alone[key], mixed[key]), job
+    assert set(wobbly.denoiser.sizes) == {24} and set(wobbly.classifier.sizes) == {24}
+
+
+def test_a_cuda_graph_needs_one_width_and_a_cuda_model(model):
+    with pytest.raises(ValueError, match="batch_invariant"):
+        StepScheduler(cuda_graph=True)
+    scheduler, got = StepScheduler(16, batch_invariant=True, cuda_graph=True), Collector()
+    scheduler.submit(model, MIX[0], got(0))
+    _run(scheduler)  # a CPU model: fixed width, no graph
+    assert _close(got.outcomes[0].images, _alone(model, MIX[0]))
+    with pytest.raises(RuntimeError, match="no_grad"):  # before anything touches CUDA
+        CudaGraphed(model.denoiser)(torch.zeros(1, 1))

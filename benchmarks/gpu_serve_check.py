@@ -1,27 +1,42 @@
 """The sampling engine on one GPU: images/s at 1, 32 and 128 concurrent requests in
-float32 and under bf16/fp16 autocast, and whether autocast keeps images reproducible.
+float32 (deterministic or not, batch-invariant or not) and under bf16/fp16 autocast,
+and how reproducible an image is in each.
 
     python benchmarks/gpu_serve_check.py [--preset demo] [--steps 20] [--json FILE]
     (a smoke run without a GPU: --device cpu --concurrency 1 4 --steps 4)
 
 Runs :class:`serving.scheduler.StepScheduler` in this process (what a replica runs,
 without HTTP) on an untrained model of ``--preset`` whose output layer is perturbed so
-the network matters. For each precision:
+the network matters.
+
+Modes (``--modes``; default the five fp32 ones):
+
+- ``fp32``: the serving default, deterministic kernels in full float32 (what
+  :func:`serving.engine.configure_torch` sets on a GPU engine);
+- ``fp32_tf32``: cuDNN's defaults, TF32 convolutions and its fastest algorithms (the
+  serving default before, and what ``--fast-kernels`` gives);
+- ``fp32_strict``: TF32 off, cuDNN's algorithms free (tells TF32 from the algorithms);
+- ``fp32_invariant``: ``fp32`` with every forward at the replica's full width
+  (``batch_invariant``);
+- ``fp32_graph``: ``fp32_invariant`` with the denoiser replayed as a CUDA graph
+  (``cuda_graph``; on the CPU it runs as ``fp32_invariant``);
+- ``bf16``, ``fp16``: ``fp32`` with the networks under autocast.
+
+For each mode:
 
 - throughput: ``c`` one-image requests (DDIM ``--steps``, classifier-free guidance
   w = 3) submitted at once and stepped to the end, for c in 1, 32, 128, after a
-  warm-up; images/s = c / wall time (the replica's forward width is c rows × 2);
+  warm-up; images/s = c / wall time, with the GPU replica's default cap of 256 rows
+  per forward (so ``fp32_invariant`` pays its padding at low load);
   ``engine_images_per_s``: the same through :class:`serving.engine.EngineProcess`,
   the scheduler in a child process as a replica runs it (weights sent as bytes,
   images answered over a socket), so the price of the process boundary is seen at
-  GPU step times;
-- ``fp32_strict``: fp32 with cuDNN's TF32 convolutions off (in this process only), to
-  tell whether TF32 is what moves an image between batch widths on a GPU;
+  GPU step times (not for ``fp32_strict``, which no engine setting gives);
 - reproducibility: six requests of mixed samplers, steps and guidance, each sampled
   alone and then in a mix that joins a running chain mid-way; the largest pixel
   difference and the share of differing pixels (the tolerance of
   ``serving/sampler.py``: ±2 levels on at most 1% of the pixels), and the same
-  between the precision and float32 (how far half precision moves an image).
+  between the mode and a first ``fp32`` run (for the fp32 modes: run to run).
 
 Needs torch, numpy and pydantic (``gpu_check.sh`` shows how to install pydantic
 offline from wheels); downloads nothing.
@@ -31,10 +46,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,14 +65,42 @@ from serving.scheduler import StepScheduler
 from training.latent_diffusion import LatentDiffusion
 from training.presets import PRESETS, get_preset
 
-# fp32_strict: fp32 with cuDNN's TF32 convolutions off (in this process; its engine row
-# keeps the default), to see whether TF32 is what moves an image between batch widths
-PRECISIONS = {
-    "fp32": None,
-    "fp32_strict": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
+# cuBLAS reads this at its first handle; the deterministic modes need it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@dataclass(frozen=True)
+class Mode:
+    autocast: str = "off"
+    deterministic: bool = True  # deterministic kernels, no TF32 (the serving default)
+    tf32: bool = False  # only without deterministic: cuDNN's TF32 convolutions
+    batch_invariant: bool = False
+    cuda_graph: bool = False  # with batch_invariant: the denoiser replayed as a CUDA graph
+    engine: bool = True  # also through the engine process
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+
+    def apply(self) -> None:
+        """This process's kernels as the engine would set them (reversibly)."""
+        torch.backends.cudnn.allow_tf32 = self.tf32 and not self.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = self.deterministic
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+
+
+MODES = {
+    "fp32": Mode(),
+    "fp32_tf32": Mode(deterministic=False, tf32=True),
+    "fp32_strict": Mode(deterministic=False, engine=False),
+    "fp32_invariant": Mode(batch_invariant=True),
+    "fp32_graph": Mode(batch_invariant=True, cuda_graph=True),
+    "bf16": Mode("bf16"),
+    "fp16": Mode("fp16"),
 }
+DEFAULT_MODES = ["fp32", "fp32_tf32", "fp32_strict", "fp32_invariant", "fp32_graph"]
+REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
     SampleJob((1,), 0.0, 0.0, "ddim", 20, 0.0, 2),
@@ -76,9 +121,14 @@ def build_model(preset: str, device: str) -> LatentDiffusion:
     return model.eval()
 
 
-def run(model: LatentDiffusion, jobs: list[SampleJob], dtype, width: int, head=None) -> list:
+def run(model: LatentDiffusion, jobs: list[SampleJob], mode: Mode, width: int, head=None) -> list:
     """Images of ``jobs`` (submitted together; after three steps of ``head`` if given)."""
-    scheduler = StepScheduler(max_rows_per_forward=width, autocast=dtype)
+    scheduler = StepScheduler(
+        max_rows_per_forward=width,
+        autocast=mode.dtype,
+        batch_invariant=mode.batch_invariant,
+        cuda_graph=mode.cuda_graph,
+    )
     outcomes: dict[int, SampleResult] = {}
     if head is not None:
         scheduler.submit(model, head, lambda outcome: outcomes.setdefault(-1, outcome))
@@ -102,25 +152,32 @@ def difference(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
     }
 
 
-def throughput(model: LatentDiffusion, dtype, concurrency: int, steps: int, device: str) -> float:
+def throughput(model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str):
     jobs = [SampleJob((i % 10,), 3.0, 0.0, "ddim", steps, 0.0, i) for i in range(concurrency)]
-    width = 2 * concurrency
-    run(model, jobs, dtype, width)  # warm-up: kernels, autotuning, allocator
+    width = max(REPLICA_WIDTH, 2 * concurrency)
+    run(model, jobs, mode, width)  # warm-up: kernels, autotuning, allocator
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    run(model, jobs, dtype, width)
+    run(model, jobs, mode, width)
     if device == "cuda":
         torch.cuda.synchronize()
     return concurrency / (time.perf_counter() - started)
 
 
 def engine_throughput(
-    model: LatentDiffusion, precision: str, concurrency: int, steps: int, device: str
+    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str
 ) -> float:
     """:func:`throughput` through the engine process (a warm-up round, then one timed)."""
     settings = EngineSettings(
-        2 * concurrency, True, "off" if precision == "fp32" else precision, 1, device
+        max(REPLICA_WIDTH, 2 * concurrency),
+        True,
+        mode.autocast,
+        1,
+        device,
+        batch_invariant=mode.batch_invariant,
+        cuda_graph=mode.cuda_graph,
+        deterministic=mode.deterministic,
     )
     engine = EngineProcess(settings)
     try:
@@ -149,9 +206,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
-    parser.add_argument(
-        "--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS)
-    )
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -160,31 +215,32 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
     print(f"{name}; torch {torch.__version__}; preset {args.preset}; DDIM {args.steps}, w = 3")
     head = SampleJob((1, 2), 0.0, 0.0, "dpmpp_2m", 24, 0.0, 10)
-    reference = [run(model, [job], None, 256)[0] for job in MIX]  # fp32, cuDNN's defaults
+    MODES["fp32"].apply()
+    reference = [run(model, [job], MODES["fp32"], REPLICA_WIDTH)[0] for job in MIX]
     results = []
-    for precision in args.precisions:
-        dtype = PRECISIONS[precision]
-        torch.backends.cudnn.allow_tf32 = precision != "fp32_strict"
-        alone = [run(model, [job], dtype, 256)[0] for job in MIX]
-        mixed = run(model, MIX, dtype, 256, head=head)
+    for name in args.modes:
+        mode = MODES[name]
+        mode.apply()
+        alone = [run(model, [job], mode, REPLICA_WIDTH)[0] for job in MIX]
+        mixed = run(model, MIX, mode, REPLICA_WIDTH, head=head)
         row = {
-            "precision": precision,
+            "mode": name,
             "images_per_s": {
-                c: round(throughput(model, dtype, c, args.steps, args.device), 1)
+                c: round(throughput(model, mode, c, args.steps, args.device), 1)
                 for c in args.concurrency
             },
             "engine_images_per_s": {
-                c: round(engine_throughput(model, precision, c, args.steps, args.device), 1)
+                c: round(engine_throughput(model, mode, c, args.steps, args.device), 1)
                 for c in args.concurrency
             }
-            if precision != "fp32_strict"
+            if mode.engine
             else None,
             "mixed_vs_alone": difference(mixed, alone),
             "vs_fp32": difference(alone, reference),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
-        if args.json:  # after every precision, so a run cut short keeps what it measured
+        if args.json:  # after every mode, so a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
 
 

@@ -67,3 +67,22 @@ def test_unknown_run_is_refused_with_the_choices():
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
     assert done.returncode == 2
     assert "write stage:mode[@batch]" in done.stdout and "graph_cl" in done.stdout
+
+
+SERVE_SCRIPT = SCRIPT.with_name("gpu_serve_check.py")
+
+
+def test_the_serving_check_reports_each_mode_on_the_cpu(tmp_path):
+    """Every field the GPU run records, from a smoke run: throughput in this process and
+    through the engine, and the reproducibility of each mode (0 on the CPU)."""
+    out = tmp_path / "serve.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--concurrency", "1", "--steps", "2"]
+    args += ["--modes", "fp32_invariant", "fp32_strict", "--json", str(out)]
+    subprocess.run([sys.executable, str(SERVE_SCRIPT), *args], check=True, timeout=300)
+    invariant, strict = json.loads(out.read_text())
+    assert (invariant["mode"], strict["mode"]) == ("fp32_invariant", "fp32_strict")
+    assert invariant["images_per_s"]["1"] > 0 and invariant["engine_images_per_s"]["1"] > 0
+    assert strict["engine_images_per_s"] is None  # no engine setting gives it
+    for row in (invariant, strict):
+        assert row["mixed_vs_alone"] == {"max_levels": 0, "share_differing": 0.0}
+        assert row["vs_fp32"]["max_levels"] <= 1

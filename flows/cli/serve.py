@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.run(build_app(config), name=args.name, route_prefix="/", blocking=False)
     except Exception as error:  # a replica failed to start: say why and stop
-        print(f"ldm serve: error: the app did not start: {error}", file=sys.stderr)
+        reason = _deployment_failure(args.name) or str(error)
+        print(f"ldm serve: error: the app did not start: {reason}", file=sys.stderr)
         return 1
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     _warn_if_token_missing(url)
@@ -82,6 +84,33 @@ def _serve(args: argparse.Namespace) -> int:
         serve.delete(args.name)
         print(f"stopped application '{args.name}'", flush=True)
     return 0
+
+
+def _deployment_failure(app_name: str) -> str | None:
+    """The error a replica of ``app_name`` failed with, from Serve's status (Serve's own
+    exception only says that the deployment failed)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the controller is gone too: Serve's exception is all there is
+        return None
+    for deployment in app.deployments.values() if app is not None else []:
+        reason = root_cause(deployment.message or "")
+        if reason is not None:
+            return reason
+    return None
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b[^:]*: ")
+
+
+def root_cause(traceback_text: str) -> str | None:
+    """The last exception line (``LookupError: …``) of a traceback's text, or None."""
+    for line in reversed(traceback_text.splitlines()):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
 
 
 def _warn_if_token_missing(url: str) -> None:

@@ -419,6 +419,30 @@ def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
     assert leaks == [] and searched
 
 
+def test_ldm_serve_says_why_its_replica_did_not_start(mlflow_server, tmp_path):
+    """A model the registry does not hold: ``ldm serve`` exits 1 with the replica's own
+    reason, not only Serve's "failed to update the deployments"."""
+    import tempfile
+
+    options = ["--address", "local", "--port", str(free_port()), "--num-cpus", "0.5"]
+    options += ["--model-uri", "models:/nosuch@champion", "--tracking-uri", mlflow_server]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "serve", *options],
+            env=os.environ | {"RAY_TMPDIR": str(ray_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert last.startswith("ldm serve: error: the app did not start: RuntimeError: cannot resolve")
+    assert "model 'nosuch' has no alias @champion" in last
+
+
 def _hammer(url: str, stop: threading.Event, seen: list[tuple[int, str]]) -> None:
     """Small requests until ``stop``, recording (status, model version) of each answer."""
     with httpx.Client(timeout=60) as client:

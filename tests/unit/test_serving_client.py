@@ -148,3 +148,21 @@ def test_serve_options_reach_the_app_config():
         parse(["serve", "--model-uri", "models:/m@champion", "--cuda-graph", "--num-gpus", "1"])
     )
     assert graphed.engine_settings().cuda_graph and graphed.engine_settings().batch_invariant
+
+
+def test_the_reason_a_replica_failed_is_found_in_serves_traceback():
+    from flows.cli.serve import root_cause
+
+    message = (
+        "ray::ServeReplica:ldm:LDMSampler.initialize_and_get_metadata() (pid=1)\n"
+        '  File "/work/main/serving/model_store.py", line 63, in resolve_version\n'
+        "    raise RuntimeError(\n"
+        "RuntimeError: cannot resolve models:/nosuch@champion at MLflow sqlite:///m.db: "
+        "model 'nosuch' has no alias @champion (or does not exist)\n"
+    )
+    assert root_cause(message) == (
+        "RuntimeError: cannot resolve models:/nosuch@champion at MLflow sqlite:///m.db: "
+        "model 'nosuch' has no alias @champion (or does not exist)"
+    )
+    assert root_cause("Failed to update the deployments ['LDMSampler'].") is None
+    assert root_cause("") is None

@@ -15,6 +15,8 @@ so only modes measured in alternation compare):
   in a child process of the replica (``engine: process``, the default);
 - ``step-thread``: the same, with the sampling loop in a thread of the replica
   (``engine: thread``), sharing its interpreter with the event loop;
+- ``step-invariant``: ``step`` with ``batch_invariant``: every forward padded to the
+  full 64 rows, so no image depends on what it is batched with (what that costs);
 - ``request``: the same loop with ``join_running`` false, so a batch runs to its
   longest chain before waiting requests start (request-level batching, like the
   ``@serve.batch`` grouping it replaced, except that it also mixes settings);
@@ -73,6 +75,7 @@ MODEL_NAME = "bench-serve"
 MODES = {  # name: AppConfig fields
     "step": {"max_rows_per_forward": 64},
     "step-thread": {"max_rows_per_forward": 64, "engine": "thread"},
+    "step-invariant": {"max_rows_per_forward": 64, "batch_invariant": True},
     "request": {"max_rows_per_forward": 64, "join_running": False},
     "unbatched": {"max_rows_per_forward": 1},
     "step-2-replicas": {"max_rows_per_forward": 64, "num_replicas": 2},

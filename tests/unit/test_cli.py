@@ -60,3 +60,31 @@ def test_train_without_a_dataset_says_which_url_is_missing(tmp_path):
     assert result.returncode == 1
     assert "ldm train: error" in result.stderr
     assert str(tmp_path / "nothing-here") in result.stderr
+
+
+def test_train_refuses_a_missing_init_from_version_before_reaching_for_ray(tmp_path):
+    """No Ray listens at RAY_ADDRESS: the error is the missing version, found first."""
+    import os
+
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        path = tmp_path / "images" / f"class{i % 2}" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+    options = ShardOptions(image_size=16, channels=1, val_fraction=0.2, seed=1)
+    shard_dataset(str(tmp_path / "images"), str(tmp_path / "shards"), options, progress=False)
+    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:1", "LDM_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", str(tmp_path / "shards"), "--preset", "tiny"]
+        + ["--init-from", "models:/nosuch@champion"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "model 'nosuch' has no alias @champion" in result.stderr
+    assert "Ray" not in result.stderr.splitlines()[-1]

@@ -81,14 +81,15 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     """
     manifest = load_manifest(job.data_url)  # a wrong data URL fails before Ray starts
     quiet_libraries(job.verbose)
-    connect_ray(ray_address)
     config = job.model.for_data(
         manifest.image_size, manifest.channels, manifest.num_classes, manifest.class_names
     )
     job = job.model_copy(update={"model": config})
-    start = _starting_point(job)  # an unusable checkpoint or version: before the run
+    # An unusable checkpoint or version fails before the run, and before Ray starts.
+    start = _starting_point(job)
     if start is not None:  # its networks, this job's step budgets
         job = job.model_copy(update={"model": start.config})
+    connect_ray(ray_address)
     run_id = _start_run(job)
     try:
         checkpoints, model, version = _train_and_register(job, run_id, start)

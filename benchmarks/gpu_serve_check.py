@@ -88,6 +88,7 @@ class Mode:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.deterministic = self.deterministic
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # as configure_torch
 
 
 MODES = {

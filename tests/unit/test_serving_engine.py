@@ -281,6 +281,7 @@ print(json.dumps([
     torch.backends.cudnn.allow_tf32,
     torch.backends.cudnn.deterministic,
     os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    torch.utils.deterministic.fill_uninitialized_memory,
 ]))
 """
 
@@ -288,9 +289,9 @@ print(json.dumps([
 @pytest.mark.parametrize(
     ("device", "deterministic", "expected"),
     [
-        ("cuda", True, [2, True, False, True, ":4096:8"]),
-        ("cuda", False, [2, False, True, False, None]),
-        ("cpu", True, [2, False, True, False, None]),  # CPU kernels left as they are
+        ("cuda", True, [2, True, False, True, ":4096:8", False]),
+        ("cuda", False, [2, False, True, False, None, True]),
+        ("cpu", True, [2, False, True, False, None, True]),  # CPU kernels left as they are
     ],
 )
 def test_configure_torch_sets_deterministic_gpu_kernels(device, deterministic, expected):

@@ -27,7 +27,7 @@ For each mode:
 - throughput: ``c`` one-image requests (DDIM ``--steps``, classifier-free guidance
   w = 3) submitted at once and stepped to the end, for c in 1, 32, 128, after a
   warm-up; images/s = c / wall time, with the GPU replica's default cap of 256 rows
-  per forward (so ``fp32_invariant`` pays its padding at low load);
+  per forward (``--width``; so ``fp32_invariant`` pays its padding at low load);
   ``engine_images_per_s``: the same through :class:`serving.engine.EngineProcess`,
   the scheduler in a child process as a replica runs it (weights sent as bytes,
   images answered over a socket), so the price of the process boundary is seen at
@@ -101,7 +101,7 @@ MODES = {
     "fp16": Mode("fp16"),
 }
 DEFAULT_MODES = ["fp32", "fp32_tf32", "fp32_strict", "fp32_invariant", "fp32_graph"]
-REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward
+REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward (--width)
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
     SampleJob((1,), 0.0, 0.0, "ddim", 20, 0.0, 2),
@@ -153,9 +153,11 @@ def difference(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
     }
 
 
-def throughput(model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str):
+def throughput(
+    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str, cap: int
+) -> float:
     jobs = [SampleJob((i % 10,), 3.0, 0.0, "ddim", steps, 0.0, i) for i in range(concurrency)]
-    width = max(REPLICA_WIDTH, 2 * concurrency)
+    width = max(cap, 2 * concurrency)
     run(model, jobs, mode, width)  # warm-up: kernels, autotuning, allocator
     if device == "cuda":
         torch.cuda.synchronize()
@@ -167,11 +169,11 @@ def throughput(model: LatentDiffusion, mode: Mode, concurrency: int, steps: int,
 
 
 def engine_throughput(
-    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str
+    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str, cap: int
 ) -> float:
     """:func:`throughput` through the engine process (a warm-up round, then one timed)."""
     settings = EngineSettings(
-        max(REPLICA_WIDTH, 2 * concurrency),
+        max(cap, 2 * concurrency),
         True,
         mode.autocast,
         1,
@@ -208,6 +210,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    parser.add_argument(
+        "--width", type=int, default=REPLICA_WIDTH, help="max_rows_per_forward (default 256)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -217,21 +222,21 @@ def main() -> None:
     print(f"{name}; torch {torch.__version__}; preset {args.preset}; DDIM {args.steps}, w = 3")
     head = SampleJob((1, 2), 0.0, 0.0, "dpmpp_2m", 24, 0.0, 10)
     MODES["fp32"].apply()
-    reference = [run(model, [job], MODES["fp32"], REPLICA_WIDTH)[0] for job in MIX]
+    reference = [run(model, [job], MODES["fp32"], args.width)[0] for job in MIX]
     results = []
     for name in args.modes:
         mode = MODES[name]
         mode.apply()
-        alone = [run(model, [job], mode, REPLICA_WIDTH)[0] for job in MIX]
-        mixed = run(model, MIX, mode, REPLICA_WIDTH, head=head)
+        alone = [run(model, [job], mode, args.width)[0] for job in MIX]
+        mixed = run(model, MIX, mode, args.width, head=head)
         row = {
             "mode": name,
             "images_per_s": {
-                c: round(throughput(model, mode, c, args.steps, args.device), 1)
+                c: round(throughput(model, mode, c, args.steps, args.device, args.width), 1)
                 for c in args.concurrency
             },
             "engine_images_per_s": {
-                c: round(engine_throughput(model, mode, c, args.steps, args.device), 1)
+                c: round(engine_throughput(model, mode, c, args.steps, args.device, args.width), 1)
                 for c in args.concurrency
             }
             if mode.engine

@@ -77,6 +77,7 @@ def test_the_serving_check_reports_each_mode_on_the_cpu(tmp_path):
     through the engine, and the reproducibility of each mode (0 on the CPU)."""
     out = tmp_path / "serve.json"
     args = ["--device", "cpu", "--preset", "tiny", "--concurrency", "1", "--steps", "2"]
+    args += ["--width", "16"]
     args += ["--modes", "fp32_invariant", "fp32_strict", "--json", str(out)]
     subprocess.run([sys.executable, str(SERVE_SCRIPT), *args], check=True, timeout=300)
     invariant, strict = json.loads(out.read_text())

@@ -170,11 +170,10 @@ class AppConfig(FrozenConfig):
             raise ValueError(
                 f"default_steps ({self.default_steps}) must not exceed max_steps ({self.max_steps})"
             )
-        if self.cuda_graph and not (self.batch_invariant and self.resolved_device == "cuda"):
-            raise ValueError(
-                "cuda_graph needs batch_invariant (a graph is recorded at one width) and a "
-                "GPU replica (num_gpus > 0)"
-            )
+        if self.cuda_graph and self.resolved_device != "cuda":
+            raise ValueError("cuda_graph needs a GPU replica: set num_gpus > 0 (--num-gpus)")
+        if self.cuda_graph and not self.batch_invariant:
+            raise ValueError("cuda_graph needs batch_invariant: a graph is recorded at one width")
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("device='cuda' needs num_gpus > 0 (Serve must place it on a GPU)")
         return self

@@ -78,7 +78,7 @@ def test_rows_per_forward_default_to_the_device():
         ({"max_rows_per_forward": 0}, "greater than or equal to 1"),
         ({"max_batch": 8}, "Extra inputs"),
         ({"cuda_graph": True, "num_gpus": 1}, "cuda_graph needs batch_invariant"),
-        ({"cuda_graph": True, "batch_invariant": True}, "and a GPU replica"),
+        ({"cuda_graph": True, "batch_invariant": True}, "needs a GPU replica: set num_gpus"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(values, message):

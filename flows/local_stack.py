@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shlex
 import signal
@@ -109,20 +110,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; else IANA's 49152)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
 def _free_port_pairs(count: int) -> list[int]:
-    """``count`` different ports whose +10000 twins are free too (weed's gRPC ports)."""
+    """``count`` different free ports whose +10000 twins are free too (weed's gRPC ports),
+    all below the ephemeral range: ``weed mini`` starts its servers one after another and
+    they connect to each other meanwhile, and an outgoing connection's local port, drawn
+    from that range, could take a port chosen for a server not yet listening."""
+    high = _ephemeral_low() - 10_000 - 1
+    if high < 2_048:  # no room below the range: anywhere the twins fit
+        low, high = 1_024, 55_535
+    else:
+        low = max(1_024, min(15_000, high - 5_000))
+    rng = random.SystemRandom()
     chosen: list[int] = []
     while len(chosen) < count:
-        port = free_port()
-        if port >= 55535 or {port, port + 10000} & {p + d for p in chosen for d in (0, 10000)}:
+        port = rng.randint(low, high)
+        if {port, port + 10_000} & {p + d for p in chosen for d in (0, 10_000)}:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        chosen.append(port)
+        if _bindable(port) and _bindable(port + 10_000):
+            chosen.append(port)
     return chosen
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def up(

@@ -18,7 +18,6 @@ import io
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -37,6 +36,7 @@ from data import storage
 from data.manifest import ShardOptions, load_manifest
 from data.reader import assign_shards, build_loader
 from data.shard import shard_dataset
+from flows.local_stack import weed_ports
 
 KEY, SECRET = "bench-key", "bench-secret"
 
@@ -107,11 +107,7 @@ def baseline_read(streams: list[Callable[[], object]]) -> int:
 @contextmanager
 def s3_server(folder: Path) -> Iterator[str]:
     """SeaweedFS on free 127.0.0.1 ports; the environment points boto3 at it."""
-    ports: list[int] = []
-    while len(ports) < 5:
-        port = np.random.default_rng().integers(20000, 45000)
-        if all(_free(p) for p in (port, port + 10000)) and port not in ports:
-            ports.append(int(port))
+    ports = weed_ports(5)
     folder.mkdir(parents=True, exist_ok=True)
     weed = str(Path(sys.executable).parent / "weed")
     master, volume, filer, s3, admin = ports
@@ -163,15 +159,6 @@ def s3_server(folder: Path) -> Iterator[str]:
             for name in (port, port + 10000):
                 for path in Path("/tmp").glob(f"seaweedfs-*-{name}.sock"):
                     path.unlink(missing_ok=True)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def bench_sharding(name: str, source: str, options: ShardOptions, tmp: Path) -> list[str]:

@@ -118,7 +118,7 @@ def _ephemeral_low() -> int:
         return 49152
 
 
-def _free_port_pairs(count: int) -> list[int]:
+def weed_ports(count: int) -> list[int]:
     """``count`` different free ports whose +10000 twins are free too (weed's gRPC ports),
     all below the ephemeral range: ``weed mini`` starts its servers one after another and
     they connect to each other meanwhile, and an outgoing connection's local port, drawn
@@ -359,7 +359,7 @@ def start_s3(
         )
     data = folder / "s3"
     data.mkdir(exist_ok=True)
-    master, volume, filer, s3, admin = ports or _free_port_pairs(5)
+    master, volume, filer, s3, admin = ports or weed_ports(5)
     command = [
         str(weed),
         f"-logdir={data}",

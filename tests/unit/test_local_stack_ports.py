@@ -6,13 +6,13 @@ from __future__ import annotations
 import socket
 
 from flows import local_stack
-from flows.local_stack import _ephemeral_low, _free_port_pairs
+from flows.local_stack import _ephemeral_low, weed_ports
 
 
 def test_seaweedfs_ports_and_their_twins_are_free_distinct_and_below_the_ephemeral_range():
     low = _ephemeral_low()
     for _ in range(20):
-        ports = _free_port_pairs(5)
+        ports = weed_ports(5)
         every = ports + [p + 10_000 for p in ports]
         assert len(set(every)) == 10
         assert max(every) < low  # an outgoing connection cannot take one before weed binds
@@ -23,7 +23,7 @@ def test_seaweedfs_ports_and_their_twins_are_free_distinct_and_below_the_ephemer
 
 def test_a_port_in_use_is_not_chosen(monkeypatch):
     """The draw lands on a port another process listens on, then on a free one."""
-    free = _free_port_pairs(2)
+    free = weed_ports(2)
     with socket.socket() as held:
         held.bind(("127.0.0.1", free[0]))
         held.listen()
@@ -34,4 +34,4 @@ def test_a_port_in_use_is_not_chosen(monkeypatch):
                 return next(draws)
 
         monkeypatch.setattr(local_stack.random, "SystemRandom", Draws)
-        assert local_stack._free_port_pairs(1) == [free[1]]
+        assert local_stack.weed_ports(1) == [free[1]]

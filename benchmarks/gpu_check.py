@@ -264,6 +264,8 @@ def profile(call, data, batch, device: torch.device, steps: int) -> dict:
 
 def measure(run: Run, config: LDMConfig, args, device: torch.device) -> dict:
     torch.manual_seed(config.seed)
+    if device.type == "cuda":  # the peak spans warm-up too: a CUDA graph's activations
+        torch.cuda.reset_peak_memory_stats()  # are allocated when it is recorded
     net, call, data, batch, flops = build(run, config, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
@@ -275,8 +277,6 @@ def measure(run: Run, config: LDMConfig, args, device: torch.device) -> dict:
             first_loss = float(out)
     sync()
     warmup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     last = None
     started = time.perf_counter()

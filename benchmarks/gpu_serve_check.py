@@ -11,15 +11,16 @@ the network matters.
 
 Modes (``--modes``; default the five fp32 ones):
 
-- ``fp32``: the serving default, deterministic kernels in full float32 (what
-  :func:`serving.engine.configure_torch` sets on a GPU engine);
-- ``fp32_tf32``: cuDNN's defaults, TF32 convolutions and its fastest algorithms (the
-  serving default before, and what ``--fast-kernels`` gives);
+- ``fp32``: deterministic kernels in full float32 (what
+  :func:`serving.engine.configure_torch` sets on a GPU engine), unpadded and eager
+  (``--no-batch-invariant``);
+- ``fp32_tf32``: cuDNN's defaults, TF32 convolutions and its fastest algorithms
+  (``--fast-kernels --no-batch-invariant``);
 - ``fp32_strict``: TF32 off, cuDNN's algorithms free (tells TF32 from the algorithms);
 - ``fp32_invariant``: ``fp32`` with every forward at the replica's full width
-  (``batch_invariant``);
+  (``batch_invariant``; ``--no-cuda-graph``);
 - ``fp32_graph``: ``fp32_invariant`` with the denoiser replayed as a CUDA graph
-  (``cuda_graph``; on the CPU it runs as ``fp32_invariant``);
+  (``cuda_graph``; a GPU replica's default; on the CPU it runs as ``fp32_invariant``);
 - ``bf16``, ``fp16``: ``fp32`` with the networks under autocast.
 
 For each mode:
@@ -51,6 +52,7 @@ import platform
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +102,7 @@ MODES = {
     "bf16": Mode("bf16"),
     "fp16": Mode("fp16"),
 }
-DEFAULT_MODES = ["fp32", "fp32_tf32", "fp32_strict", "fp32_invariant", "fp32_graph"]
+DEFAULT_MODES = ["fp32", "fp32_tf32", "fp32_invariant", "fp32_graph", "fp32_strict"]
 REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward (--width)
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
@@ -227,23 +229,29 @@ def main() -> None:
     for name in args.modes:
         mode = MODES[name]
         mode.apply()
-        alone = [run(model, [job], mode, args.width)[0] for job in MIX]
-        mixed = run(model, MIX, mode, args.width, head=head)
-        row = {
-            "mode": name,
-            "images_per_s": {
+        row: dict = {"mode": name}
+        try:  # a mode that fails is recorded with its error; the others still run
+            alone = [run(model, [job], mode, args.width)[0] for job in MIX]
+            mixed = run(model, MIX, mode, args.width, head=head)
+            row["mixed_vs_alone"] = difference(mixed, alone)
+            row["vs_fp32"] = difference(alone, reference)
+            row["images_per_s"] = {
                 c: round(throughput(model, mode, c, args.steps, args.device, args.width), 1)
                 for c in args.concurrency
-            },
-            "engine_images_per_s": {
-                c: round(engine_throughput(model, mode, c, args.steps, args.device, args.width), 1)
-                for c in args.concurrency
             }
-            if mode.engine
-            else None,
-            "mixed_vs_alone": difference(mixed, alone),
-            "vs_fp32": difference(alone, reference),
-        }
+            row["engine_images_per_s"] = (
+                {
+                    c: round(
+                        engine_throughput(model, mode, c, args.steps, args.device, args.width), 1
+                    )
+                    for c in args.concurrency
+                }
+                if mode.engine
+                else None
+            )
+        except Exception as error:  # reported in the row and on stderr
+            traceback.print_exc()
+            row["error"] = f"{type(error).__name__}: {error}"
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.json:  # after every mode, so a run cut short keeps what it measured

@@ -82,18 +82,18 @@ class AppConfig(FrozenConfig):
         "same request gives the same images every time; false allows TF32 and "
         "cuDNN's fastest algorithms",
     )
-    batch_invariant: bool = Field(
-        False,
+    batch_invariant: bool | None = Field(
+        None,
         description="run every network forward at exactly max_rows_per_forward rows "
         "(padded), so an image never depends on what it is batched with, also on a GPU "
         "whose kernels change with the batch width; costs a full forward at every step, "
-        "whatever the load",
+        "whatever the load; default: on for a GPU replica, off on the CPU",
     )
-    cuda_graph: bool = Field(
-        False,
+    cuda_graph: bool | None = Field(
+        None,
         description="on a GPU replica with batch_invariant: replay the denoiser's "
         "forward as a CUDA graph recorded at its one width (one launch per step instead "
-        "of one per kernel)",
+        "of one per kernel); default: on for a GPU replica with batch_invariant",
     )
     # ----------------------------------------------------------- step-level batching
     max_rows_per_forward: int | None = Field(
@@ -172,7 +172,7 @@ class AppConfig(FrozenConfig):
             )
         if self.cuda_graph and self.resolved_device != "cuda":
             raise ValueError("cuda_graph needs a GPU replica: set num_gpus > 0 (--num-gpus)")
-        if self.cuda_graph and not self.batch_invariant:
+        if self.cuda_graph and not self.resolved_batch_invariant:
             raise ValueError("cuda_graph needs batch_invariant: a graph is recorded at one width")
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("device='cuda' needs num_gpus > 0 (Serve must place it on a GPU)")
@@ -187,6 +187,22 @@ class AppConfig(FrozenConfig):
         if self.device == "auto":
             return "cuda" if self.num_gpus > 0 else "cpu"
         return self.device
+
+    @property
+    def resolved_batch_invariant(self) -> bool:
+        """``batch_invariant``, by default on for a GPU replica: on a GPU the kernels
+        change with the batch width, and a padded step replayed as a CUDA graph was
+        faster than the unpadded eager one at every load measured (RESULTS.md)."""
+        if self.batch_invariant is None:
+            return self.resolved_device == "cuda"
+        return self.batch_invariant
+
+    @property
+    def resolved_cuda_graph(self) -> bool:
+        """``cuda_graph``, by default on wherever the batch is invariant on a GPU."""
+        if self.cuda_graph is None:
+            return self.resolved_device == "cuda" and self.resolved_batch_invariant
+        return self.cuda_graph
 
     @property
     def store_device(self) -> str:
@@ -204,8 +220,8 @@ class AppConfig(FrozenConfig):
             torch_threads=self.resolved_torch_threads,
             device=self.resolved_device,
             process=self.engine == "process",
-            batch_invariant=self.batch_invariant,
-            cuda_graph=self.cuda_graph,
+            batch_invariant=self.resolved_batch_invariant,
+            cuda_graph=self.resolved_cuda_graph,
             deterministic=self.deterministic,
         )
 

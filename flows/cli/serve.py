@@ -27,7 +27,7 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         max_rows_per_forward=args.max_rows_per_forward,
         engine=args.engine,
         deterministic=not args.fast_kernels,
-        batch_invariant=args.batch_invariant or args.cuda_graph,
+        batch_invariant=True if args.cuda_graph else args.batch_invariant,
         cuda_graph=args.cuda_graph,
         max_images_per_request=args.max_images_per_request,
         max_steps=args.max_steps,
@@ -232,15 +232,19 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--batch-invariant",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="run every denoising step at the full --max-rows-per-forward width (padded), "
-        "so an image is bit-identical whatever it is batched with, also on a GPU",
+        "so an image is bit-identical whatever it is batched with (default: on with "
+        "--num-gpus, off on the CPU)",
     )
     serve.add_argument(
         "--cuda-graph",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="on a GPU replica: replay each denoising step as a CUDA graph recorded at "
-        "the full width (implies --batch-invariant)",
+        "the full width (implies --batch-invariant; default: on with --num-gpus unless "
+        "--no-batch-invariant)",
     )
     serve.add_argument(
         "--fast-kernels",

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from flows.cli import main
 from serving.client import parse_label
@@ -144,10 +145,15 @@ def test_serve_options_reach_the_app_config():
         parse(["serve", "--model-uri", "models:/m@champion", "--fast-kernels"])
     )
     assert not fast.engine_settings().deterministic
-    graphed = app_config_from_args(
-        parse(["serve", "--model-uri", "models:/m@champion", "--cuda-graph", "--num-gpus", "1"])
-    )
-    assert graphed.engine_settings().cuda_graph and graphed.engine_settings().batch_invariant
+    gpu = ["serve", "--model-uri", "models:/m@champion", "--num-gpus", "1"]
+    graphed = app_config_from_args(parse(gpu)).engine_settings()
+    assert graphed.cuda_graph and graphed.batch_invariant  # a GPU replica's default
+    eager = app_config_from_args(parse([*gpu, "--no-cuda-graph"])).engine_settings()
+    assert not eager.cuda_graph and eager.batch_invariant
+    free = app_config_from_args(parse([*gpu, "--no-batch-invariant"])).engine_settings()
+    assert not free.cuda_graph and not free.batch_invariant
+    with pytest.raises(ValidationError, match="cuda_graph needs a GPU replica"):
+        app_config_from_args(parse(["serve", "--model-uri", "models:/m@champion", "--cuda-graph"]))
 
 
 def test_the_reason_a_replica_failed_is_found_in_serves_traceback():

@@ -66,6 +66,22 @@ def test_rows_per_forward_default_to_the_device():
 
 
 @pytest.mark.parametrize(
+    ("values", "invariant", "graph"),
+    [
+        ({}, False, False),  # a CPU replica: unpadded, no graph
+        ({"batch_invariant": True}, True, False),
+        ({"num_gpus": 1}, True, True),  # a GPU replica: padded and graphed by default
+        ({"num_gpus": 0.5, "cuda_graph": False}, True, False),
+        ({"num_gpus": 1, "batch_invariant": False}, False, False),
+        ({"num_gpus": 1, "device": "cpu"}, False, False),
+    ],
+)
+def test_a_gpu_replica_runs_batch_invariant_and_graphed_by_default(values, invariant, graph):
+    settings = AppConfig.model_validate(values).engine_settings()
+    assert (settings.batch_invariant, settings.cuda_graph) == (invariant, graph)
+
+
+@pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"model_uri": "runs:/x/model"}, "models:/NAME@ALIAS"),
@@ -77,7 +93,8 @@ def test_rows_per_forward_default_to_the_device():
         ({"device": "cuda"}, "needs num_gpus > 0"),
         ({"max_rows_per_forward": 0}, "greater than or equal to 1"),
         ({"max_batch": 8}, "Extra inputs"),
-        ({"cuda_graph": True, "num_gpus": 1}, "cuda_graph needs batch_invariant"),
+        ({"cuda_graph": True, "num_gpus": 1, "batch_invariant": False}, "needs batch_invariant"),
+        ({"cuda_graph": True}, "needs a GPU replica: set num_gpus"),
         ({"cuda_graph": True, "batch_invariant": True}, "needs a GPU replica: set num_gpus"),
     ],
 )

@@ -11,6 +11,8 @@ Two ways, picked by the address:
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -23,10 +25,16 @@ from training.ray.submit import LOCAL_HOSTS, is_job_address
 
 APPLICATIONS = "/api/serve/applications/"
 IMPORT_PATH = "serving.app:build_app"
+logger = logging.getLogger(__name__)
 
 
 class DeployError(RuntimeError):
     """The app did not reach RUNNING; the message carries Serve's own reason."""
+
+
+class UnplaceableReplica(DeployError, ValueError):
+    """No node of a cluster that cannot grow can hold a replica: a setting to change
+    (GPUs or CPUs per replica), not a fault that retrying fixes."""
 
 
 def deploy_app(
@@ -43,13 +51,112 @@ def deploy_app(
         return deploy_through_dashboard(config, name, address, port, timeout_s, host)
     from ray import serve
 
-    from serving.app import build_app
     from training.ray.connection import connect_ray
 
     connect_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config), name=name, route_prefix="/")
+    run_app(config, name, timeout_s=timeout_s)
     return f"http://{_reachable(host, '127.0.0.1')}:{port}"
+
+
+def run_app(
+    config: AppConfig,
+    name: str,
+    route_prefix: str = "/",
+    timeout_s: float = 300.0,
+    delete_on_failure: bool = False,
+) -> None:
+    """``serve.run`` of the sampling app on the connected cluster, which never waits for
+    good: :class:`DeployError` with the reason when a replica fails to start, when no
+    node can hold a replica (at once on a local Ray, which no node will join; on a
+    cluster after ``timeout_s``, which an autoscaler may use to add one), or when the
+    app is not RUNNING after ``timeout_s``. With ``delete_on_failure`` the app is
+    deleted then, and on Ctrl-C, so that Serve stops trying to place it."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from training.ray.connection import started_local_ray
+
+    problem = placement_problem(replica_resources(config), ray.nodes())
+    if problem and started_local_ray():
+        raise UnplaceableReplica(f"{problem}; this local Ray will not gain one")
+    if problem:
+        logger.warning(
+            "%s; waiting up to %.0f s for the cluster to add such a node", problem, timeout_s
+        )
+    target = serve.RunTarget(build_app(config), name=name, route_prefix=route_prefix)
+    serve.run_many(
+        [target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            app = serve.status().applications.get(name)
+            status = getattr(app.status, "value", app.status) if app else "NOT_STARTED"
+            if status == "RUNNING":
+                return
+            if status == "DEPLOY_FAILED":
+                reason = deployment_failure(name) or (app.message if app else "")
+                raise DeployError(f"the app did not start: {reason}")
+            if time.monotonic() > deadline:
+                waiting = "; ".join(
+                    d.message for d in (app.deployments.values() if app else []) if d.message
+                )
+                raise DeployError(
+                    f"'{name}' was not RUNNING {timeout_s:.0f} s after the deploy (status "
+                    f"{status}: {problem or waiting or (app.message if app else '')})"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        if delete_on_failure:
+            serve.delete(name)
+        raise
+
+
+def replica_resources(config: AppConfig) -> dict[str, float]:
+    """The Ray resources one replica asks for."""
+    actor = config.deployment_options()["ray_actor_options"]
+    need = {"CPU": float(actor.get("num_cpus") or 0), "GPU": float(actor.get("num_gpus") or 0)}
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def placement_problem(need: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
+    """Why no node of a cluster (``ray.nodes()``) could ever hold a replica needing
+    ``need``, counting each alive node's total resources; None when one could."""
+    alive = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
+    if any(all(res.get(k, 0) >= v for k, v in need.items()) for res in alive):
+        return None
+    asked = ", ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
+    have = "; ".join(", ".join(f"{res.get(k, 0):g} {k}" for k in sorted(need)) for res in alive)
+    return f"a replica needs {asked}; no node of the Ray cluster has that (its nodes: {have})"
+
+
+def deployment_failure(app_name: str) -> str | None:
+    """The error a replica of ``app_name`` failed with, from Serve's status (Serve's own
+    exception only says that the deployment failed)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the controller is gone too: Serve's exception is all there is
+        return None
+    for deployment in app.deployments.values() if app is not None else []:
+        reason = root_cause(deployment.message or "")
+        if reason is not None:
+            return reason
+    return None
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b[^:]*: ")
+
+
+def root_cause(traceback_text: str) -> str | None:
+    """The last exception line (``LookupError: …``) of a traceback's text, or None."""
+    for line in reversed(traceback_text.splitlines()):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
 
 
 def _reachable(bind: str, machine: str) -> str:

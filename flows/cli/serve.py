@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from serving.app import build_app
+    from serving.deploy import DeployError, run_app
     from training.ray.connection import RayUnavailable, connect_ray
 
     try:
@@ -66,10 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        serve.run(build_app(config), name=args.name, route_prefix="/", blocking=False)
-    except Exception as error:  # a replica failed to start: say why and stop
-        reason = _deployment_failure(args.name) or str(error)
-        print(f"ldm serve: error: the app did not start: {reason}", file=sys.stderr)
+        run_app(config, args.name, timeout_s=args.start_timeout_s, delete_on_failure=True)
+    except DeployError as error:
+        print(f"ldm serve: error: {error}", file=sys.stderr)
         return 1
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     _warn_if_token_missing(url)
@@ -84,33 +82,6 @@ def _serve(args: argparse.Namespace) -> int:
         serve.delete(args.name)
         print(f"stopped application '{args.name}'", flush=True)
     return 0
-
-
-def _deployment_failure(app_name: str) -> str | None:
-    """The error a replica of ``app_name`` failed with, from Serve's status (Serve's own
-    exception only says that the deployment failed)."""
-    from ray import serve
-
-    try:
-        app = serve.status().applications.get(app_name)
-    except Exception:  # the controller is gone too: Serve's exception is all there is
-        return None
-    for deployment in app.deployments.values() if app is not None else []:
-        reason = root_cause(deployment.message or "")
-        if reason is not None:
-            return reason
-    return None
-
-
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b[^:]*: ")
-
-
-def root_cause(traceback_text: str) -> str | None:
-    """The last exception line (``LookupError: …``) of a traceback's text, or None."""
-    for line in reversed(traceback_text.splitlines()):
-        if _EXCEPTION_LINE.match(line.strip()):
-            return line.strip()
-    return None
 
 
 def _warn_if_token_missing(url: str) -> None:
@@ -204,6 +175,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--name", default="ldm", help="Serve application name (default: ldm)")
+    serve.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=600.0,
+        help="give up (and delete the app) when it is not running by then, e.g. when no "
+        "node can hold a replica and the cluster adds none (default: 600)",
+    )
     scaling = serve.add_mutually_exclusive_group()
     scaling.add_argument("--replicas", type=int, default=1, help="fixed replicas (default: 1)")
     scaling.add_argument(

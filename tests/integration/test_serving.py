@@ -28,6 +28,7 @@ from ray import serve
 
 from flows.cli import main as ldm
 from serving.app import build_app
+from serving.config import AppConfig
 from serving.encoding import decode_png
 from tests.integration.browser import Chromium
 from tests.integration.services import free_port
@@ -421,20 +422,42 @@ def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
 
 def test_ldm_serve_says_why_its_replica_did_not_start(app_url, mlflow_server):
     """A model the registry does not hold: Serve's own error only says the deployment
-    failed; ``ldm serve`` prints the replica's reason, read from Serve's status."""
-    from flows.cli.serve import _deployment_failure
+    failed; the deploy reports the replica's reason, read from Serve's status."""
+    from serving.deploy import DeployError, deployment_failure, run_app
 
     args = {"model_uri": "models:/nosuch@champion", "tracking_uri": mlflow_server}
-    with pytest.raises(RuntimeError, match="Failed to update the deployments") as raised:
-        serve.run(build_app(args | APP_ARGS), name="broken", route_prefix="/broken")
-    try:
-        reason = _deployment_failure("broken")
-    finally:
-        serve.delete("broken")
-    assert "nosuch" not in str(raised.value)  # what Serve alone would have shown
-    assert reason is not None and reason.startswith("RuntimeError: cannot resolve")
-    assert "model 'nosuch' has no alias @champion" in reason
-    assert _deployment_failure("ldm-it") is None  # a healthy app has no failure
+    config = AppConfig.model_validate(args | APP_ARGS)
+    with pytest.raises(DeployError) as raised:
+        run_app(config, "broken", route_prefix="/broken", timeout_s=120, delete_on_failure=True)
+    assert str(raised.value).startswith("the app did not start: RuntimeError: cannot resolve")
+    assert "model 'nosuch' has no alias @champion" in str(raised.value)
+    assert "broken" not in serve.status().applications  # deleted, Serve stops retrying
+    assert deployment_failure("ldm-it") is None  # a healthy app has no failure
+
+
+def test_a_replica_no_node_can_hold_is_reported_not_waited_for(app_url, mlflow_server, monkeypatch):
+    """A GPU replica on a cluster without a GPU (``ldm serve --num-gpus 1`` on a laptop):
+    on a cluster that may gain nodes the deploy waits its timeout and then says why;
+    on a local Ray it says so at once, as a setting to change (a ValueError, which the
+    flows do not retry). Either way the app is deleted."""
+    import training.ray.connection as connection
+    from serving.deploy import DeployError, UnplaceableReplica, run_app
+
+    args = {"model_uri": f"models:/{MODEL_NAME}@champion", "tracking_uri": mlflow_server}
+    config = AppConfig.model_validate(args | APP_ARGS | {"num_gpus": 1})
+    needs = r"a replica needs 0\.5 CPU, 1 GPU; no node of the Ray cluster has that"
+    started = time.monotonic()
+    with pytest.raises(
+        DeployError, match=rf"not RUNNING 3 s after the deploy \(status \w+: {needs}"
+    ):
+        run_app(config, "gpu", route_prefix="/gpu", timeout_s=3, delete_on_failure=True)
+    assert time.monotonic() - started < 30
+    assert "gpu" not in serve.status().applications
+
+    monkeypatch.setattr(connection, "_started_here", True)  # as after connect_ray("local")
+    with pytest.raises(UnplaceableReplica, match=rf"{needs} \(its nodes: [^)]*\); this local Ray"):
+        run_app(config, "gpu", route_prefix="/gpu", timeout_s=60, delete_on_failure=True)
+    assert "gpu" not in serve.status().applications
 
 
 def _hammer(url: str, stop: threading.Event, seen: list[tuple[int, str]]) -> None:

@@ -157,7 +157,7 @@ def test_serve_options_reach_the_app_config():
 
 
 def test_the_reason_a_replica_failed_is_found_in_serves_traceback():
-    from flows.cli.serve import root_cause
+    from serving.deploy import root_cause
 
     message = (
         "ray::ServeReplica:ldm:LDMSampler.initialize_and_get_metadata() (pid=1)\n"

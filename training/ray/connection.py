@@ -36,6 +36,15 @@ def is_job_address(address: str | None) -> bool:
     return bool(address) and address.startswith(("http://", "https://"))
 
 
+_started_here = False  # whether this process's Ray is a local one connect_ray started
+
+
+def started_local_ray() -> bool:
+    """Whether this process is connected to a local Ray that :func:`connect_ray` started:
+    a cluster of this machine alone, to which no node will be added."""
+    return _started_here and ray.is_initialized()
+
+
 class RayUnavailable(RuntimeError):
     """No Ray cluster answers at the address; the message says which and what to do."""
 
@@ -49,6 +58,7 @@ def connect_ray(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S
     nodes use their own. A submitted Ray Job's driver passes nothing: the job's
     runtime env applies.
     """
+    global _started_here
     if ray.is_initialized():
         return
     target = resolve_address(address, timeout_s)
@@ -64,6 +74,7 @@ def connect_ray(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S
     else:
         env = {} if JOB_CONFIG_ENV in os.environ else settings_env()
         ray.init(address=target, runtime_env={"env_vars": env} if env else None)
+    _started_here = target is None
     _restore_sigterm(handler)
 
 

@@ -70,8 +70,8 @@ def run_app(
     good: :class:`DeployError` with the reason when a replica fails to start, when no
     node can hold a replica (at once on a local Ray, which no node will join; on a
     cluster after ``timeout_s``, which an autoscaler may use to add one), or when the
-    app is not RUNNING after ``timeout_s``. With ``delete_on_failure`` the app is
-    deleted then, and on Ctrl-C, so that Serve stops trying to place it."""
+    app is not RUNNING after ``timeout_s``. With ``delete_on_failure`` the app's
+    deletion is asked for then, and on Ctrl-C, so that Serve stops trying to place it."""
     import ray
     from ray import serve
 
@@ -110,7 +110,9 @@ def run_app(
             time.sleep(0.5)
     except BaseException:
         if delete_on_failure:
-            serve.delete(name)
+            # Asked, not awaited: Serve holds a replica that never started for its
+            # graceful_shutdown_timeout_s (20 s) before it goes; the controller finishes.
+            serve.delete(name, _blocking=False)
         raise
 
 

@@ -7,7 +7,8 @@
 # 1. benchmarks/gpu_serve_check.py: the sampling engine's images/s at 1, 32 and 128
 #    concurrent requests and how reproducible its images are, in float32 with
 #    deterministic kernels, with TF32, batch-invariant, and batch-invariant with the
-#    denoiser as a CUDA graph (a GPU replica's default; the `demo` model).
+#    denoiser and decoder as CUDA graphs (a GPU replica's default; the `demo` model),
+#    that last one also decoding one image a call (what batched decoding saves).
 # 2. benchmarks/gpu_check.py with the options given: training-step throughput and MFU
 #    of the `base` denoiser and autoencoder stages and the latent encoding, eager,
 #    channels-last, compiled and with CUDA graphs.

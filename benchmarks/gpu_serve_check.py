@@ -9,7 +9,7 @@ Runs :class:`serving.scheduler.StepScheduler` in this process (what a replica ru
 without HTTP) on an untrained model of ``--preset`` whose output layer is perturbed so
 the network matters.
 
-Modes (``--modes``; default the five fp32 ones):
+Modes (``--modes``; by default all but ``fp32_strict``, ``bf16`` and ``fp16``):
 
 - ``fp32``: deterministic kernels in full float32 (what
   :func:`serving.engine.configure_torch` sets on a GPU engine), unpadded and eager
@@ -21,6 +21,10 @@ Modes (``--modes``; default the five fp32 ones):
   (``batch_invariant``; ``--no-cuda-graph``);
 - ``fp32_graph``: ``fp32_invariant`` with the denoiser replayed as a CUDA graph
   (``cuda_graph``; a GPU replica's default; on the CPU it runs as ``fp32_invariant``);
+- ``fp32_graph_decode1``, ``fp32_decode1``: ``fp32_graph`` and ``fp32`` decoding
+  each image on its own, as every request was decoded before requests finishing at
+  one step were decoded together (in this process only; the throughput loads are
+  one-image requests, so one image a decoder call is one call per request);
 - ``bf16``, ``fp16``: ``fp32`` with the networks under autocast.
 
 For each mode:
@@ -63,7 +67,7 @@ import torch
 
 from serving.engine import EngineProcess, EngineSettings
 from serving.sampler import SampleJob, SampleResult
-from serving.scheduler import StepScheduler
+from serving.scheduler import DECODE_WIDTH, StepScheduler
 from training.latent_diffusion import LatentDiffusion
 from training.presets import PRESETS, get_preset
 
@@ -77,7 +81,8 @@ class Mode:
     deterministic: bool = True  # deterministic kernels, no TF32 (the serving default)
     tf32: bool = False  # only without deterministic: cuDNN's TF32 convolutions
     batch_invariant: bool = False
-    cuda_graph: bool = False  # with batch_invariant: the denoiser replayed as a CUDA graph
+    cuda_graph: bool = False  # with batch_invariant: denoiser and decoder as CUDA graphs
+    decode_width: int = DECODE_WIDTH  # images per decoder call
     engine: bool = True  # also through the engine process
 
     @property
@@ -99,10 +104,12 @@ MODES = {
     "fp32_strict": Mode(deterministic=False, engine=False),
     "fp32_invariant": Mode(batch_invariant=True),
     "fp32_graph": Mode(batch_invariant=True, cuda_graph=True),
+    "fp32_graph_decode1": Mode(batch_invariant=True, cuda_graph=True, decode_width=1, engine=False),
+    "fp32_decode1": Mode(decode_width=1, engine=False),
     "bf16": Mode("bf16"),
     "fp16": Mode("fp16"),
 }
-DEFAULT_MODES = ["fp32", "fp32_tf32", "fp32_invariant", "fp32_graph", "fp32_strict"]
+DEFAULT_MODES = ["fp32_graph", "fp32_graph_decode1", "fp32", "fp32_invariant", "fp32_tf32"]
 REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward (--width)
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
@@ -131,6 +138,7 @@ def run(model: LatentDiffusion, jobs: list[SampleJob], mode: Mode, width: int, h
         autocast=mode.dtype,
         batch_invariant=mode.batch_invariant,
         cuda_graph=mode.cuda_graph,
+        decode_width=mode.decode_width,
     )
     outcomes: dict[int, SampleResult] = {}
     if head is not None:

@@ -1,5 +1,7 @@
 """How the sampling engine calls a network when its batch width must not matter.
 
+:class:`LatentDecoder` is the autoencoder's decoding of scaled latents as a module of
+its own, so that the same wrappers serve the denoiser and the decoder.
 :class:`FixedWidth` runs a network on exactly ``width`` rows at a time, padding the
 last chunk, so no kernel ever sees another batch size: the basis of the scheduler's
 ``batch_invariant`` mode. :class:`CudaGraphed` records a network's forward at one
@@ -14,6 +16,17 @@ import torch
 from torch import Tensor, nn
 
 GRAPH_WARMUP_CALLS = 3  # eager calls on a side stream before the capture (cuDNN's choices)
+
+
+class LatentDecoder(nn.Module):
+    """``autoencoder.decode_latents``: scaled latents [B, c, h, w] → pixels in [-1, 1]."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, z0: Tensor) -> Tensor:
+        return self.autoencoder.decode_latents(z0)
 
 
 class FixedWidth(nn.Module):

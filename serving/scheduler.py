@@ -16,7 +16,9 @@ step boundary :meth:`StepScheduler.step`
    with s > 0; see :func:`training.diffusion.guided_eps`),
 4. moves each row one step along *its* chain (:mod:`training.diffusion`'s per-row
    updates, each row reading its own chain's coefficients), and
-5. answers the requests whose rows are all done (decoded together, per request).
+5. answers the requests whose rows are all done: the images of every request that
+   finishes at this step are decoded together, ``decode_width`` images per call (one
+   call instead of one per request when many finish at once, as under uniform load).
 
 A row's noise comes only from its own generator, in its own order (x_T, then one draw
 per step where its sampler needs one), so an image is the same whether it ran alone,
@@ -26,12 +28,13 @@ long request cannot hold back requests behind it for longer than its rows occupy
 forward, and a short request never waits for a running chain to end.
 
 With ``batch_invariant`` every network call runs at exactly ``max_rows_per_forward``
-rows (:class:`~serving.forward.FixedWidth` pads it), so no kernel ever sees another
-batch size and an image's arithmetic cannot depend on what shares its forward: on a
-GPU, whose kernels change with the batch width, that makes mixed and joining images
-equal to the same request alone, at the price of always computing a full forward.
-With ``cuda_graph`` too, that one width is recorded as a CUDA graph per model version
-and replayed at every step.
+rows and every decode at exactly ``decode_width`` images
+(:class:`~serving.forward.FixedWidth` pads them), so no kernel ever sees another
+batch size and an image's arithmetic cannot depend on what shares its forward or its
+decode: on a GPU, whose kernels change with the batch width, that makes mixed and
+joining images equal to the same request alone, at the price of always computing a
+full forward. With ``cuda_graph`` too, the denoiser and the decoder are each recorded
+as a CUDA graph at their one width, per model version, and replayed.
 
 Plain Python and torch, no Ray: the Serve replica feeds it from its event loop and
 runs :meth:`StepScheduler.run` in one thread.
@@ -50,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from serving.forward import CudaGraphed, FixedWidth
+from serving.forward import CudaGraphed, FixedWidth, LatentDecoder
 from serving.sampler import (
     RequestReport,
     SampleFailure,
@@ -71,6 +74,7 @@ from training.images import to_uint8
 from training.latent_diffusion import LatentDiffusion
 
 Outcome = SampleResult | SampleFailure
+DECODE_WIDTH = 32  # images per decoder call (the padded width when batch invariant)
 logger = logging.getLogger(__name__)
 
 
@@ -146,9 +150,11 @@ class StepScheduler:
     runs to its longest chain before the next one starts: the request-level batching
     that step-level scheduling replaces, kept for comparison in the benchmark.
     ``after_step`` is called with the scheduler after every step, from its thread.
-    ``batch_invariant`` pads every network call to ``max_rows_per_forward`` rows (see
-    the module docstring); with it, ``cuda_graph`` replays the denoiser's forward as a
-    CUDA graph recorded at that one width, for each model version on a CUDA device.
+    ``decode_width`` bounds the images per decoder call. ``batch_invariant`` pads every
+    network call to ``max_rows_per_forward`` rows and every decode to ``decode_width``
+    images (see the module docstring); with it, ``cuda_graph`` replays the denoiser's
+    forward and the decode as CUDA graphs recorded at those widths, for each model
+    version on a CUDA device.
     """
 
     def __init__(
@@ -159,9 +165,12 @@ class StepScheduler:
         autocast: torch.dtype | None = None,
         batch_invariant: bool = False,
         cuda_graph: bool = False,
+        decode_width: int = DECODE_WIDTH,
     ):
         if max_rows_per_forward < 1:
             raise ValueError(f"max_rows_per_forward must be >= 1, got {max_rows_per_forward}")
+        if decode_width < 1:
+            raise ValueError(f"decode_width must be >= 1, got {decode_width}")
         if cuda_graph and not batch_invariant:
             raise ValueError("cuda_graph needs batch_invariant: a graph is recorded at one width")
         self.max_rows_per_forward = max_rows_per_forward
@@ -171,12 +180,14 @@ class StepScheduler:
         self.autocast = autocast
         self.batch_invariant = batch_invariant
         self.cuda_graph = cuda_graph
+        self.decode_width = decode_width
         self.after_step = after_step  # e.g. metrics, called from the sampling thread
         self.stats = EngineStats()
         self._waiting: deque[Ticket] = deque()
         self._active: list[Row] = []
         self._diffusions: dict[int, tuple[LatentDiffusion, GaussianDiffusion]] = {}
-        self._networks: dict[int, tuple[LatentDiffusion, nn.Module, nn.Module | None]] = {}
+        self._networks: dict[int, tuple[LatentDiffusion, nn.Module, nn.Module | None, nn.Module]]
+        self._networks = {}
         self._wakeup = threading.Condition()
 
     # ------------------------------------------------------------------ feeding it
@@ -299,17 +310,22 @@ class StepScheduler:
             self._diffusions[id(model)] = (model, model.diffusion)
         return self._diffusions[id(model)][1]
 
-    def _nets(self, model: LatentDiffusion) -> tuple[nn.Module, nn.Module | None]:
-        """The denoiser and classifier as the forward calls them: at a fixed width when
-        batch invariant (built once per model version), else as they are."""
-        if not self.batch_invariant:
-            return model.denoiser, model.classifier
+    def _nets(self, model: LatentDiffusion) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+        """The denoiser, classifier and latent decoder as the scheduler calls them: at
+        fixed widths when batch invariant, else as they are (built once per model
+        version)."""
         if id(model) not in self._networks:
-            width, denoiser = self.max_rows_per_forward, model.denoiser
-            if self.cuda_graph and next(denoiser.parameters()).is_cuda:
-                denoiser = CudaGraphed(denoiser)  # the classifier's gradient stays eager
-            classifier = None if model.classifier is None else FixedWidth(model.classifier, width)
-            self._networks[id(model)] = (model, FixedWidth(denoiser, width), classifier)
+            denoiser, classifier = model.denoiser, model.classifier
+            decoder: nn.Module = LatentDecoder(model.autoencoder)
+            if self.batch_invariant:
+                width = self.max_rows_per_forward
+                if self.cuda_graph and next(denoiser.parameters()).is_cuda:
+                    denoiser = CudaGraphed(denoiser)  # the classifier's gradient stays eager
+                    decoder = CudaGraphed(decoder)
+                denoiser = FixedWidth(denoiser, width)
+                classifier = None if classifier is None else FixedWidth(classifier, width)
+                decoder = FixedWidth(decoder, self.decode_width)
+            self._networks[id(model)] = (model, denoiser, classifier, decoder)
         return self._networks[id(model)][1:]
 
     def _account(self, rows: Sequence[Row]) -> None:
@@ -353,7 +369,7 @@ class StepScheduler:
         scales = [[j.guidance_scale for j in jobs], [j.classifier_scale for j in jobs]]
         w, s = (torch.tensor(v, dtype=torch.float32, device=device) for v in scales)
         sigma = _row_coefficients(rows, x)("sqrt_one_minus_alphas_cumprod")
-        denoiser, classifier = self._nets(model)
+        denoiser, classifier, _ = self._nets(model)
         cast = torch.autocast(
             device.type,
             self.autocast,
@@ -402,31 +418,49 @@ class StepScheduler:
             self._active = [r for r in self._active if r.position >= 0]
         for row in done:
             row.ticket.latents[row.image] = row.x
+        complete: dict[int, list[Ticket]] = {}
         for ticket in {id(r.ticket): r.ticket for r in done}.values():
             if len(ticket.latents) == len(ticket.job.labels):
-                self._answer(ticket)
+                complete.setdefault(id(ticket.model), []).append(ticket)
+        for tickets in complete.values():
+            self._answer(tickets)
 
-    def _answer(self, ticket: Ticket) -> None:
+    def _answer(self, tickets: Sequence[Ticket]) -> None:
+        """Decode the images of ``tickets`` (all of one model) together and answer each;
+        if that fails, decode each request on its own so only the one at fault fails."""
         try:
-            latents = torch.stack([ticket.latents[i] for i in range(len(ticket.job.labels))])
-            with torch.no_grad():
-                images = to_uint8(ticket.model.autoencoder.decode_latents(latents))
+            images = self._decode(tickets)
         except Exception as error:
-            self._fail([ticket], error)
+            if len(tickets) == 1:
+                self._fail(tickets, error)
+            else:
+                for ticket in tickets:
+                    self._answer([ticket])
             return
         now = time.perf_counter()
-        first = ticket.first_admitted or now
-        report = RequestReport(
-            forwards=ticket.forwards,
-            mean_rows_per_forward=ticket.rows_seen / max(1, ticket.forwards),
-            max_rows_per_forward=ticket.max_rows,
-            max_requests_per_forward=ticket.max_requests,
-            queued_s=first - ticket.submitted,
-            sampling_s=now - first,
-        )
-        self.stats.record_answer(len(images))
-        self._forget_model_if_idle(ticket.model)
-        _deliver(ticket, SampleResult(images, report))
+        for ticket, own in zip(tickets, images, strict=True):
+            first = ticket.first_admitted or now
+            report = RequestReport(
+                forwards=ticket.forwards,
+                mean_rows_per_forward=ticket.rows_seen / max(1, ticket.forwards),
+                max_rows_per_forward=ticket.max_rows,
+                max_requests_per_forward=ticket.max_requests,
+                queued_s=first - ticket.submitted,
+                sampling_s=now - first,
+            )
+            self.stats.record_answer(len(own))
+            _deliver(ticket, SampleResult(own, report))
+        self._forget_model_if_idle(tickets[0].model)
+
+    @torch.no_grad()
+    def _decode(self, tickets: Sequence[Ticket]) -> list[np.ndarray]:
+        """Each ticket's images as uint8, decoded ``decode_width`` at a time."""
+        latents = torch.stack([t.latents[i] for t in tickets for i in range(len(t.job.labels))])
+        decoder = self._nets(tickets[0].model)[2]
+        pixels = torch.cat([decoder(part) for part in latents.split(self.decode_width)])
+        images = to_uint8(pixels)
+        ends = np.cumsum([len(t.job.labels) for t in tickets])[:-1]
+        return np.split(images, ends)
 
     def _fail(self, tickets: Sequence[Ticket] | object, error: Exception) -> None:
         tickets = list(tickets)

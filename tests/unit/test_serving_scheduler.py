@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.forward import CudaGraphed, FixedWidth
+from serving.forward import CudaGraphed, FixedWidth, LatentDecoder
 from serving.sampler import SampleFailure, SampleJob, SampleResult, generators_for
 from serving.scheduler import StepScheduler
 from training.images import to_uint8
@@ -312,6 +312,66 @@ class WidthDependentNet(CountingNet):
         return super().forward(*args) + 0.02 * len(args[0])
 
 
+class DecodingWith(torch.nn.Module):
+    """An autoencoder whose latent decoding is ``net`` (a CountingNet over the real one)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def decode_latents(self, z0):
+        return self.net(z0).clamp(-1.0, 1.0)
+
+
+def _decoding_with(model, wrapper) -> LatentDiffusion:
+    autoencoder = DecodingWith(wrapper(LatentDecoder(model.autoencoder)))
+    return LatentDiffusion(model.config, autoencoder, model.denoiser, model.classifier)
+
+
+def test_requests_finishing_at_one_step_are_decoded_together(model):
+    counted = _decoding_with(model, CountingNet)
+    scheduler, got = StepScheduler(decode_width=4), Collector()
+    jobs = {"a": _job([1], seed=1), "b": _job([2, 3], seed=2), "c": _job([4, 5, 6], seed=3)}
+    for key, job in jobs.items():
+        scheduler.submit(counted, job, got(key))
+    scheduler.submit(counted, _job([7], seed=4, steps=2), got("early"))
+    _run(scheduler)
+    # "early" alone at its second step, then six images of three requests in two calls
+    assert counted.autoencoder.net.sizes == [1, 4, 2]
+    for key, job in jobs.items():
+        assert _close(got.outcomes[key].images, _alone(model, job)), key
+        assert got.outcomes[key].images.shape[0] == len(job.labels)
+    assert scheduler.stats.images == 7
+
+
+class FailsOnMore(CountingNet):
+    """Decodes at most ``limit`` images a call, like a decoder out of memory beyond."""
+
+    def __init__(self, net, limit):
+        super().__init__(net)
+        self.limit = limit
+
+    def forward(self, *args):
+        if len(args[0]) > self.limit:
+            raise RuntimeError(f"{len(args[0])} images do not fit")
+        return super().forward(*args)
+
+
+def test_a_failing_joint_decode_fails_only_the_request_at_fault(model):
+    fragile = _decoding_with(model, lambda net: FailsOnMore(net, 2))
+    scheduler, got = StepScheduler(), Collector()
+    for key, labels in {"one": [1], "two": [2, 3], "three": [4, 5, 6]}.items():
+        scheduler.submit(fragile, _job(labels, seed=0), got(key))
+    _run(scheduler)
+    assert isinstance(got.outcomes["three"], SampleFailure)
+    assert "3 images do not fit" in got.outcomes["three"].message
+    assert _close(got.outcomes["one"].images, _alone(model, _job([1], seed=0)))
+    assert _close(got.outcomes["two"].images, _alone(model, _job([2, 3], seed=0)))
+    assert (scheduler.stats.failed, scheduler.stats.requests) == (1, 2)
+    with pytest.raises(ValueError, match="decode_width"):
+        StepScheduler(decode_width=0)
+
+
 def test_fixed_width_pads_and_chunks_without_touching_real_rows():
     net = CountingNet(torch.nn.Linear(3, 2))
     x = torch.randn(10, 3, requires_grad=True)
@@ -338,15 +398,16 @@ def test_fixed_width_passes_none_through():
 def test_batch_invariant_images_are_identical_alone_in_a_mix_and_joining(model):
     """With a width-dependent network, images change with what they are batched with;
     with batch_invariant every call is max_rows_per_forward wide and nothing moves."""
+    decoder = WidthDependentNet(LatentDecoder(model.autoencoder))
     wobbly = LatentDiffusion(
         model.config,
-        model.autoencoder,
+        DecodingWith(decoder),
         WidthDependentNet(model.denoiser),
         WidthDependentNet(model.classifier),
     )
 
     def sample(batch_invariant: bool, with_others: bool) -> dict:
-        scheduler = StepScheduler(max_rows_per_forward=24, batch_invariant=batch_invariant)
+        scheduler = StepScheduler(24, batch_invariant=batch_invariant, decode_width=8)
         got = Collector()
         if with_others:  # a long request runs three steps before the mix joins it
             scheduler.submit(wobbly, _job([1, 2], seed=10, sampler="dpmpp_2m", steps=12), got("x"))
@@ -363,12 +424,13 @@ def test_batch_invariant_images_are_identical_alone_in_a_mix_and_joining(model):
 
     alone, mixed = sample(False, False), sample(False, True)
     assert any(not np.array_equal(alone[k], mixed[k]) for k in alone)  # the net is wobbly
-    wobbly.denoiser.sizes.clear()
-    wobbly.classifier.sizes.clear()
+    for net in (wobbly.denoiser, wobbly.classifier, decoder):
+        net.sizes.clear()
     alone, mixed = sample(True, False), sample(True, True)
     for key, job in enumerate(MIX):
         assert np.array_equal(alone[key], mixed[key]), job
     assert set(wobbly.denoiser.sizes) == {24} and set(wobbly.classifier.sizes) == {24}
+    assert set(decoder.sizes) == {8}
 
 
 def test_a_cuda_graph_needs_one_width_and_a_cuda_model(model):

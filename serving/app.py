@@ -302,6 +302,7 @@ class SamplerDeployment:
                 "batch_invariant": c.resolved_batch_invariant,
                 "cuda_graph": c.resolved_cuda_graph,
                 "max_rows_per_forward": c.resolved_max_rows_per_forward,
+                "decode_width": c.decode_width,
                 "max_ongoing_requests": c.resolved_max_ongoing_requests,
                 "max_queued_requests": c.max_queued_requests,
             },

@@ -92,8 +92,9 @@ class AppConfig(FrozenConfig):
     cuda_graph: bool | None = Field(
         None,
         description="on a GPU replica with batch_invariant: replay the denoiser's "
-        "forward as a CUDA graph recorded at its one width (one launch per step instead "
-        "of one per kernel); default: on for a GPU replica with batch_invariant",
+        "forward and the decoder as CUDA graphs recorded at their one width (one launch "
+        "per call instead of one per kernel); default: on for a GPU replica with "
+        "batch_invariant",
     )
     # ----------------------------------------------------------- step-level batching
     max_rows_per_forward: int | None = Field(
@@ -102,6 +103,14 @@ class AppConfig(FrozenConfig):
         le=65_536,
         description="network rows per denoising step, across requests (an image with "
         "classifier-free guidance counts twice); default 64 on CPU, 256 on GPU",
+    )
+    decode_width: int = Field(
+        32,
+        ge=1,
+        le=4_096,
+        description="images per decoder call: the images of every request that "
+        "finishes at one step are decoded together, this many at a time (padded to "
+        "exactly this many when batch_invariant)",
     )
     engine: Literal["process", "thread"] = Field(
         "process",
@@ -223,6 +232,7 @@ class AppConfig(FrozenConfig):
             batch_invariant=self.resolved_batch_invariant,
             cuda_graph=self.resolved_cuda_graph,
             deterministic=self.deterministic,
+            decode_width=self.decode_width,
         )
 
     @property

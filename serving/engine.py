@@ -63,8 +63,9 @@ class EngineSettings:
     device: str  # where the engine moves each model version it receives
     process: bool = True  # False: a thread of the replica (ThreadEngine)
     batch_invariant: bool = False  # every network call at max_rows_per_forward rows
-    cuda_graph: bool = False  # with batch_invariant on a GPU: the denoiser as a CUDA graph
+    cuda_graph: bool = False  # with batch_invariant on a GPU: denoiser and decoder as graphs
     deterministic: bool = True  # deterministic GPU kernels, float32 without TF32
+    decode_width: int = 32  # images per decoder call (StepScheduler's decode_width)
 
     @property
     def autocast_dtype(self) -> Any:  # torch.dtype | None
@@ -81,6 +82,7 @@ def scheduler_options(settings: EngineSettings) -> dict[str, Any]:
         "autocast": settings.autocast_dtype,
         "batch_invariant": settings.batch_invariant,
         "cuda_graph": settings.cuda_graph,
+        "decode_width": settings.decode_width,
     }
 
 

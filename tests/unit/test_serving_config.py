@@ -65,6 +65,11 @@ def test_rows_per_forward_default_to_the_device():
     assert (graphed.batch_invariant, graphed.cuda_graph, graphed.deterministic) == (True,) * 3
 
 
+def test_the_decode_width_reaches_the_engine():
+    assert AppConfig().engine_settings().decode_width == 32
+    assert AppConfig(decode_width=8).engine_settings().decode_width == 8
+
+
 @pytest.mark.parametrize(
     ("values", "invariant", "graph"),
     [
@@ -92,6 +97,7 @@ def test_a_gpu_replica_runs_batch_invariant_and_graphed_by_default(values, invar
         ({"max_steps": 10, "default_steps": 20}, "default_steps (20) must not exceed"),
         ({"device": "cuda"}, "needs num_gpus > 0"),
         ({"max_rows_per_forward": 0}, "greater than or equal to 1"),
+        ({"decode_width": 0}, "greater than or equal to 1"),
         ({"max_batch": 8}, "Extra inputs"),
         ({"cuda_graph": True, "num_gpus": 1, "batch_invariant": False}, "needs batch_invariant"),
         ({"cuda_graph": True}, "needs a GPU replica: set num_gpus"),

@@ -251,17 +251,21 @@ def test_the_thread_engine_offers_the_same_interface(model):
 def test_the_engine_settings_reach_the_scheduler(model):
     """Both engines build their scheduler from scheduler_options; with batch_invariant
     every forward of the thread engine runs at the full width."""
-    settings = EngineSettings(16, True, "off", 1, "cpu", process=False, batch_invariant=True)
+    settings = EngineSettings(
+        16, True, "off", 1, "cpu", process=False, batch_invariant=True, decode_width=8
+    )
     assert scheduler_options(settings) == {
         "max_rows_per_forward": 16,
         "join_running": True,
         "autocast": None,
         "batch_invariant": True,
         "cuda_graph": False,
+        "decode_width": 8,
     }
     engine = start_engine(settings)
     try:
         assert engine.batch_invariant and engine.max_rows_per_forward == 16
+        assert engine.decode_width == 8
         got = Outcomes()
         engine.submit(model, MIX[1], got(0))
         (outcome,) = got.wait([0])

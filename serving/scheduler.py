@@ -134,12 +134,15 @@ def _row_coefficients(rows: Sequence[Row], like: Tensor) -> Coefficients:
 
 
 def _noise(rows: Sequence[Row], like: Tensor, draws: Sequence[bool]) -> Tensor:
-    """One standard normal draw from each row's generator where ``draws``, zeros elsewhere."""
-    out = torch.zeros_like(like)
-    for i, (row, draw) in enumerate(zip(rows, draws, strict=True)):
-        if draw:
-            out[i] = torch.randn(tuple(like.shape[1:]), generator=row.generator).to(like)
-    return out
+    """One standard normal draw from each row's generator where ``draws``, zeros
+    elsewhere: drawn on the host (the generators' device) and moved in one copy."""
+    shape = tuple(like.shape[1:])
+    zeros = torch.zeros(shape)
+    host = [
+        torch.randn(shape, generator=row.generator) if draw else zeros
+        for row, draw in zip(rows, draws, strict=True)
+    ]
+    return torch.stack(host).to(like)
 
 
 class StepScheduler:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import socket
 import sys
 import tempfile
@@ -67,6 +66,7 @@ import torch
 from mlflow import MlflowClient
 from ray import serve
 
+from benchmarks.workloads import MIXED_GUIDANCE, MIXED_STEPS, UNIFORM, request_settings
 from serving.app import build_app
 from serving.sampler import generators_for
 from training.latent_diffusion import LatentDiffusion
@@ -100,24 +100,9 @@ def register(root: Path, model: LatentDiffusion) -> str:
     return uri
 
 
-# The uniform workload's settings; the mixed one's, each drawn per request with equal odds.
-UNIFORM = {"guidance_scale": 3.0, "sampler": "ddim", "steps": 20}
-MIXED_STEPS = (10, 20, 50)
-MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
-MIXED_GUIDANCE = (0.0, 1.0, 3.0)
-
-
 def request_body(workload: str, client: int, index: int) -> dict:
     """The body of request ``index`` of ``client``: the same in every mode."""
-    if workload == "uniform":
-        settings = UNIFORM
-    else:
-        draw = random.Random(client * 100_003 + index)
-        settings = {
-            "steps": draw.choice(MIXED_STEPS),
-            "sampler": draw.choice(MIXED_SAMPLERS),
-            "guidance_scale": draw.choice(MIXED_GUIDANCE),
-        }
+    settings = request_settings(workload, client, index)
     return {"label": (client + index) % 10, "seed": client * 1000 + index} | settings
 
 

@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_check.sh [gpu_check.py options]
 #
 # 1. benchmarks/gpu_serve_check.py: the sampling engine's images/s at 1, 32 and 128
-#    concurrent requests and how reproducible its images are, in float32 with
-#    deterministic kernels, with TF32, batch-invariant, and batch-invariant with the
-#    denoiser and decoder as CUDA graphs (a GPU replica's default; the `demo` model),
-#    that last one also decoding one image a call (what batched decoding saves).
+#    concurrent requests and how reproducible its images are (the `demo` model), in a
+#    GPU replica's default (batch-invariant, denoiser and decoder as CUDA graphs), the
+#    same decoding one image a call (what batched decoding saves) and plain float32
+#    with deterministic kernels; and, in the default, short requests' latency in a
+#    mixed load of 32 clients against alone. --modes in SERVE_ARGS picks other modes.
 # 2. benchmarks/gpu_check.py with the options given: training-step throughput and MFU
 #    of the `base` denoiser and autoencoder stages and the latent encoding, eager,
 #    channels-last, compiled and with CUDA graphs.
@@ -49,7 +50,7 @@ status=0
 parts=" ${GPU_CHECK_PARTS:-serve train} "
 if [[ $parts == *" serve "* ]]; then
   timeout --signal=INT "${SERVE_TIMEOUT:-300}" "$python" "$here/gpu_serve_check.py" \
-    --json "$out/serve.json" 2>&1 | tee "$out/serve.log" || status=1
+    --json "$out/serve.json" ${SERVE_ARGS:-} 2>&1 | tee "$out/serve.log" || status=1
 fi
 if [[ $parts == *" train "* ]]; then
   timeout --signal=INT "${TRAIN_TIMEOUT:-360}" "$python" "$here/gpu_check.py" \

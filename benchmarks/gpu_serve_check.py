@@ -9,7 +9,7 @@ Runs :class:`serving.scheduler.StepScheduler` in this process (what a replica ru
 without HTTP) on an untrained model of ``--preset`` whose output layer is perturbed so
 the network matters.
 
-Modes (``--modes``; by default all but ``fp32_strict``, ``bf16`` and ``fp16``):
+Modes (``--modes``; by default ``fp32_graph``, ``fp32_graph_decode1`` and ``fp32``):
 
 - ``fp32``: deterministic kernels in full float32 (what
   :func:`serving.engine.configure_torch` sets on a GPU engine), unpadded and eager
@@ -37,6 +37,12 @@ For each mode:
   the scheduler in a child process as a replica runs it (weights sent as bytes,
   images answered over a socket), so the price of the process boundary is seen at
   GPU step times (not for ``fp32_strict``, which no engine setting gives);
+- short requests in a mixed load (``--latency-modes``, default ``fp32_graph``, through
+  the engine process): ``--latency-clients`` closed-loop clients (default 32) send
+  ``bench_serve.py``'s mixed load (steps in {10, 20, 50}, samplers and w mixed, one
+  image each) for ``--latency-seconds``; then one client sends the same load's
+  requests cut to 10 steps, alone. Reports p50/p99 latency by step count, images/s,
+  and the short requests' p50 in the mix over their p50 alone (the goal: at most 2);
 - reproducibility: six requests of mixed samplers, steps and guidance, each sampled
   alone and then in a mix that joins a running chain mid-way; the largest pixel
   difference and the share of differing pixels (the tolerance of
@@ -53,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import sys
 import threading
 import time
@@ -65,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from benchmarks.workloads import MIXED_STEPS, request_settings
 from serving.engine import EngineProcess, EngineSettings
 from serving.sampler import SampleJob, SampleResult
 from serving.scheduler import DECODE_WIDTH, StepScheduler
@@ -109,7 +117,7 @@ MODES = {
     "bf16": Mode("bf16"),
     "fp16": Mode("fp16"),
 }
-DEFAULT_MODES = ["fp32_graph", "fp32_graph_decode1", "fp32", "fp32_invariant", "fp32_tf32"]
+DEFAULT_MODES = ["fp32_graph", "fp32_graph_decode1", "fp32"]
 REPLICA_WIDTH = 256  # a GPU replica's default max_rows_per_forward (--width)
 MIX = [
     SampleJob((3, 3), 3.0, 0.0, "ddim", 20, 0.0, 1),
@@ -178,12 +186,10 @@ def throughput(
     return concurrency / (time.perf_counter() - started)
 
 
-def engine_throughput(
-    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str, cap: int
-) -> float:
-    """:func:`throughput` through the engine process (a warm-up round, then one timed)."""
-    settings = EngineSettings(
-        max(cap, 2 * concurrency),
+def engine_settings(mode: Mode, width: int, device: str) -> EngineSettings:
+    """What a replica of ``mode`` at ``width`` rows hands its engine process."""
+    return EngineSettings(
+        width,
         True,
         mode.autocast,
         1,
@@ -191,8 +197,15 @@ def engine_throughput(
         batch_invariant=mode.batch_invariant,
         cuda_graph=mode.cuda_graph,
         deterministic=mode.deterministic,
+        decode_width=mode.decode_width,
     )
-    engine = EngineProcess(settings)
+
+
+def engine_throughput(
+    model: LatentDiffusion, mode: Mode, concurrency: int, steps: int, device: str, cap: int
+) -> float:
+    """:func:`throughput` through the engine process (a warm-up round, then one timed)."""
+    engine = EngineProcess(engine_settings(mode, max(cap, 2 * concurrency), device))
     try:
         engine.preload(model)
 
@@ -213,6 +226,80 @@ def engine_throughput(
         engine.close()
 
 
+def closed_loop(
+    engine: EngineProcess, model: LatentDiffusion, clients: int, seconds: float, short: bool
+) -> tuple[list[tuple[int, float]], float]:
+    """``clients`` closed-loop clients of the mixed load for ``seconds`` (each sends its
+    next request when its last is answered; ``short``: every request cut to the load's
+    fewest steps). Returns (steps, latency in s) per answered request and the wall time
+    until the last answer."""
+    started, records, lock = time.perf_counter(), [], threading.Lock()
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        index = 0
+        while time.perf_counter() - started < seconds and not errors:
+            settings = request_settings("mixed", k, index)
+            steps = MIXED_STEPS[0] if short else settings["steps"]
+            job = SampleJob(
+                ((k + index) % 10,), settings["guidance_scale"], 0.0, settings["sampler"],
+                steps, 0.0, k * 1000 + index,
+            )  # fmt: skip
+            answers: queue.Queue = queue.Queue()
+            sent = time.perf_counter()
+            engine.submit(model, job, answers.put)
+            try:
+                outcome = answers.get(timeout=600)
+            except queue.Empty:
+                outcome = "no answer in 600 s"
+            if not isinstance(outcome, SampleResult):
+                errors.append(f"request {job} failed: {outcome}")
+                return
+            with lock:
+                records.append((steps, time.perf_counter() - sent))
+            index += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    return records, time.perf_counter() - started
+
+
+def mixed_latency(
+    model: LatentDiffusion, mode: Mode, device: str, cap: int, clients: int, seconds: float
+) -> dict:
+    """Latency by step count in the mixed load, and the short requests' p50 there
+    against the same short requests sent alone, through the engine process."""
+    engine = EngineProcess(engine_settings(mode, cap, device))
+    try:
+        engine.preload(model)
+        closed_loop(engine, model, clients, min(seconds, 3.0), short=False)  # warm-up
+        alone, _ = closed_loop(engine, model, 1, seconds, short=True)
+        mixed, wall = closed_loop(engine, model, clients, seconds, short=False)
+    finally:
+        engine.close()
+
+    def quantiles(records: list[tuple[int, float]], steps: int) -> tuple[float, float]:
+        latencies = [latency for s, latency in records if s == steps]
+        return tuple(round(float(np.quantile(latencies, q)), 4) for q in (0.5, 0.99))
+
+    short = MIXED_STEPS[0]
+    by_steps = {s: quantiles(mixed, s) for s in MIXED_STEPS if any(r[0] == s for r in mixed)}
+    p50_alone = quantiles(alone, short)[0]
+    return {
+        "clients": clients,
+        "requests": len(mixed),
+        "images_per_s": round(len(mixed) / wall, 1),
+        "p50_p99_s_by_steps": by_steps,
+        "short_p50_alone_s": p50_alone,
+        "short_p50_ratio": round(by_steps[short][0] / p50_alone, 2) if short in by_steps else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -223,6 +310,12 @@ def main() -> None:
     parser.add_argument(
         "--width", type=int, default=REPLICA_WIDTH, help="max_rows_per_forward (default 256)"
     )
+    parser.add_argument(
+        "--latency-modes", nargs="*", default=["fp32_graph"], choices=list(MODES),
+        help="modes whose short-request latency in a mixed load is measured",
+    )  # fmt: skip
+    parser.add_argument("--latency-clients", type=int, default=32)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -257,6 +350,11 @@ def main() -> None:
                 if mode.engine
                 else None
             )
+            if name in args.latency_modes:
+                row["mixed_latency"] = mixed_latency(
+                    model, mode, args.device, args.width, args.latency_clients,
+                    args.latency_seconds,
+                )  # fmt: skip
         except Exception as error:  # reported in the row and on stderr
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {error}"

@@ -79,11 +79,19 @@ def test_the_serving_check_reports_each_mode_on_the_cpu(tmp_path):
     args = ["--device", "cpu", "--preset", "tiny", "--concurrency", "1", "--steps", "2"]
     args += ["--width", "16"]
     args += ["--modes", "fp32_invariant", "fp32_strict", "--json", str(out)]
+    args += ["--latency-modes", "fp32_invariant", "--latency-clients", "3"]
+    args += ["--latency-seconds", "1"]
     subprocess.run([sys.executable, str(SERVE_SCRIPT), *args], check=True, timeout=300)
     invariant, strict = json.loads(out.read_text())
     assert (invariant["mode"], strict["mode"]) == ("fp32_invariant", "fp32_strict")
     assert invariant["images_per_s"]["1"] > 0 and invariant["engine_images_per_s"]["1"] > 0
     assert strict["engine_images_per_s"] is None  # no engine setting gives it
+    latency = invariant["mixed_latency"]  # the three clients' first requests: 20, 20, 50 steps
+    assert latency["requests"] >= 3 and set(latency["p50_p99_s_by_steps"]) >= {"20", "50"}
+    for p50, p99 in latency["p50_p99_s_by_steps"].values():
+        assert 0 < p50 <= p99
+    assert latency["short_p50_alone_s"] > 0
+    assert "mixed_latency" not in strict
     for row in (invariant, strict):
         assert row["mixed_vs_alone"] == {"max_levels": 0, "share_differing": 0.0}
         assert row["vs_fp32"]["max_levels"] <= 1

@@ -1,0 +1,25 @@
+"""The serving benchmarks' workloads, shared by ``bench_serve.py`` (over HTTP) and
+``gpu_serve_check.py`` (the engine on a GPU), so both send the same requests."""
+
+from __future__ import annotations
+
+import random
+
+# The uniform workload's settings; the mixed one's, each drawn per request with equal odds.
+UNIFORM = {"guidance_scale": 3.0, "sampler": "ddim", "steps": 20}
+MIXED_STEPS = (10, 20, 50)
+MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+MIXED_GUIDANCE = (0.0, 1.0, 3.0)
+
+
+def request_settings(workload: str, client: int, index: int) -> dict:
+    """Steps, sampler and guidance of request ``index`` of ``client``: the same in
+    every mode and every run."""
+    if workload == "uniform":
+        return dict(UNIFORM)
+    draw = random.Random(client * 100_003 + index)
+    return {
+        "steps": draw.choice(MIXED_STEPS),
+        "sampler": draw.choice(MIXED_SAMPLERS),
+        "guidance_scale": draw.choice(MIXED_GUIDANCE),
+    }

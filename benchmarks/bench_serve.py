@@ -17,8 +17,6 @@ so only modes measured in alternation compare):
   (``engine: thread``), sharing its interpreter with the event loop;
 - ``step-invariant``: ``step`` with ``batch_invariant``: every forward padded to the
   full 64 rows, so no image depends on what it is batched with (what that costs);
-- ``step-decode1``: ``step`` decoding one image per decoder call, as each request was
-  decoded on its own before requests finishing at one step were decoded together;
 - ``request``: the same loop with ``join_running`` false, so a batch runs to its
   longest chain before waiting requests start (request-level batching, like the
   ``@serve.batch`` grouping it replaced, except that it also mixes settings);
@@ -78,7 +76,6 @@ MODES = {  # name: AppConfig fields
     "step": {"max_rows_per_forward": 64},
     "step-thread": {"max_rows_per_forward": 64, "engine": "thread"},
     "step-invariant": {"max_rows_per_forward": 64, "batch_invariant": True},
-    "step-decode1": {"max_rows_per_forward": 64, "decode_width": 1},
     "request": {"max_rows_per_forward": 64, "join_running": False},
     "unbatched": {"max_rows_per_forward": 1},
     "step-2-replicas": {"max_rows_per_forward": 64, "num_replicas": 2},

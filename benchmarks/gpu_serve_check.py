@@ -21,10 +21,9 @@ Modes (``--modes``; by default ``fp32_graph``, ``fp32_graph_decode1`` and ``fp32
   (``batch_invariant``; ``--no-cuda-graph``);
 - ``fp32_graph``: ``fp32_invariant`` with the denoiser replayed as a CUDA graph
   (``cuda_graph``; a GPU replica's default; on the CPU it runs as ``fp32_invariant``);
-- ``fp32_graph_decode1``, ``fp32_decode1``: ``fp32_graph`` and ``fp32`` decoding
-  each image on its own, as every request was decoded before requests finishing at
-  one step were decoded together (in this process only; the throughput loads are
-  one-image requests, so one image a decoder call is one call per request);
+- ``fp32_graph_decode1``: ``fp32_graph`` decoding one image a call, as each request
+  is decoded when the batch is not invariant (in this process only; the throughput
+  loads are one-image requests, so this is one decoder call per request);
 - ``bf16``, ``fp16``: ``fp32`` with the networks under autocast.
 
 For each mode:
@@ -113,7 +112,6 @@ MODES = {
     "fp32_invariant": Mode(batch_invariant=True),
     "fp32_graph": Mode(batch_invariant=True, cuda_graph=True),
     "fp32_graph_decode1": Mode(batch_invariant=True, cuda_graph=True, decode_width=1, engine=False),
-    "fp32_decode1": Mode(decode_width=1, engine=False),
     "bf16": Mode("bf16"),
     "fp16": Mode("fp16"),
 }

@@ -108,9 +108,9 @@ class AppConfig(FrozenConfig):
         32,
         ge=1,
         le=4_096,
-        description="images per decoder call: the images of every request that "
-        "finishes at one step are decoded together, this many at a time (padded to "
-        "exactly this many when batch_invariant)",
+        description="images per decoder call; with batch_invariant the images of "
+        "every request that finishes at one step are decoded together, padded to "
+        "exactly this many a call, else each request's images on their own",
     )
     engine: Literal["process", "thread"] = Field(
         "process",

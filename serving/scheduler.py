@@ -16,9 +16,10 @@ step boundary :meth:`StepScheduler.step`
    with s > 0; see :func:`training.diffusion.guided_eps`),
 4. moves each row one step along *its* chain (:mod:`training.diffusion`'s per-row
    updates, each row reading its own chain's coefficients), and
-5. answers the requests whose rows are all done: the images of every request that
-   finishes at this step are decoded together, ``decode_width`` images per call (one
-   call instead of one per request when many finish at once, as under uniform load).
+5. answers the requests whose rows are all done, each request's images decoded
+   together, ``decode_width`` images per call (batch invariant: the images of every
+   request that finishes at this step together, one call instead of one per request
+   when many finish at once, as under uniform load).
 
 A row's noise comes only from its own generator, in its own order (x_T, then one draw
 per step where its sampler needs one), so an image is the same whether it ran alone,
@@ -31,10 +32,11 @@ With ``batch_invariant`` every network call runs at exactly ``max_rows_per_forwa
 rows and every decode at exactly ``decode_width`` images
 (:class:`~serving.forward.FixedWidth` pads them), so no kernel ever sees another
 batch size and an image's arithmetic cannot depend on what shares its forward or its
-decode: on a GPU, whose kernels change with the batch width, that makes mixed and
-joining images equal to the same request alone, at the price of always computing a
-full forward. With ``cuda_graph`` too, the denoiser and the decoder are each recorded
-as a CUDA graph at their one width, per model version, and replayed.
+decode (which is why only then do requests share a decode): on a GPU, whose kernels
+change with the batch width, that makes mixed and joining images equal to the same
+request alone, at the price of always computing a full forward. With ``cuda_graph``
+too, the denoiser and the decoder are each recorded as a CUDA graph at their one
+width, per model version, and replayed.
 
 Plain Python and torch, no Ray: the Serve replica feeds it from its event loop and
 runs :meth:`StepScheduler.run` in one thread.
@@ -155,7 +157,8 @@ class StepScheduler:
     ``after_step`` is called with the scheduler after every step, from its thread.
     ``decode_width`` bounds the images per decoder call. ``batch_invariant`` pads every
     network call to ``max_rows_per_forward`` rows and every decode to ``decode_width``
-    images (see the module docstring); with it, ``cuda_graph`` replays the denoiser's
+    images, and decodes the requests that finish at one step together (see the module
+    docstring); with it, ``cuda_graph`` replays the denoiser's
     forward and the decode as CUDA graphs recorded at those widths, for each model
     version on a CUDA device.
     """
@@ -421,10 +424,12 @@ class StepScheduler:
             self._active = [r for r in self._active if r.position >= 0]
         for row in done:
             row.ticket.latents[row.image] = row.x
+        # Unpadded, a decode's width could move an image's rounding: one request a call.
         complete: dict[int, list[Ticket]] = {}
         for ticket in {id(r.ticket): r.ticket for r in done}.values():
             if len(ticket.latents) == len(ticket.job.labels):
-                complete.setdefault(id(ticket.model), []).append(ticket)
+                key = id(ticket.model) if self.batch_invariant else id(ticket)
+                complete.setdefault(key, []).append(ticket)
         for tickets in complete.values():
             self._answer(tickets)
 

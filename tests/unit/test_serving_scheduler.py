@@ -328,20 +328,22 @@ def _decoding_with(model, wrapper) -> LatentDiffusion:
     return LatentDiffusion(model.config, autoencoder, model.denoiser, model.classifier)
 
 
-def test_requests_finishing_at_one_step_are_decoded_together(model):
-    counted = _decoding_with(model, CountingNet)
-    scheduler, got = StepScheduler(decode_width=4), Collector()
+def test_batch_invariant_requests_finishing_at_one_step_are_decoded_together(model):
     jobs = {"a": _job([1], seed=1), "b": _job([2, 3], seed=2), "c": _job([4, 5, 6], seed=3)}
-    for key, job in jobs.items():
-        scheduler.submit(counted, job, got(key))
-    scheduler.submit(counted, _job([7], seed=4, steps=2), got("early"))
-    _run(scheduler)
-    # "early" alone at its second step, then six images of three requests in two calls
-    assert counted.autoencoder.net.sizes == [1, 4, 2]
-    for key, job in jobs.items():
-        assert _close(got.outcomes[key].images, _alone(model, job)), key
-        assert got.outcomes[key].images.shape[0] == len(job.labels)
-    assert scheduler.stats.images == 7
+    for invariant, calls in ((True, [4, 4, 4]), (False, [1, 1, 2, 3])):
+        counted = _decoding_with(model, CountingNet)
+        scheduler, got = StepScheduler(decode_width=4, batch_invariant=invariant), Collector()
+        for key, job in jobs.items():
+            scheduler.submit(counted, job, got(key))
+        scheduler.submit(counted, _job([7], seed=4, steps=2), got("early"))
+        _run(scheduler)
+        # "early" at its second step; then, batch invariant, the six images of three
+        # requests in two calls of four (padded), else one call per request
+        assert counted.autoencoder.net.sizes == calls
+        for key, job in jobs.items():
+            assert _close(got.outcomes[key].images, _alone(model, job)), key
+            assert got.outcomes[key].images.shape[0] == len(job.labels)
+        assert scheduler.stats.images == 7
 
 
 class FailsOnMore(CountingNet):
@@ -357,7 +359,17 @@ class FailsOnMore(CountingNet):
         return super().forward(*args)
 
 
-def test_a_failing_joint_decode_fails_only_the_request_at_fault(model):
+class FailsFirst(CountingNet):
+    """Fails its first call, as a transient fault would."""
+
+    def forward(self, *args):
+        if not self.sizes:
+            self.sizes.append("failed")
+            raise RuntimeError("transient")
+        return super().forward(*args)
+
+
+def test_a_failing_decode_fails_only_the_request_at_fault(model):
     fragile = _decoding_with(model, lambda net: FailsOnMore(net, 2))
     scheduler, got = StepScheduler(), Collector()
     for key, labels in {"one": [1], "two": [2, 3], "three": [4, 5, 6]}.items():
@@ -368,6 +380,15 @@ def test_a_failing_joint_decode_fails_only_the_request_at_fault(model):
     assert _close(got.outcomes["one"].images, _alone(model, _job([1], seed=0)))
     assert _close(got.outcomes["two"].images, _alone(model, _job([2, 3], seed=0)))
     assert (scheduler.stats.failed, scheduler.stats.requests) == (1, 2)
+    # A failed joint decode is retried one request at a time.
+    flaky = _decoding_with(model, FailsFirst)
+    scheduler, got = StepScheduler(16, batch_invariant=True, decode_width=8), Collector()
+    for key, labels in {"one": [1], "two": [2, 3]}.items():
+        scheduler.submit(flaky, _job(labels, seed=0), got(key))
+    _run(scheduler)
+    assert flaky.autoencoder.net.sizes == ["failed", 8, 8]
+    assert isinstance(got.outcomes["one"], SampleResult)
+    assert isinstance(got.outcomes["two"], SampleResult)
     with pytest.raises(ValueError, match="decode_width"):
         StepScheduler(decode_width=0)
 

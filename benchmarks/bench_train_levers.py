@@ -5,7 +5,7 @@ batch size or several, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_train_levers.py [--steps 60] [--repeats 3]
         [--threads 2] [--levers eager channels_last compile ... bf16 bf16_channels_last]
-        [--batch-sizes 32 64 128] [--stages denoiser autoencoder]
+        [--batch-sizes 32 64 128] [--stages denoiser autoencoder] [--profile STEPS]
 
 Each variant builds its network and optimiser from the same seed and runs the stage's
 real step (``training.losses``, AdamW with clipping from ``training.optimisation``, EMA
@@ -123,6 +123,13 @@ def main() -> None:
         default=None,
         help="measure every lever at each of these batch sizes (default: the preset's)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="then profile this many steps of each variant: the operators by self time",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = get_preset("demo").for_data(32, 1, 10)
@@ -164,6 +171,26 @@ def main() -> None:
                 f"| {variant[0]} | {batches[variant]} | {median:.0f} ({each}) | "
                 f"{median / reference:.2f} | {warmups[variant]:.1f} |"
             )
+        for variant in variants if args.profile else []:
+            print(f"\n{stage}, {variant[0]} at batch {batches[variant]}: ms per step by operator\n")
+            profile_step(steps[variant], args.profile)
+
+
+def profile_step(step: Callable[[], None], steps: int, top: int = 12) -> None:
+    """The operators that take the most self time over ``steps`` steps, per step, and the
+    calls per step (torch.profiler on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1000 / steps
+    print("| operator | ms per step | share | calls per step |\n|---|---:|---:|---:|")
+    for event in events[:top]:
+        ms = event.self_cpu_time_total / 1000 / steps
+        print(f"| {event.key} | {ms:.1f} | {ms / total:.0%} | {event.count / steps:.0f} |")
+    print(f"| all | {total:.1f} | 100% | |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from training.losses import autoencoder_losses, denoiser_losses
 from training.models import EMA, Autoencoder, UNet
 from training.optimisation import (
     batches_on_device,
+    configure_device,
     make_optimisation,
     memory_format,
     to_device,
@@ -359,10 +360,8 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible to torch; run it on a GPU machine")
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
+    configure_device(device)  # as a training worker does
     config = get_preset(args.preset)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     header = {

@@ -132,6 +132,19 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def configure_device(device: torch.device | str) -> None:
+    """How this process's training kernels run on ``device``. On a GPU: cuDNN times its
+    algorithms for each new shape once and keeps the fastest (a stage's step repeats
+    the same shapes), and float32 matrix products and convolutions may use TF32
+    (convolutions do by PyTorch's default already). ``benchmarks/gpu_check.py``
+    measures the step under the same settings. Nothing changes on the CPU."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def autocast_dtype(training: StageConfig, device: torch.device | str) -> torch.dtype | None:
     """The dtype a stage's forward passes autocast to on ``device``; None for fp32."""
     kind = torch.device(device).type

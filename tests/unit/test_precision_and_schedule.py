@@ -117,3 +117,18 @@ def test_a_bf16_stage_trains_in_process_in_bf16_to_fp32_weights(monkeypatch):
     after = model.denoiser.state_dict()
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_gpu_worker_autotunes_its_kernels_and_a_cpu_one_changes_nothing():
+    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32")
+    before = [getattr(owner, name) for owner, name in flags]
+    try:
+        for owner, name in flags:
+            setattr(owner, name, False)
+        opt.configure_device("cpu")
+        assert [getattr(owner, name) for owner, name in flags] == [False, False]
+        opt.configure_device(torch.device("cuda"))  # sets flags only; needs no GPU
+        assert [getattr(owner, name) for owner, name in flags] == [True, True]
+    finally:
+        for (owner, name), value in zip(flags, before, strict=True):
+            setattr(owner, name, value)

@@ -49,6 +49,7 @@ from training.optimisation import (
     autocast_dtype,
     batches_on_device,
     compiled,
+    configure_device,
     make_optimisation,
     memory_format,
 )
@@ -107,6 +108,7 @@ def train_worker(group_json: dict[str, Any]) -> dict[str, Any]:
     :class:`training.optimisation.NonFiniteLoss`.
     """
     group = WorkerGroupJob.model_validate(group_json)
+    configure_device(ray.train.torch.get_device())
     restored = _load_state(ray.train.get_checkpoint())
     order = [job.stage for job in group.stages]
     result: dict[str, Any] = {"rank": ray.train.get_context().get_world_rank(), "steps": {}}

@@ -4,18 +4,18 @@ denoiser and autoencoder stages and the latent encoding, eager and compiled.
     bash benchmarks/gpu_check.sh [--preset base] [--steps 200] [--runs RUN,RUN,…]
                                  [--profile RUN,…] [--json FILE]
 
-A run is ``stage:mode[@batch]``: stage ``denoiser`` or ``autoencoder`` (the step the
-Ray Train loop runs, :class:`training.step.StageStep`: the stage's loss under bf16
-autocast, fused AdamW with warm-up, gradient clipping, and the EMA for the denoiser)
-or ``encode`` (the latent cache's pass: the encoder's posterior means under bf16, no
-grad); batch 0 or none is the preset's. Modes (see :data:`MODES`): ``eager`` (plain
-layout), ``eager_cl`` (channels-last), ``compile``/``compile_cl`` (``torch.compile``),
-``graphs_cl`` (inductor's CUDA graphs of the network, ``mode="reduce-overhead"``),
-``graph``/``graph_cl`` (the whole step as one CUDA graph, ``cuda_graph`` in a stage's
-config), ``graph_compile_cl`` (both: what the ``base`` preset's denoiser runs), and
-``graph_cl_host``/``graph_cl_pinned`` (batches cut on the host and copied as the
-training loop copies them). Other modes make their data on the GPU. Nothing is
-downloaded, and the number is the model's, not the data loader's.
+A run is ``stage:mode[@batch]``: stage ``denoiser`` or ``autoencoder`` (the step the Ray
+Train loop runs, :class:`training.step.StageStep`: the stage's loss under bf16 autocast,
+fused AdamW with warm-up, gradient clipping, and the EMA for the denoiser) or ``encode``
+(the latent cache's pass, :func:`training.models.encode_batch`: the encoder's posterior
+means under bf16, copied back to the host); batch 0 or none is the preset's. Modes (see
+:data:`MODES`): ``eager`` (plain layout), ``eager_cl`` (channels-last),
+``compile``/``compile_cl`` (``torch.compile``), ``graphs_cl`` (inductor's CUDA graphs of
+the network, ``mode="reduce-overhead"``), ``graph``/``graph_cl`` (the whole step as one
+CUDA graph, ``cuda_graph`` in a stage's config), ``graph_compile_cl`` (both: what the
+``base`` preset's denoiser runs), and ``graph_cl_host``/``graph_cl_pinned`` (batches cut
+on the host and copied as the training loop copies them). Other modes make their data on
+the GPU. Nothing is downloaded, and the number is the model's, not the data loader's.
 Model FLOPs per step are counted once with ``torch.utils.flop_counter`` (forward and
 backward of the convolutions, matrix products and attention); MFU is the achieved
 rate over the GPU's dense bf16 peak (a table of known GPUs, or ``--peak-tflops``).
@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from training.config import LDMConfig
 from training.losses import autoencoder_losses, denoiser_losses
-from training.models import EMA, Autoencoder, UNet
+from training.models import EMA, ENCODE_BATCH, Autoencoder, UNet, encode_batch
 from training.optimisation import (
     batches_on_device,
     configure_device,
@@ -75,7 +75,6 @@ MODES = {
     "graph_cl_pinned": Mode(channels_last=True, source="pinned", graph=True),
     "graph_compile_cl": Mode("default", True, graph=True),
 }
-ENCODE_BATCH = 256
 # the cheap runs first: a compiled one takes about a minute to compile
 DEFAULT_RUNS = (
     "denoiser:eager,denoiser:graph_cl,denoiser:graph_cl_pinned,autoencoder:eager,"
@@ -185,15 +184,13 @@ def build(run: Run, config: LDMConfig, device: torch.device):
     data = SyntheticData(
         shape, config.num_classes, pool, device, config.seed, pixels, mode.source, stage
     )
-    if run.stage == "encode":  # the latent cache's pass: posterior means, bf16, no grad
+    if run.stage == "encode":  # the latent cache's pass, latents back on the host
         net.eval()
-        encoder = torch.compile(net.encoder, mode=compile_mode) if compile_mode else net.encoder
-        scale = config.autoencoder.scale_factor
+        if compile_mode:
+            net.encoder = torch.compile(net.encoder, mode=compile_mode)
 
-        @torch.inference_mode()
         def call(x, y):
-            with torch.autocast(device.type, torch.bfloat16):
-                return encoder(x).chunk(2, dim=1)[0] * scale
+            return encode_batch(net, x)
 
         flops = count_flops(lambda x, y: net.encode_latents(x), data, batch, False)
         return net, call, data, batch, flops

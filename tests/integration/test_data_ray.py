@@ -165,8 +165,9 @@ def test_the_ray_driver_memory_does_not_grow_with_the_source(ray_cluster, tmp_pa
     large = _driver_peak(folder(tmp_path / "large", 50_000), tmp_path / "b", ray_cluster.address)
     assert (small["samples"], large["samples"]) == (10_000, 50_000)
     # 40,000 more inputs: a driver that kept them listed (as this project's sharder did
-    # before, ~290 bytes an input) grows by 11 MiB; one that streams them, by about 1.
-    assert large["peak_mib"] - small["peak_mib"] < 4, (small, large)
+    # before, ~290 bytes an input) grows by 11 MiB; one that streams them, by about 1,
+    # and by up to 5 in a run where the allocator's arenas happened to land otherwise.
+    assert large["peak_mib"] - small["peak_mib"] < 7, (small, large)
 
 
 def test_ldm_shard_with_a_dashboard_url_runs_as_a_ray_job(ray_cluster, s3_session, capsys):

@@ -1,5 +1,6 @@
 """Shapes and behaviour of the networks, EMA, and a tiny denoiser overfitting one batch."""
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,6 +14,7 @@ from training.models import (
     NoisyLatentClassifier,
     UNet,
     UNetConfig,
+    encode_batch,
 )
 from training.optimisation import make_optimisation
 
@@ -27,6 +29,9 @@ def test_autoencoder_maps_pixels_to_quarter_resolution_latents():
     torch.testing.assert_close(ae.encode_latents(x), 0.5 * mean)
     pixels = ae.decode_latents(torch.randn(2, 4, 8, 8) * 100)
     assert pixels.min() >= -1 and pixels.max() <= 1
+    cached = encode_batch(ae, x)  # the latent cache's pass: float32 on the host, exactly
+    assert cached.dtype == np.float32 and cached.shape == (2, 4, 8, 8)
+    np.testing.assert_array_equal(cached, ae.encode_latents(x).detach().numpy())
 
 
 def test_unet_predicts_noise_shaped_output_and_uses_the_null_label():

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models.configs import AutoencoderConfig
 from training.models.layers import Downsample, ResBlock, Upsample, group_norm
+
+ENCODE_BATCH = 256  # images per encode_batch call of the latent cache
 
 
 class Encoder(nn.Module):
@@ -103,3 +108,15 @@ def autoencoder_loss(
     reconstruction = (recon - x).abs().mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return {"loss": reconstruction + kl_weight * kl, "reconstruction": reconstruction, "kl": kl}
+
+
+def encode_batch(autoencoder: Autoencoder, pixels: torch.Tensor) -> np.ndarray:
+    """Scaled posterior means of ``pixels`` (float32 [B, C, H, W]) as float32 numpy
+    [B, c, h, w]: the latent cache's pass, computed where ``autoencoder`` is, on a GPU
+    under bf16 autocast (``benchmarks/gpu_check.py``'s ``encode`` runs time this very
+    function), on the CPU in float32."""
+    device = next(autoencoder.parameters()).device
+    cast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), cast:
+        latents = autoencoder.encode_latents(pixels.to(device, non_blocking=True))
+    return latents.float().cpu().numpy()

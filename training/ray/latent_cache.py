@@ -12,7 +12,8 @@ shard's sha256). A task whose record matches, and whose shard is still there wit
 the recorded size, returns the recorded entry without encoding, so a re-run after an
 interruption only encodes what is missing, and the driver never reads the shards
 itself (it only collects entries). Each worker process loads the autoencoder once,
-however many shards it encodes.
+however many shards it encodes. The ranks of a GPU worker group encode on their GPU
+(:func:`training.models.encode_batch`); Ray tasks encode on the CPU.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ from data.manifest import Manifest, ShardEntry, load_manifest, manifest_url
 from data.reader import iter_verified_samples, manifest_url_of
 from training.checkpoints import load_autoencoder
 from training.config import LDMConfig
-
-ENCODE_BATCH = 256
+from training.models import ENCODE_BATCH, Autoencoder, encode_batch
 
 
 def cache_latents(
@@ -66,11 +66,12 @@ def cache_latents_on_ranks(
     rank: int,
     world: int,
     threads: int,
+    device: torch.device | str = "cpu",
 ) -> str:
     """The same cache made by the ranks of a Ray Train worker group (no task of its
-    own to start): rank r encodes shards r, r + world, …, with ``threads`` torch
-    threads, and rank 0 writes the manifest once every rank is done. Every rank calls
-    it; it returns when the cache is complete."""
+    own to start): rank r encodes shards r, r + world, …, on its ``device`` (with
+    ``threads`` torch threads), and rank 0 writes the manifest once every rank is done.
+    Every rank calls it; it returns when the cache is complete."""
     from ray.train.collective import barrier
 
     cache = _LatentCache.plan(data_url, autoencoder_checkpoint, out_url, config)
@@ -79,7 +80,7 @@ def cache_latents_on_ranks(
     if rank == 0:
         cache.forget_manifest()
     for entry in cache.shards[rank::world]:
-        _encode_shard(*cache.shard_args(entry), threads=threads)
+        _encode_shard(*cache.shard_args(entry), threads=threads, device=str(device))
     barrier()
     if rank == 0:
         cache.write_manifest([cache.recorded(entry) for entry in cache.shards])
@@ -171,6 +172,7 @@ def _encode_shard(
     out_url: str,
     fingerprint: str,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """One image shard → one latent shard at ``out_url`` (a Ray task, or a rank of a
     worker group); returns its entry (the recorded one when an earlier run already
@@ -180,7 +182,7 @@ def _encode_shard(
     done = _recorded(record_url, out_url, fingerprint, entry.sha256)
     if done is not None:
         return done
-    written = _encode(folder, entry, channels, autoencoder_checkpoint, out_url, threads)
+    written = _encode(folder, entry, channels, autoencoder_checkpoint, out_url, threads, device)
     record = {"entry": written, "fingerprint": fingerprint, "source_sha256": entry.sha256}
     storage.write_bytes(record_url, json.dumps(record).encode())
     return written
@@ -201,8 +203,8 @@ def _recorded(record_url: str, out_url: str, fingerprint: str, source_sha256: st
 
 
 @functools.lru_cache(maxsize=1)
-def _autoencoder(checkpoint: str):  # -> Autoencoder, loaded once per worker process
-    return load_autoencoder(checkpoint)
+def _autoencoder(checkpoint: str, device: str) -> Autoencoder:  # once per worker process
+    return load_autoencoder(checkpoint).to(device)
 
 
 def _encode(
@@ -212,18 +214,18 @@ def _encode(
     autoencoder_checkpoint: str,
     out_url: str,
     threads: int,
+    device: str = "cpu",
 ) -> dict:
     import webdataset as wds
 
     torch.set_num_threads(threads)
-    autoencoder = _autoencoder(autoencoder_checkpoint)
+    autoencoder = _autoencoder(autoencoder_checkpoint, device)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / entry.name
         count = 0
         with wds.TarWriter(str(local), mtime=0) as sink:
             for keys, labels, pixels in _batches(iter_verified_samples(folder, [entry]), channels):
-                with torch.no_grad():
-                    latents = autoencoder.encode_latents(pixels).numpy().astype(np.float32)
+                latents = encode_batch(autoencoder, pixels)
                 for key, label, latent in zip(keys, labels, latents, strict=True):
                     sink.write({"__key__": key, "npy": _npy_bytes(latent), "cls": str(label)})
                     count += 1

@@ -157,6 +157,7 @@ def _after_autoencoder(job: StageJob, trained_here: bool) -> StageJob:
             ctx.get_world_rank(),
             ctx.get_world_size(),
             job.job.scaling.torch_threads,
+            ray.train.torch.get_device(),
         )
     return job
 

@@ -35,6 +35,8 @@ def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConf
         request_timeout_s=args.request_timeout_s,
         reload_interval_s=args.reload_interval_s,
     )
+    if args.decode_width is not None:
+        values["decode_width"] = args.decode_width
     if args.autoscale:
         low, _, high = args.autoscale.partition(":")
         values["autoscaling_config"] = {"min_replicas": low, "max_replicas": high or low}
@@ -200,6 +202,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="images per denoising step across requests, an image with classifier-free "
         "guidance counting twice (default: 64 on CPU, 256 on GPU)",
+    )
+    serve.add_argument(
+        "--decode-width",
+        type=int,
+        help="images per decoder call; with batch invariance the requests that finish at "
+        "one step share these calls (default: 32)",
     )
     serve.add_argument(
         "--engine",

@@ -141,6 +141,11 @@ def test_serve_options_reach_the_app_config():
         parse(["serve", "--model-uri", "models:/m@champion", "--batch-invariant"])
     )
     assert exact.engine_settings().batch_invariant
+    assert default.decode_width == 32
+    narrow = ["serve", "--model-uri", "models:/m@champion", "--decode-width", "8"]
+    assert app_config_from_args(parse(narrow)).engine_settings().decode_width == 8
+    with pytest.raises(ValidationError, match="decode_width"):
+        app_config_from_args(parse([*narrow[:-1], "0"]))
     fast = app_config_from_args(
         parse(["serve", "--model-uri", "models:/m@champion", "--fast-kernels"])
     )

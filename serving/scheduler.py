@@ -158,9 +158,8 @@ class StepScheduler:
     ``decode_width`` bounds the images per decoder call. ``batch_invariant`` pads every
     network call to ``max_rows_per_forward`` rows and every decode to ``decode_width``
     images, and decodes the requests that finish at one step together (see the module
-    docstring); with it, ``cuda_graph`` replays the denoiser's
-    forward and the decode as CUDA graphs recorded at those widths, for each model
-    version on a CUDA device.
+    docstring); with it, ``cuda_graph`` replays the denoiser's forward and the decode
+    as CUDA graphs recorded at those widths, for each model version on a CUDA device.
     """
 
     def __init__(

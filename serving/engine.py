@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from serving.sampler import SampleFailure, SampleJob, SampleResult
-from serving.scheduler import StepScheduler
+from serving.scheduler import DECODE_WIDTH, StepScheduler
 from serving.stats import EngineStats
 from training.latent_diffusion import LatentDiffusion
 
@@ -65,7 +65,7 @@ class EngineSettings:
     batch_invariant: bool = False  # every network call at max_rows_per_forward rows
     cuda_graph: bool = False  # with batch_invariant on a GPU: denoiser and decoder as graphs
     deterministic: bool = True  # deterministic GPU kernels, float32 without TF32
-    decode_width: int = 32  # images per decoder call (StepScheduler's decode_width)
+    decode_width: int = DECODE_WIDTH  # images per decoder call
 
     @property
     def autocast_dtype(self) -> Any:  # torch.dtype | None

@@ -66,7 +66,9 @@ def test_rows_per_forward_default_to_the_device():
 
 
 def test_the_decode_width_reaches_the_engine():
-    assert AppConfig().engine_settings().decode_width == 32
+    from serving.scheduler import DECODE_WIDTH  # the app's default is the scheduler's
+
+    assert AppConfig().engine_settings().decode_width == DECODE_WIDTH
     assert AppConfig(decode_width=8).engine_settings().decode_width == 8
 
 

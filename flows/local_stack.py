@@ -38,10 +38,13 @@ from pathlib import Path
 
 import psutil
 
+from training.names import DEFAULT_CPUS_PER_WORKER
+
 BUCKET = "ldm"
 REGION = "us-east-1"
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
+NODE_CPUS = int(DEFAULT_CPUS_PER_WORKER)  # each node holds a default training worker
 CREDENTIALS_FILE = "credentials.json"
 SERVICE_ORDER = ("s3", "mlflow", "ray-head", "ray-worker", "prefect")
 # A Ray node asked to stop waits on its GCS for longer than is of any use, and keeps
@@ -151,8 +154,8 @@ def _bindable(port: int) -> bool:
 def up(
     home: Path,
     with_prefect: bool = False,
-    head_cpus: int = 1,
-    worker_cpus: int = 1,
+    head_cpus: int = NODE_CPUS,
+    worker_cpus: int = NODE_CPUS,
     log: Callable[[str], None] = print,
 ) -> Stack:
     """Start every service, wait until each answers, and record them."""

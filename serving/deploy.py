@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from data.environment import settings_env
 from serving.config import AppConfig
+from training.ray.placement import Unplaceable, check_room
 from training.ray.submit import LOCAL_HOSTS, is_job_address
 
 APPLICATIONS = "/api/serve/applications/"
@@ -32,7 +33,7 @@ class DeployError(RuntimeError):
     """The app did not reach RUNNING; the message carries Serve's own reason."""
 
 
-class UnplaceableReplica(DeployError, ValueError):
+class UnplaceableReplica(DeployError, Unplaceable):
     """No node of a cluster that cannot grow can hold a replica: a setting to change
     (GPUs or CPUs per replica), not a fault that retrying fixes."""
 
@@ -68,19 +69,18 @@ def run_app(
 ) -> None:
     """``serve.run`` of the sampling app on the connected cluster, which never waits for
     good: :class:`DeployError` with the reason when a replica fails to start, when no
-    node can hold a replica (at once on a local Ray, which no node will join; on a
-    cluster after ``timeout_s``, which an autoscaler may use to add one), or when the
+    node can hold a replica (at once on a cluster that cannot grow; on one that may,
+    after ``timeout_s``, which its autoscaler may use to add one), or when the
     app is not RUNNING after ``timeout_s``. With ``delete_on_failure`` the app's
     deletion is asked for then, and on Ctrl-C, so that Serve stops trying to place it."""
-    import ray
     from ray import serve
 
     from serving.app import build_app
-    from training.ray.connection import started_local_ray
 
-    problem = placement_problem(replica_resources(config), ray.nodes())
-    if problem and started_local_ray():
-        raise UnplaceableReplica(f"{problem}; this local Ray will not gain one")
+    try:
+        problem = check_room(replica_resources(config))
+    except Unplaceable as error:
+        raise UnplaceableReplica(str(error)) from None
     if problem:
         logger.warning(
             "%s; waiting up to %.0f s for the cluster to add such a node", problem, timeout_s
@@ -121,17 +121,6 @@ def replica_resources(config: AppConfig) -> dict[str, float]:
     actor = config.deployment_options()["ray_actor_options"]
     need = {"CPU": float(actor.get("num_cpus") or 0), "GPU": float(actor.get("num_gpus") or 0)}
     return {k: v for k, v in need.items() if v > 0}
-
-
-def placement_problem(need: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
-    """Why no node of a cluster (``ray.nodes()``) could ever hold a replica needing
-    ``need``, counting each alive node's total resources; None when one could."""
-    alive = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
-    if any(all(res.get(k, 0) >= v for k, v in need.items()) for res in alive):
-        return None
-    asked = ", ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
-    have = "; ".join(", ".join(f"{res.get(k, 0):g} {k}" for k in sorted(need)) for res in alive)
-    return f"a replica needs {asked}; no node of the Ray cluster has that (its nodes: {have})"
 
 
 def deployment_failure(app_name: str) -> str | None:

@@ -54,9 +54,19 @@ def add_stack_commands(commands: argparse._SubParsersAction) -> None:
         "environment to export so that 'ldm retrain' uses them.",
     )
     up.add_argument("--with-prefect", action="store_true", help="also run 'prefect server start'")
-    up.add_argument("--head-cpus", type=int, default=1, help="CPUs of the Ray head (default: 1)")
+    from flows.local_stack import NODE_CPUS
+
     up.add_argument(
-        "--worker-cpus", type=int, default=1, help="CPUs of the Ray worker node (default: 1)"
+        "--head-cpus",
+        type=int,
+        default=NODE_CPUS,
+        help=f"CPUs of the Ray head (default: {NODE_CPUS}, a training worker's default)",
+    )
+    up.add_argument(
+        "--worker-cpus",
+        type=int,
+        default=NODE_CPUS,
+        help=f"CPUs of the Ray worker node (default: {NODE_CPUS})",
     )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop the local stack started by 'ldm up'")

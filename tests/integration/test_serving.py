@@ -437,26 +437,32 @@ def test_ldm_serve_says_why_its_replica_did_not_start(app_url, mlflow_server):
 
 def test_a_replica_no_node_can_hold_is_reported_not_waited_for(app_url, mlflow_server, monkeypatch):
     """A GPU replica on a cluster without a GPU (``ldm serve --num-gpus 1`` on a laptop):
-    on a cluster that may gain nodes the deploy waits its timeout and then says why;
-    on a local Ray it says so at once, as a setting to change (a ValueError, which the
-    flows do not retry). Either way the app is deleted."""
-    import training.ray.connection as connection
+    on a cluster that may gain nodes the deploy waits its timeout and then says why; on
+    one that cannot (the session's cluster, started without an autoscaling config, as
+    `ldm up` starts one) it says so at once, as a setting to change (a ValueError, which
+    the flows do not retry). Either way the app is deleted."""
+    import training.ray.placement as placement
     from serving.deploy import DeployError, UnplaceableReplica, run_app
 
     args = {"model_uri": f"models:/{MODEL_NAME}@champion", "tracking_uri": mlflow_server}
     config = AppConfig.model_validate(args | APP_ARGS | {"num_gpus": 1})
     needs = r"a replica needs 0\.5 CPU, 1 GPU; no node of the Ray cluster has that"
     started = time.monotonic()
-    with pytest.raises(
-        DeployError, match=rf"not RUNNING 3 s after the deploy \(status \w+: {needs}"
-    ):
-        run_app(config, "gpu", route_prefix="/gpu", timeout_s=3, delete_on_failure=True)
+    with monkeypatch.context() as patched:
+        patched.setattr(placement, "cluster_can_grow", lambda: True)  # as with an autoscaler
+        with pytest.raises(
+            DeployError, match=rf"not RUNNING 3 s after the deploy \(status \w+: {needs}"
+        ):
+            run_app(config, "gpu", route_prefix="/gpu", timeout_s=3, delete_on_failure=True)
     assert time.monotonic() - started < 30
     assert _deleted_or_deleting("gpu")
 
-    monkeypatch.setattr(connection, "_started_here", True)  # as after connect_ray("local")
-    with pytest.raises(UnplaceableReplica, match=rf"{needs} \(its nodes: [^)]*\); this local Ray"):
+    started = time.monotonic()
+    with pytest.raises(
+        UnplaceableReplica, match=rf"{needs} \(its nodes: [^)]*\); this cluster adds no nodes"
+    ):
         run_app(config, "gpu", route_prefix="/gpu", timeout_s=60, delete_on_failure=True)
+    assert time.monotonic() - started < 10
     assert _deleted_or_deleting("gpu")
 
 

@@ -30,7 +30,8 @@ from training.mlflow.checkpoint_artifacts import logged_checkpoints
 from training.mlflow.registry import load_model_version
 from training.optimisation import NonFiniteLoss, cpu_has_native_bf16, lr_factor
 from training.presets import get_preset
-from training.ray.driver import fit_stage, run_training, worker_group_name
+from training.ray.driver import check_worker_room, fit_stage, run_training, worker_group_name
+from training.ray.placement import Unplaceable
 from training.ray.worker import WORKERS_FOLDER
 from training.stages import STAGE_NAMES
 
@@ -484,6 +485,52 @@ def test_a_non_finite_loss_stops_the_stage_and_registers_nothing(
     )
     assert run.info.status == "FAILED"
     assert not list(tmp_path.glob("nan-autoencoder/checkpoint_*"))  # none after the bad step
+
+
+def test_workers_no_node_can_hold_fail_at_once_saying_what_to_change(
+    ray_cluster, mlflow_server, mnist_url, tmp_path, monkeypatch, caplog
+):
+    """The session's cluster (nodes of 2 CPUs, started without an autoscaling config,
+    as `ldm up` starts one) never holds a worker of 3 CPUs; Ray Train would retry the
+    start of its worker group every minute for good. The job fails before its MLflow
+    run and before Ray Train, as a setting to change."""
+    import training.ray.placement as placement
+
+    job = _job(
+        mnist_url,
+        mlflow_server,
+        "too-big",
+        scaling=ScalingSettings(cpus_per_worker=3),
+        storage_url=str(tmp_path),
+    )
+    started = time.monotonic()
+    with pytest.raises(Unplaceable) as caught:
+        run_training(job)
+    assert time.monotonic() - started < 20
+    assert str(caught.value).startswith(
+        "a training worker needs 3 CPU; no node of the Ray cluster has that (its nodes: 2 CPU"
+    )
+    assert str(caught.value).endswith(
+        "; this cluster adds no nodes; set --cpus-per-worker to at most 2, or start the "
+        "cluster with larger nodes (ldm up --head-cpus, --worker-cpus)"
+    )
+    spread = ScalingSettings(num_workers=3, cpus_per_worker=1, placement_strategy="STRICT_SPREAD")
+    own = "^3 training workers need 1 CPU each on nodes of their own; .*; use fewer --workers, or"
+    with pytest.raises(Unplaceable, match=own):
+        run_training(job.model_copy(update={"scaling": spread}))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("integration")
+    if experiment is not None:
+        assert not client.search_runs([experiment.experiment_id], "tags.`ldm.run_name` = 'too-big'")
+    assert not list(tmp_path.iterdir())
+
+    # A cluster that may grow gets the demand (its autoscaler adds nodes for it) and a
+    # warning with the reason.
+    monkeypatch.setattr(placement, "cluster_can_grow", lambda: True)
+    with caplog.at_level("WARNING", logger="training.ray.driver"):
+        check_worker_room(job.scaling)
+    assert "a training worker needs 3 CPU" in caplog.text
+    assert "Ray Train waits for the cluster to add nodes" in caplog.text
 
 
 def test_no_secret_reaches_rays_logs_or_mlflow(trained, ray_cluster, mlflow_server):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,7 +32,13 @@ from data import storage
 from data.manifest import Manifest, load_manifest, manifest_url
 from training.checkpoints import checkpoint_artifact_path, load_checkpoint_uri
 from training.config import LDMConfig
-from training.job import StageJob, TrainedVersion, TrainJobConfig, WorkerGroupJob
+from training.job import (
+    ScalingSettings,
+    StageJob,
+    TrainedVersion,
+    TrainJobConfig,
+    WorkerGroupJob,
+)
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.checkpoint_artifacts import checkpoint_logged, prune_checkpoints
 from training.mlflow.registry import log_model_version
@@ -45,12 +52,15 @@ from training.mlflow.tracking import (
 )
 from training.optimisation import NonFiniteLoss
 from training.progress import quiet_libraries
-from training.ray.connection import connect_ray
+from training.ray.connection import connect_ray, started_local_ray
+from training.ray.placement import Unplaceable, check_room
 from training.ray.resume import plan_resume
 from training.ray.starting_point import StartingPoint
 from training.ray.warm_start import PARENT_VERSION_TAG, plan_warm_start
 from training.ray.worker import KEEP_SCORE, checkpoint_uri, train_worker
 from training.stages import STAGES, StageName, get_stage
+
+logger = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ldm.run_name"
 PARAMS_PER_CALL = 100  # MLflow's limit for params in one log_batch
@@ -90,6 +100,7 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     if start is not None:  # its networks, this job's step budgets
         job = job.model_copy(update={"model": start.config})
     connect_ray(ray_address)
+    check_worker_room(job.scaling)  # workers no node can hold fail before the run
     run_id = _start_run(job)
     try:
         checkpoints, model, version = _train_and_register(job, run_id, start)
@@ -99,6 +110,36 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
             MlflowClient(job.tracking_uri).set_terminated(run_id, "FAILED")
         raise
     return TrainResult(run_id, model, version, checkpoints)
+
+
+def check_worker_room(scaling: ScalingSettings) -> None:
+    """:class:`Unplaceable` when no node of a cluster that cannot grow can hold the
+    worker group; a warning when the nodes cannot hold it yet (Ray Train waits)."""
+    need = {"CPU": scaling.cpus_per_worker} | ({"GPU": 1.0} if scaling.use_gpu else {})
+    problem = check_room(
+        need,
+        scaling.num_workers,
+        scaling.placement_strategy,
+        what="training worker",
+        hint=_worker_settings_hint(scaling, ray.nodes()),
+    )
+    if problem:
+        logger.warning("%s; Ray Train waits for the cluster to add nodes", problem)
+
+
+def _worker_settings_hint(scaling: ScalingSettings, nodes: list[dict[str, Any]]) -> str:
+    """The setting to change for workers the nodes cannot hold."""
+    alive = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
+    most_cpus = max((res.get("CPU", 0.0) for res in alive), default=0.0)
+    changes = []
+    if scaling.use_gpu and not any(res.get("GPU", 0.0) >= 1 for res in alive):
+        changes.append("train without --gpu")
+    if scaling.cpus_per_worker > most_cpus:
+        changes.append(f"set --cpus-per-worker to at most {most_cpus:g}")
+    changes = changes or ["use fewer --workers"]
+    if not started_local_ray():
+        changes.append("start the cluster with larger nodes (ldm up --head-cpus, --worker-cpus)")
+    return ", or ".join(changes)
 
 
 def _starting_point(job: TrainJobConfig) -> StartingPoint | None:
@@ -402,9 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     job = TrainJobConfig.model_validate_json(storage.read_bytes(args.config_url))
     try:
         result = run_training(job)
-    except NonFiniteLoss as error:  # the submitter must not retry this one
+    except (NonFiniteLoss, Unplaceable) as error:  # the submitter must not retry these
         if args.result:
-            record = {"nonfinite": {"stage": error.stage, "step": error.step}}
+            record = (
+                {"nonfinite": {"stage": error.stage, "step": error.step}}
+                if isinstance(error, NonFiniteLoss)
+                else {"unplaceable": str(error)}
+            )
             storage.write_bytes(args.result, json.dumps(record).encode())
         raise
     if args.result:

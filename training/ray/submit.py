@@ -153,8 +153,10 @@ def run_ldm_job(
 
 def raise_recorded_failure(result_url: str) -> None:
     """A failed job's driver records a failure that retrying cannot fix (a non-finite
-    loss) in its result file: raise it as itself, so orchestrators do not retry."""
+    loss, workers no node can hold) in its result file: raise it as itself, so
+    orchestrators do not retry."""
     from training.optimisation import NonFiniteLoss
+    from training.ray.placement import Unplaceable
 
     try:
         record = json.loads(storage.read_bytes(result_url))
@@ -162,6 +164,8 @@ def raise_recorded_failure(result_url: str) -> None:
         return
     if "nonfinite" in record:
         raise NonFiniteLoss(record["nonfinite"]["stage"], record["nonfinite"]["step"])
+    if "unplaceable" in record:
+        raise Unplaceable(record["unplaceable"])
 
 
 def find_running_job(client: Any, run_name: str) -> tuple[str, str] | None:

@@ -72,13 +72,18 @@ from training.mlflow.registry import log_model_version
 from training.presets import get_preset
 
 MODEL_NAME = "bench-serve"
-MODES = {  # name: AppConfig fields
+MODES = {  # name: AppConfig fields; float32 unless a mode says otherwise
     "step": {"max_rows_per_forward": 64},
     "step-thread": {"max_rows_per_forward": 64, "engine": "thread"},
     "step-invariant": {"max_rows_per_forward": 64, "batch_invariant": True},
     "request": {"max_rows_per_forward": 64, "join_running": False},
     "unbatched": {"max_rows_per_forward": 1},
     "step-2-replicas": {"max_rows_per_forward": 64, "num_replicas": 2},
+    # the networks' forward under bf16 autocast (oneDNN's native path on a CPU with
+    # AVX512-BF16 or AMX; the app's default there); its ceiling is measured under the
+    # same autocast
+    "step-bf16": {"max_rows_per_forward": 64, "autocast": "bf16"},
+    "unbatched-bf16": {"max_rows_per_forward": 1, "autocast": "bf16"},
 }
 
 
@@ -167,6 +172,7 @@ def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
             "torch_threads": args.threads,
             "max_ongoing_requests": 64,
             "reload_interval_s": 0,
+            "autocast": "off",
         }
         | MODES[mode]
     )
@@ -189,16 +195,20 @@ def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float
 
 def compare(
     args, urls: dict[str, str], model: LatentDiffusion, workload: str, concurrency: int
-) -> tuple[list[dict], list[float]]:
+) -> tuple[list[dict], dict[str, list[float]]]:
     """Every mode on the same load, ``args.repeats`` times, the order of the modes
     rotating each time, so that none always runs first or last, with the ceiling at
     the same width measured between them; one row per mode with the median images/s
-    (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings."""
+    (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings of
+    each autocast the modes use."""
     modes = list(urls)
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
-    ceilings = []
+    casts = sorted({MODES[mode].get("autocast", "off") for mode in modes}, reverse=True)
+    ceilings: dict[str, list[float]] = {cast: [] for cast in casts}
     for repeat in range(args.repeats):
-        ceilings.append(ceiling(model, args.threads, min(32, concurrency), workload))
+        for cast in casts:
+            width = min(32, concurrency)
+            ceilings[cast].append(ceiling(model, args.threads, width, workload, cast))
         for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
             results[mode].append(measure(urls[mode], mode, workload, concurrency, args.seconds))
     rows = []
@@ -222,8 +232,10 @@ def compare(
             }
         )
         print(format_row(rows[-1]), flush=True)
-    runs = ", ".join(f"{c:.1f}" for c in ceilings)
-    print(f"| ceiling | {workload} | {concurrency} | | {np.median(ceilings):.1f} ({runs}) | |")
+    for cast, values in ceilings.items():
+        name = "ceiling" if cast == "off" else f"ceiling-{cast}"
+        runs = ", ".join(f"{c:.1f}" for c in values)
+        print(f"| {name} | {workload} | {concurrency} | | {np.median(values):.1f} ({runs}) | |")
     return rows, ceilings
 
 
@@ -239,23 +251,28 @@ def replica_memory(app: str) -> str:
     return ", ".join(parts) or "not found"
 
 
-def ceiling(model: LatentDiffusion, threads: int, width: int, workload: str) -> float:
+def ceiling(
+    model: LatentDiffusion, threads: int, width: int, workload: str, autocast: str = "off"
+) -> float:
     """Images/s of ``model.sample`` in this process on the load's work, ``width`` images
     a batch: DDIM 20, w = 3 for the uniform load; for the mixed one, each of its step
     counts with and without classifier-free guidance (DDIM; the three samplers take the
-    same forwards), weighted as the load draws them."""
+    same forwards), weighted as the load draws them. With ``autocast`` "bf16" the whole
+    of ``model.sample`` runs under it (the replica decodes in float32: a ceiling no
+    lower than the served work's)."""
     torch.set_num_threads(threads)
     labels = torch.arange(width) % 10
 
     def seconds(steps: int, guidance: float) -> float:
         def run() -> None:
-            model.sample(
-                labels,
-                guidance_scale=guidance,
-                sampler=UNIFORM["sampler"],
-                steps=steps,
-                generator=generators_for(0, width),
-            )
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast == "bf16"):
+                model.sample(
+                    labels,
+                    guidance_scale=guidance,
+                    sampler=UNIFORM["sampler"],
+                    steps=steps,
+                    generator=generators_for(0, width),
+                )
 
         run()  # warm-up
         started = time.perf_counter()

@@ -46,7 +46,7 @@ from serving.admission import (
 from serving.autoscaling import ACTIVE_ROWS, WAITING_ROWS
 from serving.config import AppConfig
 from serving.encoding import MEDIA_TYPES, base64_pngs, grid_png, npy_bytes
-from serving.engine import Outcome, configure_torch, start_engine
+from serving.engine import Outcome, configure_torch, resolve_autocast, start_engine
 from serving.metrics import EngineMetrics
 from serving.model_store import AliasWatcher, LoadedModel, ModelStore
 from serving.page import PAGE_HTML
@@ -297,7 +297,7 @@ class SamplerDeployment:
             "batching": {
                 "scheduling": "step" if c.join_running else "request",
                 "engine": c.engine,
-                "autocast": c.autocast,
+                "autocast": resolve_autocast(c.autocast, c.resolved_device),
                 "deterministic": c.deterministic,
                 "batch_invariant": c.resolved_batch_invariant,
                 "cuda_graph": c.resolved_cuda_graph,

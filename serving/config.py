@@ -70,11 +70,13 @@ class AppConfig(FrozenConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed)")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when num_gpus > 0
     torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
-    autocast: Literal["off", "bf16", "fp16"] = Field(
-        "off",
-        description="run the networks' forward under autocast to this dtype (GPU "
-        "replicas; the samplers' updates stay float32); check images against 'off' with "
-        "benchmarks/gpu_check.sh before turning it on",
+    autocast: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto",
+        description="run the networks' forward under autocast to this dtype (the "
+        "guidance and the samplers' updates stay float32); auto: bf16 on a CPU that "
+        "computes it natively, float32 elsewhere (serving.engine.resolve_autocast); "
+        "check a GPU model's images against 'off' with benchmarks/gpu_check.sh before "
+        "turning it on there",
     )
     deterministic: bool = Field(
         True,

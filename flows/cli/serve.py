@@ -193,9 +193,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
     serve.add_argument(
         "--autocast",
-        choices=("off", "bf16", "fp16"),
-        default="off",
-        help="run the networks in this precision on a GPU replica (default: off, float32)",
+        choices=("auto", "off", "bf16", "fp16"),
+        default="auto",
+        help="the networks' precision: auto (default) is bf16 on a CPU that computes it "
+        "natively and float32 elsewhere; off is float32",
     )
     serve.add_argument(
         "--max-rows-per-forward",

@@ -35,6 +35,7 @@ from tests.integration.services import free_port
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
 from training.mlflow.tracking import DATASET_DIGEST_TAG, DATASET_URL_TAG
+from training.optimisation import cpu_has_native_bf16
 from training.presets import get_preset
 
 pytestmark = [pytest.mark.integration]
@@ -127,6 +128,8 @@ def test_health_model_docs_and_page(app_url, mlflow_server):
     assert info["limits"]["max_steps"] == 20 and info["limits"]["max_images_per_request"] == 8
     assert (info["dataset_url"], info["dataset_digest"]) == (DATASET_URL, DATASET_DIGEST)
     assert info["run_id"] == MlflowClient(mlflow_server).get_model_version(MODEL_NAME, "1").run_id
+    # autocast "auto", resolved by the replica for its own CPU
+    assert info["batching"]["autocast"] == ("bf16" if cpu_has_native_bf16() else "off")
     docs = httpx.get(f"{app_url}/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
     schema = httpx.get(f"{app_url}/openapi.json").json()["paths"]["/v1/samples"]["post"]

@@ -142,6 +142,9 @@ def test_serve_options_reach_the_app_config():
     )
     assert exact.engine_settings().batch_invariant
     assert default.decode_width == 32
+    assert default.autocast == "auto" and default.engine_settings().autocast == "auto"
+    plain = ["serve", "--model-uri", "models:/m@champion", "--autocast", "off"]
+    assert app_config_from_args(parse(plain)).engine_settings().autocast_dtype is None
     narrow = ["serve", "--model-uri", "models:/m@champion", "--decode-width", "8"]
     assert app_config_from_args(parse(narrow)).engine_settings().decode_width == 8
     with pytest.raises(ValidationError, match="decode_width"):

@@ -275,6 +275,28 @@ def test_the_engine_settings_reach_the_scheduler(model):
         engine.close()
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "native_bf16", "expected"),
+    [
+        ("auto", "cpu", True, torch.bfloat16),  # oneDNN's native bf16 path
+        ("auto", "cpu", False, None),  # emulated bf16 would be slower: float32
+        ("auto", "cuda", True, None),  # measured slower on a GPU for these networks
+        ("off", "cpu", True, None),
+        ("bf16", "cpu", False, torch.bfloat16),  # asked for: given
+        ("fp16", "cuda", False, torch.float16),
+    ],
+)
+def test_auto_autocast_is_bf16_only_on_a_cpu_that_computes_it_natively(
+    monkeypatch, setting, device, native_bf16, expected
+):
+    import training.optimisation as optimisation
+
+    monkeypatch.setattr(optimisation, "cpu_has_native_bf16", lambda: native_bf16)
+    settings = EngineSettings(16, True, setting, 1, device)
+    assert settings.autocast_dtype is expected
+    assert scheduler_options(settings)["autocast"] is expected
+
+
 CONFIGURE = """
 import json, os, torch
 from serving.engine import EngineSettings, configure_torch

@@ -107,6 +107,21 @@ def stack_folder(home: Path) -> Path:
     return home / "stack"
 
 
+def unused_stack_note(home: Path, ray_address: str | None) -> str | None:
+    """What to tell a command about to train without a Ray address while the stack of
+    ``ldm up`` runs under ``home``: Ray's address file leads it to that stack's Ray,
+    while its data, checkpoints and MLflow runs stay outside the stack. None when no
+    stack runs or an address was given."""
+    stack = Stack.load(stack_folder(home))
+    if ray_address or stack is None or not stack.running():
+        return None
+    return (
+        f"note: the local stack of 'ldm up' runs in {stack.folder}, and this shell does not "
+        f"use it: this command joins its Ray but keeps its data and MLflow runs outside "
+        f"it. 'source {Path(stack.folder) / ENV_FILE}' to train, track and serve on it."
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

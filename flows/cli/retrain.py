@@ -137,9 +137,14 @@ def _retrain(args: argparse.Namespace) -> int:
         config = retrain_config_from_args(args)  # a ValidationError is a ValueError
     except ValueError as error:
         return config_error("ldm retrain", error)
+    from flows.local_stack import unused_stack_note
     from flows.retrain import retrain
+    from training.job import default_local_store
     from training.progress import quiet_libraries
 
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if note := unused_stack_note(default_local_store(), address):
+        print(note, file=sys.stderr)
     quiet_libraries(config.train.verbose)
     try:
         with prefect_api():

@@ -39,9 +39,13 @@ def _train(args: argparse.Namespace) -> int:
         job = train_settings_from_args(args).job(args.data_url)
     except ValueError as error:  # a ValidationError is a ValueError
         return config_error("ldm train", error)
+    from flows.local_stack import unused_stack_note
+    from training.job import default_local_store
     from training.progress import quiet_libraries
     from training.ray.submit import train_job
 
+    if note := unused_stack_note(default_local_store(), os.environ.get("RAY_ADDRESS")):
+        print(note, file=sys.stderr)
     quiet_libraries(job.verbose)
 
     try:

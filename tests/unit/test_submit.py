@@ -6,7 +6,7 @@ import pytest
 
 from training.job import TrainJobConfig
 from training.presets import get_preset
-from training.ray.submit import check_reachable_from_cluster, is_job_address
+from training.ray.submit import check_reachable_from_cluster, is_job_address, submit_training
 
 
 def _job(**values) -> TrainJobConfig:
@@ -59,3 +59,10 @@ def test_a_non_finite_loss_recorded_by_a_jobs_driver_is_raised_as_itself(tmp_pat
     record.write_text('{"nonfinite": {"stage": "denoiser", "step": 35}}')
     with pytest.raises(NonFiniteLoss, match="denoiser stage's loss is not finite .* step 35"):
         raise_recorded_failure(str(record))
+
+
+def test_a_local_dataset_without_a_manifest_fails_before_any_job_is_submitted(tmp_path):
+    # no dashboard answers at this address: the error must come before any call to it
+    job = _job(data_url=str(tmp_path / "missing"), storage_url=str(tmp_path / "runs"))
+    with pytest.raises(FileNotFoundError, match="no manifest at .*missing/manifest.json"):
+        submit_training(job, "http://127.0.0.1:9")

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from data import storage
 from data.environment import settings_env
+from data.manifest import load_manifest
 from training.job import TrainedVersion, TrainJobConfig
 from training.ray.connection import is_job_address
 
@@ -83,6 +84,8 @@ def submit_training(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     check_reachable_from_cluster(job, address)
+    if not job.data_url.startswith("s3://"):  # a folder here: missing data fails before the job
+        load_manifest(job.data_url)
     client = JobSubmissionClient(address)
     running = find_running_job(client, job.run_name)
     if running is not None:

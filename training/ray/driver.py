@@ -116,12 +116,14 @@ def check_worker_room(scaling: ScalingSettings) -> None:
     """:class:`Unplaceable` when no node of a cluster that cannot grow can hold the
     worker group; a warning when the nodes cannot hold it yet (Ray Train waits)."""
     need = {"CPU": scaling.cpus_per_worker} | ({"GPU": 1.0} if scaling.use_gpu else {})
+    nodes = ray.nodes()
     problem = check_room(
         need,
         scaling.num_workers,
         scaling.placement_strategy,
         what="training worker",
-        hint=_worker_settings_hint(scaling, ray.nodes()),
+        hint=_worker_settings_hint(scaling, nodes),
+        nodes=nodes,
     )
     if problem:
         logger.warning("%s; Ray Train waits for the cluster to add nodes", problem)

@@ -91,12 +91,15 @@ def check_room(
     strategy: str = "PACK",
     what: str = "replica",
     hint: str = "",
+    nodes: list[dict[str, Any]] | None = None,
 ) -> str | None:
-    """Why the connected cluster's nodes cannot hold ``count`` bundles of ``need`` now,
-    or None when they can. :class:`Unplaceable` (the reason, then ``hint``) when the
-    cluster cannot grow either; a cluster that may grow is left to add nodes for the
-    demand, which its autoscaler only sees once the job asks."""
-    problem = placement_problem(need, ray.nodes(), count, strategy, what)
+    """Why the connected cluster's nodes (``nodes``, default ``ray.nodes()``) cannot hold
+    ``count`` bundles of ``need`` now, or None when they can. :class:`Unplaceable` (the
+    reason, then ``hint``) when the cluster cannot grow either; a cluster that may grow
+    is left to add nodes for the demand, which its autoscaler only sees once the job
+    asks."""
+    nodes = ray.nodes() if nodes is None else nodes
+    problem = placement_problem(need, nodes, count, strategy, what)
     if problem is not None and not cluster_can_grow():
         raise Unplaceable(f"{problem}; this cluster adds no nodes{f'; {hint}' if hint else ''}")
     return problem

@@ -38,13 +38,12 @@ from pathlib import Path
 
 import psutil
 
-from training.names import DEFAULT_CPUS_PER_WORKER
+from training.names import STACK_NODE_CPUS
 
 BUCKET = "ldm"
 REGION = "us-east-1"
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
-NODE_CPUS = int(DEFAULT_CPUS_PER_WORKER)  # each node holds a default training worker
 CREDENTIALS_FILE = "credentials.json"
 SERVICE_ORDER = ("s3", "mlflow", "ray-head", "ray-worker", "prefect")
 # A Ray node asked to stop waits on its GCS for longer than is of any use, and keeps
@@ -169,8 +168,8 @@ def _bindable(port: int) -> bool:
 def up(
     home: Path,
     with_prefect: bool = False,
-    head_cpus: int = NODE_CPUS,
-    worker_cpus: int = NODE_CPUS,
+    head_cpus: int = STACK_NODE_CPUS,
+    worker_cpus: int = STACK_NODE_CPUS,
     log: Callable[[str], None] = print,
 ) -> Stack:
     """Start every service, wait until each answers, and record them."""

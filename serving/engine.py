@@ -44,6 +44,7 @@ from serving.sampler import SampleFailure, SampleJob, SampleResult
 from serving.scheduler import DECODE_WIDTH, StepScheduler
 from serving.stats import EngineStats
 from training.latent_diffusion import LatentDiffusion
+from training.optimisation import cpu_has_native_bf16
 
 Outcome = SampleResult | SampleFailure
 logger = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def resolve_autocast(setting: str, device: str) -> str:
     these networks (benchmarks/RESULTS.md)."""
     if setting != "auto":
         return setting
-    from training.optimisation import cpu_has_native_bf16
-
     return "bf16" if device == "cpu" and cpu_has_native_bf16() else "off"
 
 

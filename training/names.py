@@ -18,3 +18,5 @@ PromotionMetric = Literal["fd", "class_consistency"]
 # CPUs (and torch threads) a training worker reserves unless told otherwise, by
 # `ldm train`, `ldm retrain` and a retrain config alike: both cores of a laptop.
 DEFAULT_CPUS_PER_WORKER = 2.0
+# CPUs of each node of the `ldm up` stack: enough for a worker of the default above.
+STACK_NODE_CPUS = int(DEFAULT_CPUS_PER_WORKER)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.names import STACK_NODE_CPUS
+
 
 def _up(args: argparse.Namespace) -> int:
     from flows.local_stack import ENV_FILE, StackError, up
@@ -54,19 +56,17 @@ def add_stack_commands(commands: argparse._SubParsersAction) -> None:
         "environment to export so that 'ldm retrain' uses them.",
     )
     up.add_argument("--with-prefect", action="store_true", help="also run 'prefect server start'")
-    from flows.local_stack import NODE_CPUS
-
     up.add_argument(
         "--head-cpus",
         type=int,
-        default=NODE_CPUS,
-        help=f"CPUs of the Ray head (default: {NODE_CPUS}, a training worker's default)",
+        default=STACK_NODE_CPUS,
+        help=f"CPUs of the Ray head (default: {STACK_NODE_CPUS}, a training worker's default)",
     )
     up.add_argument(
         "--worker-cpus",
         type=int,
-        default=NODE_CPUS,
-        help=f"CPUs of the Ray worker node (default: {NODE_CPUS})",
+        default=STACK_NODE_CPUS,
+        help=f"CPUs of the Ray worker node (default: {STACK_NODE_CPUS})",
     )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop the local stack started by 'ldm up'")

@@ -289,9 +289,9 @@ def test_the_engine_settings_reach_the_scheduler(model):
 def test_auto_autocast_is_bf16_only_on_a_cpu_that_computes_it_natively(
     monkeypatch, setting, device, native_bf16, expected
 ):
-    import training.optimisation as optimisation
+    import serving.engine
 
-    monkeypatch.setattr(optimisation, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(serving.engine, "cpu_has_native_bf16", lambda: native_bf16)
     settings = EngineSettings(16, True, setting, 1, device)
     assert settings.autocast_dtype is expected
     assert scheduler_options(settings)["autocast"] is expected

@@ -91,12 +91,15 @@ def train_denoiser(
     seed: int,
     gamma: float,
     training_changes: dict,
+    diffusion_changes: dict | None = None,
 ) -> tuple[LatentDiffusion, float]:
-    """A denoiser on ``base``'s autoencoder and latents, with DDPM-IP ``gamma`` and the
-    demo's denoiser training config changed by ``training_changes``; returns the model
-    and its training seconds."""
+    """A denoiser on ``base``'s autoencoder and latents, with DDPM-IP ``gamma``, the
+    demo's denoiser training config changed by ``training_changes`` and its diffusion
+    config by ``diffusion_changes``; returns the model and its training seconds."""
     config = base.config
-    diffusion = config.diffusion.model_copy(update={"input_perturbation": gamma})
+    diffusion = config.diffusion.model_copy(
+        update={**(diffusion_changes or {}), "input_perturbation": gamma}
+    )
     training = config.denoiser_training.model_copy(update=training_changes)
     config = config.model_copy(
         update={"diffusion": diffusion, "denoiser_training": training, "seed": seed}

@@ -84,6 +84,20 @@ VARIANTS: dict[str, dict] = {
         "learning_rate": 2e-3,
     },
 }
+# The demo's schedule since (batch 64, lr 2e-3, cosine, bf16), and fewer of its steps
+# with the Min-SNR loss weighting; "diffusion" changes the diffusion config.
+DEMO = VARIANTS["bf16_b64_lr2e-3_cos"]
+VARIANTS |= {
+    "demo": DEMO,
+    "demo_1000": DEMO | {"steps": 1000},
+    "demo_minsnr5": DEMO | {"diffusion": {"min_snr_gamma": 5.0}},
+    "demo_1000_minsnr5": DEMO | {"steps": 1000, "diffusion": {"min_snr_gamma": 5.0}},
+    "demo_1000_minsnr5_lr3e-3": DEMO
+    | {"steps": 1000, "learning_rate": 3e-3, "diffusion": {"min_snr_gamma": 5.0}},
+    "demo_1200_minsnr5": DEMO | {"steps": 1200, "diffusion": {"min_snr_gamma": 5.0}},
+    "demo_1100_minsnr5": DEMO | {"steps": 1100, "diffusion": {"min_snr_gamma": 5.0}},
+    "demo_1300_minsnr5": DEMO | {"steps": 1300, "diffusion": {"min_snr_gamma": 5.0}},
+}
 CELLS = (("ddim", 50), ("ddim", 10))
 GUIDANCE = 2.0
 
@@ -99,7 +113,10 @@ def run_variant(
     samples_per_class: int,
 ) -> dict:
     """Train one denoiser with ``changes`` and score it in every cell."""
-    model, seconds = train_denoiser(base, latents, labels, seed, 0.0, BEFORE | changes)
+    training = {k: v for k, v in changes.items() if k != "diffusion"}
+    model, seconds = train_denoiser(
+        base, latents, labels, seed, 0.0, BEFORE | training, changes.get("diffusion")
+    )
     training = model.config.denoiser_training
     result = {
         "train_s": seconds,

@@ -27,6 +27,9 @@ class DiffusionConfig(FrozenConfig):
     # DDPM-IP γ: x_t is built from ε + γξ while the target stays ε. 0 disables;
     # Ning et al. 2023 found 0.1 best and values above ~0.2 harmful.
     input_perturbation: float = Field(0.1, ge=0.0, le=1.0)
+    # Min-SNR-g loss weighting (Hang et al. 2023): each sample's loss times
+    # min(SNR_t, g) / SNR_t. 0 weights every timestep equally (the DDPM loss).
+    min_snr_gamma: float = Field(0.0, ge=0.0)
     # Probability of replacing the label by the null class while training (CFG).
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)
 

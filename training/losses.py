@@ -34,7 +34,14 @@ def denoiser_losses(
     dropped to the null class ``num_classes`` with probability ``cfg.p_uncond``."""
     t = torch.randint(0, diffusion.num_timesteps, (z0.shape[0],), device=z0.device)
     y = drop_labels(y, num_classes, cfg.p_uncond)
-    losses = diffusion.training_losses(model, z0, t, y, input_perturbation=cfg.input_perturbation)
+    losses = diffusion.training_losses(
+        model,
+        z0,
+        t,
+        y,
+        input_perturbation=cfg.input_perturbation,
+        min_snr_gamma=cfg.min_snr_gamma,
+    )
     return {"loss": losses["loss"].mean()}
 
 

@@ -69,3 +69,42 @@ def test_negative_gamma_is_rejected(setup):
     model = ReturnsNoise(d, x0, noise, perturbed=False)
     with pytest.raises(ValueError, match="input_perturbation must be >= 0"):
         d.training_losses(model, x0, t, noise=noise, input_perturbation=-0.1)
+
+
+class ReturnsZero(nn.Module):
+    num_classes = 0
+
+    def forward(self, x_t, t, y):
+        return torch.zeros_like(x_t)
+
+
+def test_min_snr_weights_each_sample_by_min_snr_g_over_snr(setup):
+    d, x0, noise, t = setup
+    plain = d.training_losses(ReturnsZero(), x0, t, noise=noise)["loss"]
+    weighted = d.training_losses(ReturnsZero(), x0, t, noise=noise, min_snr_gamma=5.0)["loss"]
+    ab = torch.from_numpy(d.alphas_cumprod)[t]
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(weighted, plain * torch.clamp(5.0 / snr, max=1.0).float())
+    # Only the nearly clean timesteps (SNR > 5: t = 0, 10, 100 here) are weighted down.
+    assert (weighted[:3] < plain[:3]).all() and torch.equal(weighted[3:], plain[3:])
+
+
+def test_min_snr_gamma_flows_from_the_config_into_the_denoiser_loss():
+    from training.config import DiffusionConfig
+    from training.losses import denoiser_losses
+
+    cfg = DiffusionConfig(num_timesteps=100, p_uncond=0.0, min_snr_gamma=1.0)
+    plain_cfg = cfg.model_copy(update={"min_snr_gamma": 0.0})
+    d = cfg.build()
+    z0, y = torch.randn(256, 2, 4, 4), torch.zeros(256, dtype=torch.long)
+    torch.manual_seed(0)
+    weighted = denoiser_losses(ReturnsZero(), d, z0, y, cfg, num_classes=10)["loss"]
+    torch.manual_seed(0)
+    plain = denoiser_losses(ReturnsZero(), d, z0, y, plain_cfg, num_classes=10)["loss"]
+    assert weighted < 0.9 * plain
+
+
+def test_negative_min_snr_gamma_is_rejected(setup):
+    d, x0, noise, t = setup
+    with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
+        d.training_losses(ReturnsZero(), x0, t, noise=noise, min_snr_gamma=-1.0)

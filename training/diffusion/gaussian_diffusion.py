@@ -76,6 +76,7 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # ᾱ_t / (1 − ᾱ_t)
 
         # q(x_{t-1} | x_t, x_0) = N(coef1·x_0 + coef2·x_t, σ̃²)   (Ho et al. 2020, eq. 6-7)
         denom = 1.0 - self.alphas_cumprod
@@ -170,15 +171,21 @@ class GaussianDiffusion:
         y: Tensor | None = None,
         noise: Tensor | None = None,
         input_perturbation: float = 0.0,
+        min_snr_gamma: float = 0.0,
     ) -> dict[str, Tensor]:
         """DDPM-IP loss (Ning et al. 2023): ‖ε − ε_θ(q_sample(x_0, t, ε + γξ), t, y)‖².
 
         The network sees x_t built from the perturbed noise ε + γξ (ξ fresh
         Gaussian) but is asked for the unperturbed ε; γ = 0 is plain DDPM.
-        Returns ``{"loss": Tensor[B]}``, the per-sample mean squared error.
+        ``min_snr_gamma`` > 0 weights each sample by min(SNR_t, g) / SNR_t, Min-SNR-g
+        (Hang et al. 2023): it weights down the nearly clean timesteps (SNR above g),
+        whose gradients conflict with the noisier ones' and slow training.
+        Returns ``{"loss": Tensor[B]}``, the per-sample (weighted) mean squared error.
         """
         if input_perturbation < 0:
             raise ValueError(f"input_perturbation must be >= 0, got {input_perturbation}")
+        if min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0, got {min_snr_gamma}")
         if noise is None:
             noise = torch.randn_like(x0)
         perturbed = noise
@@ -187,6 +194,9 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, perturbed)
         eps = model(x_t, self._model_timesteps(t), y)
         loss = (noise - eps).float().pow(2).flatten(1).mean(dim=1)
+        if min_snr_gamma > 0:
+            snr = self._on_device(self.snr, loss.device)[t.to(loss.device)]
+            loss = loss * (min_snr_gamma / snr).clamp(max=1.0).to(loss.dtype)
         return {"loss": loss}
 
     # ----------------------------------------------------------------- sampling

@@ -60,21 +60,29 @@ EPS_SCALING = 1.01
 GUIDANCE = 2.0
 
 
-def prepare(state: Path) -> tuple[str, LatentDiffusion, torch.Tensor, torch.Tensor]:
-    """The dataset (sharded once), the trained autoencoder and the train latents."""
+def prepare(
+    state: Path, autoencoder_steps: int | None = None
+) -> tuple[str, LatentDiffusion, torch.Tensor, torch.Tensor]:
+    """The dataset (sharded once), the trained autoencoder and the train latents; with
+    ``autoencoder_steps``, an autoencoder trained that many steps (kept apart)."""
     data_url = str(state / "mnist")
     if not (state / "mnist" / "manifest.json").exists():
         shard_dataset("mnist", data_url, ShardOptions(channels=1), progress=False)
     config = get_preset("demo").for_data(32, 1, 10)
+    suffix = ""
+    if autoencoder_steps is not None:
+        training = config.autoencoder_training.model_copy(update={"steps": autoencoder_steps})
+        config = config.model_copy(update={"autoencoder_training": training})
+        suffix = f"-{autoencoder_steps}"
     pixels, labels = map(torch.cat, zip(*iter_split(data_url, "train"), strict=True))
-    folder = state / "autoencoder"
+    folder = state / f"autoencoder{suffix}"
     if (folder / "config.json").exists():
         model = LatentDiffusion.load(folder)
     else:
         torch.manual_seed(0)
         model = train_stage("autoencoder", LatentDiffusion.build(config), pixels, labels, 0)
         model.save(folder)
-    latents_file = state / "latents.pt"
+    latents_file = state / f"latents{suffix}.pt"
     if latents_file.exists():
         latents = torch.load(latents_file)
     else:

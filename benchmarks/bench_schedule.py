@@ -137,8 +137,14 @@ def run_variant(
     return result
 
 
+def _name(variant: str, args) -> str:
+    """A variant's name in the results: with the autoencoder's steps when not the demo's."""
+    steps = args.autoencoder_steps
+    return variant if steps is None else f"{variant}@ae{steps}"
+
+
 def _batch(name: str) -> int:
-    return (BEFORE | VARIANTS[name])["batch_size"]
+    return (BEFORE | VARIANTS[name.split("@")[0]])["batch_size"]
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -172,11 +178,11 @@ def table(done: dict, variants: list[str], seeds: list[int]) -> list[str]:
 
 def train_missing(args, seeds: list[int], done: dict, done_file: Path) -> None:
     """Train and score every variant and seed not in ``done`` yet, saving each."""
-    data_url, base, latents, labels = prepare(args.state)
+    data_url, base, latents, labels = prepare(args.state, args.autoencoder_steps)
     evaluator = get_evaluator(data_url, str(args.state / "evaluators"))
     for seed in seeds:  # every variant's first seed first: early answers
         for name in args.variants:
-            key = f"{name}/{seed}"
+            key = f"{_name(name, args)}/{seed}"
             if key in done:
                 continue
             done[key] = run_variant(
@@ -198,6 +204,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--samples-per-class", type=int, default=50)
+    parser.add_argument(
+        "--autoencoder-steps",
+        type=int,
+        default=None,
+        help="train the shared autoencoder this many steps (default: the demo preset's)",
+    )
     parser.add_argument("--state", type=Path, default=Path("benchmarks/.bench_ip"))
     parser.add_argument("--out", type=Path, default=None, help="append the table here")
     parser.add_argument(
@@ -229,7 +241,7 @@ def main() -> None:
         f"cells are mean ± sd over seeds, "
         f"{10 * args.samples_per_class} samples each, w = {GUIDANCE:g}.",
         "",
-        *table(done, args.variants, seeds),
+        *table(done, [_name(v, args) for v in args.variants], seeds),
     ]
     publish("\n".join(lines) + "\n", args.out)
 

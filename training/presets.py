@@ -32,10 +32,10 @@ def _demo() -> LDMConfig:
         denoiser=UNetConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=2),
         classifier=ClassifierConfig(model_channels=32, channel_mult=(1, 2)),
         # γ = 0: at this budget (the ablation ran 1,500 denoiser steps) input perturbation
-        # cost quality in every cell of the DDPM-IP ablation (benchmarks/RESULTS.md, 3 seeds each: DDIM 10
-        # FD 1.79 ± 0.16 at γ = 0 against 2.35 ± 0.28 at γ = 0.1) and raised the exposure
-        # bias it targets (0.17 → 0.26; γ = 0.15 worse again, 0.35); the paper's gain
-        # comes after long training.
+        # cost quality in every cell of the DDPM-IP ablation (benchmarks/RESULTS.md, 3
+        # seeds each: DDIM 10 FD 1.79 ± 0.16 at γ = 0 against 2.35 ± 0.28 at γ = 0.1) and
+        # raised the exposure bias it targets (0.17 → 0.26; γ = 0.15 worse again, 0.35);
+        # the paper's gain comes after long training.
         # Min-SNR-5 loss weighting: better at every step budget tried; it lets 1,300 steps
         # match or beat 1,500 without it (bench_schedule.py, RESULTS.md, 3 seeds).
         diffusion=DiffusionConfig(num_timesteps=1000, input_perturbation=0.0, min_snr_gamma=5.0),

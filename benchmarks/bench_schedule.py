@@ -1,14 +1,16 @@
 """Fewer denoiser steps for the same quality? The `demo` denoiser trained under other
-precisions, step budgets and learning-rate schedules, over seeds, scored by the
-project's evaluator.
+precisions, step budgets, learning-rate schedules and loss weightings, over seeds,
+scored by the project's evaluator.
 
     .venv/bin/python benchmarks/bench_schedule.py [--variants base bf16 ...]
-        [--seeds 0,1,2] [--samples-per-class 50] [--state benchmarks/.bench_ip]
-        [--out benchmarks/RESULTS.md]
+        [--seeds 0,1,2] [--samples-per-class 50] [--autoencoder-steps N]
+        [--state benchmarks/.bench_ip] [--out benchmarks/RESULTS.md]
 
 Every variant starts from the same autoencoder and latent cache (``bench_ip.py``'s,
-kept in ``--state``) and changes only the denoiser's training config: ``VARIANTS``
-name what they change from ``BEFORE`` (the demo's schedule before this benchmark).
+kept in ``--state``; another one with ``--autoencoder-steps``) and changes only the
+denoiser's training config and, under the key "diffusion", its diffusion config:
+``VARIANTS`` name what they change from ``BEFORE`` (the demo's schedule before this
+benchmark).
 Each trained denoiser is scored at the promotion defaults (DDIM 50, guidance 2) and
 at DDIM 10, with fixed sampling seeds, ``--samples-per-class`` images per class.
 Finished runs are kept in ``--state``/schedules.json, so an interrupted run
@@ -84,16 +86,14 @@ VARIANTS: dict[str, dict] = {
         "learning_rate": 2e-3,
     },
 }
-# The demo's schedule since (batch 64, lr 2e-3, cosine, bf16), and fewer of its steps
-# with the Min-SNR loss weighting; "diffusion" changes the diffusion config.
+# The demo preset's denoiser schedule from 2026-12-03 (1,500 steps × 64, lr 2e-3,
+# cosine, bf16), with the Min-SNR loss weighting and fewer steps.
 DEMO = VARIANTS["bf16_b64_lr2e-3_cos"]
 VARIANTS |= {
     "demo": DEMO,
     "demo_1000": DEMO | {"steps": 1000},
     "demo_minsnr5": DEMO | {"diffusion": {"min_snr_gamma": 5.0}},
     "demo_1000_minsnr5": DEMO | {"steps": 1000, "diffusion": {"min_snr_gamma": 5.0}},
-    "demo_1000_minsnr5_lr3e-3": DEMO
-    | {"steps": 1000, "learning_rate": 3e-3, "diffusion": {"min_snr_gamma": 5.0}},
     "demo_1200_minsnr5": DEMO | {"steps": 1200, "diffusion": {"min_snr_gamma": 5.0}},
     "demo_1100_minsnr5": DEMO | {"steps": 1100, "diffusion": {"min_snr_gamma": 5.0}},
     "demo_1300_minsnr5": DEMO | {"steps": 1300, "diffusion": {"min_snr_gamma": 5.0}},

@@ -55,6 +55,9 @@ ABLATION_SCHEDULE = {
     "lr_decay": "constant",
     "precision": "fp32",
 }
+# The demo denoiser's network when the ablation ran (two residual blocks a level,
+# self-attention at the lowest one)
+ABLATION_NETWORK = {"num_res_blocks": 2, "attention": True}
 SCALED_CELLS = (("ddim", 10), ("ddim", 20))
 EPS_SCALING = 1.01
 GUIDANCE = 2.0
@@ -100,17 +103,27 @@ def train_denoiser(
     gamma: float,
     training_changes: dict,
     diffusion_changes: dict | None = None,
+    network_changes: dict | None = None,
 ) -> tuple[LatentDiffusion, float]:
     """A denoiser on ``base``'s autoencoder and latents, with DDPM-IP ``gamma``, the
-    demo's denoiser training config changed by ``training_changes`` and its diffusion
-    config by ``diffusion_changes``; returns the model and its training seconds."""
+    demo's denoiser training config changed by ``training_changes``, its diffusion
+    config by ``diffusion_changes`` and its network (``UNetConfig``) by
+    ``network_changes``; returns the model and its training seconds."""
     config = base.config
+    # The ablation's loss (no Min-SNR weighting) and network, unless changed
+    plain = {"min_snr_gamma": 0.0}
     diffusion = config.diffusion.model_copy(
-        update={**(diffusion_changes or {}), "input_perturbation": gamma}
+        update={**plain, **(diffusion_changes or {}), "input_perturbation": gamma}
     )
     training = config.denoiser_training.model_copy(update=training_changes)
+    network = config.denoiser.model_copy(update={**ABLATION_NETWORK, **(network_changes or {})})
     config = config.model_copy(
-        update={"diffusion": diffusion, "denoiser_training": training, "seed": seed}
+        update={
+            "diffusion": diffusion,
+            "denoiser_training": training,
+            "denoiser": network,
+            "seed": seed,
+        }
     )
     torch.manual_seed(seed)
     model = LatentDiffusion.build(config)

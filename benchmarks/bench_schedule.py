@@ -1,6 +1,6 @@
 """Fewer denoiser steps for the same quality? The `demo` denoiser trained under other
-precisions, step budgets, learning-rate schedules and loss weightings, over seeds,
-scored by the project's evaluator.
+precisions, step budgets, learning-rate schedules, loss weightings and network sizes,
+over seeds, scored by the project's evaluator.
 
     .venv/bin/python benchmarks/bench_schedule.py [--variants base bf16 ...]
         [--seeds 0,1,2] [--samples-per-class 50] [--autoencoder-steps N]
@@ -8,9 +8,10 @@ scored by the project's evaluator.
 
 Every variant starts from the same autoencoder and latent cache (``bench_ip.py``'s,
 kept in ``--state``; another one with ``--autoencoder-steps``) and changes only the
-denoiser's training config and, under the key "diffusion", its diffusion config:
-``VARIANTS`` name what they change from ``BEFORE`` (the demo's schedule before this
-benchmark).
+denoiser's training config, under the key "diffusion" its diffusion config and under
+"network" its network (``UNetConfig``): ``VARIANTS`` name what they change from
+``BEFORE`` (the demo's schedule before this benchmark; the plain loss and the demo's
+network unless changed).
 Each trained denoiser is scored at the promotion defaults (DDIM 50, guidance 2) and
 at DDIM 10, with fixed sampling seeds, ``--samples-per-class`` images per class.
 Finished runs are kept in ``--state``/schedules.json, so an interrupted run
@@ -98,6 +99,15 @@ VARIANTS |= {
     "demo_1100_minsnr5": DEMO | {"steps": 1100, "diffusion": {"min_snr_gamma": 5.0}},
     "demo_1300_minsnr5": DEMO | {"steps": 1300, "diffusion": {"min_snr_gamma": 5.0}},
 }
+# The demo preset's denoiser from 2026-12-05 (the one above with 1,300 steps), with a
+# smaller network: no self-attention, or one residual block a level.
+PRESET = VARIANTS["demo_1300_minsnr5"]
+VARIANTS |= {
+    "preset_noattn": PRESET | {"network": {"attention": False}},
+    "preset_nrb1": PRESET | {"network": {"num_res_blocks": 1}},
+    "preset_1500_nrb1": PRESET | {"steps": 1500, "network": {"num_res_blocks": 1}},
+    "preset_nrb1_noattn": PRESET | {"network": {"num_res_blocks": 1, "attention": False}},
+}
 CELLS = (("ddim", 50), ("ddim", 10))
 GUIDANCE = 2.0
 
@@ -113,9 +123,16 @@ def run_variant(
     samples_per_class: int,
 ) -> dict:
     """Train one denoiser with ``changes`` and score it in every cell."""
-    training = {k: v for k, v in changes.items() if k != "diffusion"}
+    training = {k: v for k, v in changes.items() if k not in ("diffusion", "network")}
     model, seconds = train_denoiser(
-        base, latents, labels, seed, 0.0, BEFORE | training, changes.get("diffusion")
+        base,
+        latents,
+        labels,
+        seed,
+        0.0,
+        BEFORE | training,
+        changes.get("diffusion"),
+        changes.get("network"),
     )
     training = model.config.denoiser_training
     result = {

@@ -6,6 +6,7 @@ batch size or several, measured side by side in one run.
     .venv/bin/python benchmarks/bench_train_levers.py [--steps 60] [--repeats 3]
         [--threads 2] [--levers eager channels_last compile ... bf16 bf16_channels_last]
         [--batch-sizes 32 64 128] [--stages denoiser autoencoder] [--profile STEPS]
+        [--networks preset two_res_blocks no_attention]
 
 Each variant builds its network and optimiser from the same seed and runs the stage's
 real step (``training.losses``, AdamW with clipping from ``training.optimisation``, EMA
@@ -14,6 +15,8 @@ for the denoiser) on batches drawn once, in memory (reading is measured by
 times, the order of the variants rotating, after its warm-up (for ``compile``, the
 warm-up includes the compilation, reported apart). Reports images/s (median and each
 repeat) and the ratio to the first variant (the first lever at the first batch size).
+``--networks`` also times the denoiser with its network (``UNetConfig``) changed as
+``NETWORKS`` names.
 """
 
 from __future__ import annotations
@@ -46,13 +49,24 @@ LEVERS = (
     "bf16_channels_last",
     "foreach_adamw",
 )
+# Changes to the demo denoiser's network
+NETWORKS: dict[str, dict] = {
+    "preset": {},
+    "two_res_blocks": {"num_res_blocks": 2},
+    "no_attention": {"attention": False},
+}
 
 
 def make_step(
-    stage: str, config, lever: str, batch_size: int | None = None
+    stage: str, config, lever: str, batch_size: int | None = None, network: str = "preset"
 ) -> tuple[Callable[[], None], int]:
     """One training step of ``stage`` with ``lever`` applied, at the preset's batch size
-    or ``batch_size``; returns the step and its batch size."""
+    or ``batch_size``, the denoiser's network changed as ``NETWORKS[network]``; returns
+    the step and its batch size."""
+    if stage == "denoiser" and NETWORKS[network]:
+        config = config.model_copy(
+            update={"denoiser": config.denoiser.model_copy(update=NETWORKS[network])}
+        )
     if batch_size is not None:
         field = f"{stage}_training"
         training = getattr(config, field).model_copy(update={"batch_size": batch_size})
@@ -124,6 +138,13 @@ def main() -> None:
         help="measure every lever at each of these batch sizes (default: the preset's)",
     )
     parser.add_argument(
+        "--networks",
+        nargs="+",
+        default=["preset"],
+        choices=NETWORKS,
+        help="time the denoiser with each of these networks",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -138,7 +159,13 @@ def main() -> None:
         f"{args.threads} threads; demo preset; {args.steps} steps × {args.repeats} repeats"
     )
     for stage in args.stages:
-        variants = [(lever, size) for size in (args.batch_sizes or [None]) for lever in args.levers]
+        networks = args.networks if stage == "denoiser" else ["preset"]
+        variants = [
+            (lever, size, network)
+            for size in (args.batch_sizes or [None])
+            for network in networks
+            for lever in args.levers
+        ]
         steps, warmups, batches = {}, {}, {}
         rates = {variant: [] for variant in variants}
         for variant in variants:
@@ -159,20 +186,23 @@ def main() -> None:
         first = variants[0]
         print(f"\n{stage}\n")
         print(
-            f"| lever | batch | images/s, median (each repeat) | × {first[0]} at batch "
-            f"{batches[first]} | warm-up incl. compile (s) |"
+            f"| lever | network | batch | images/s, median (each repeat) | × {first[0]} "
+            f"({first[2]}) at batch {batches[first]} | warm-up incl. compile (s) |"
         )
-        print("|---|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|")
         reference = float(np.median(rates[first]))
         for variant in variants:
             median = float(np.median(rates[variant]))
             each = ", ".join(f"{r:.0f}" for r in rates[variant])
             print(
-                f"| {variant[0]} | {batches[variant]} | {median:.0f} ({each}) | "
+                f"| {variant[0]} | {variant[2]} | {batches[variant]} | {median:.0f} ({each}) | "
                 f"{median / reference:.2f} | {warmups[variant]:.1f} |"
             )
         for variant in variants if args.profile else []:
-            print(f"\n{stage}, {variant[0]} at batch {batches[variant]}: ms per step by operator\n")
+            print(
+                f"\n{stage}, {variant[0]} ({variant[2]}) at batch {batches[variant]}: "
+                "ms per step by operator\n"
+            )
             profile_step(steps[variant], args.profile)
 
 

@@ -187,7 +187,11 @@ class TrainSettings(JobSettings):
     do. :meth:`job` resolves it against a dataset."""
 
     preset: PresetName = "demo"
-    model: LDMConfig | None = Field(None, description="a model config instead of the preset")
+    model: LDMConfig | None = Field(
+        None,
+        description="a model config instead of the preset; the fields it leaves out are the "
+        "preset's (its own 'preset' field's, else this one's)",
+    )
     storage_url: str | None = Field(None, description="default: LDM_HOME/runs")
     run_name: str | None = Field(
         None, pattern=RUN_NAME, description="the same name resumes; default: PRESET-DATE-TIME"
@@ -197,6 +201,18 @@ class TrainSettings(JobSettings):
     )
 
     _storage = field_validator("storage_url")(lambda url: url and _check_storage(url))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_over_preset(cls, data: Any) -> Any:
+        """A ``model`` mapping gives what differs from the preset (its own ``preset``
+        field's, else this one's); the rest is the preset's."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            from training.presets import over_preset
+
+            preset = data.get("preset", "demo")
+            data = {**data, "model": over_preset(data["model"], str(preset))}
+        return data
 
     def job(self, data_url: str, run_prefix: str = "") -> TrainJobConfig:
         """The job of these settings on ``data_url``, the defaults resolved here (the

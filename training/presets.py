@@ -4,6 +4,9 @@ GPU cluster; see the README for the cluster it expects)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from training.config import DiffusionConfig, LDMConfig, StageConfig
 from training.models import AutoencoderConfig, ClassifierConfig, UNetConfig
 from training.names import PresetName
@@ -121,3 +124,25 @@ def get_preset(name: PresetName) -> LDMConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def over_preset(changes: Mapping[str, Any], preset: str = "demo") -> dict[str, Any]:
+    """A model config's fields (to validate as an ``LDMConfig``) from ``changes``, a
+    mapping that gives only what differs from a preset: the preset its own ``preset``
+    field names, else ``preset``. ``{"denoiser": {"num_res_blocks": 2}}`` is the demo
+    preset with two residual blocks a level. A mapping that names no preset (``preset:
+    custom``) is taken as it is, and must be complete."""
+    name = changes.get("preset", preset)
+    if not isinstance(name, str) or name not in PRESETS:
+        return dict(changes)
+    return _merged(PRESETS[name]().model_dump(), changes)
+
+
+def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -18,8 +18,11 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
     from flows.cli.config_files import read_config_file
     from training.config import LDMConfig
     from training.job import ScalingSettings, TrainSettings
+    from training.presets import over_preset
 
-    model = LDMConfig.model_validate(read_config_file(Path(args.config))) if args.config else None
+    model = None
+    if args.config:
+        model = LDMConfig.model_validate(over_preset(read_config_file(Path(args.config))))
     return TrainSettings(
         preset=args.preset,
         model=model,
@@ -90,7 +93,9 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--config",
         metavar="FILE",
-        help="a JSON or YAML model config (the 'model' of a job) instead of a preset",
+        help="a JSON or YAML model config (the 'model' of a job) instead of a preset: the "
+        "fields it leaves out are those of the preset its 'preset' field names (default "
+        "demo), e.g. 'denoiser: {num_res_blocks: 2}'",
     )
     add_job_options(train, with_defaults=True)
     train.add_argument(

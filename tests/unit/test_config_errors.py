@@ -14,7 +14,7 @@ from flows.retrain_config import RetrainConfig, ShardSettings
 from serving.config import AppConfig
 from training.config import DiffusionConfig, StageConfig
 from training.evaluation.scoring import EvaluationSettings
-from training.job import ScalingSettings, TrackingSettings
+from training.job import ScalingSettings, TrackingSettings, TrainSettings
 from training.models import AutoencoderConfig, UNetConfig
 from training.presets import get_preset
 
@@ -106,3 +106,30 @@ def test_a_whole_model_config_with_inf_inside_is_refused():
     data["denoiser_training"]["learning_rate"] = float("inf")
     with pytest.raises(ValidationError, match="denoiser_training.learning_rate"):
         type(get_preset("tiny")).model_validate(data)
+
+
+def test_a_model_config_gives_only_what_differs_from_its_preset():
+    tiny = get_preset("tiny")
+    settings = TrainSettings.model_validate(
+        {"preset": "tiny", "model": {"denoiser": {"num_res_blocks": 2}, "seed": 7}}
+    )
+    denoiser = tiny.denoiser.model_copy(update={"num_res_blocks": 2})
+    assert settings.model == tiny.model_copy(update={"denoiser": denoiser, "seed": 7})
+    # its own preset field names the preset it changes
+    own = TrainSettings.model_validate({"preset": "tiny", "model": {"preset": "demo"}})
+    assert own.model == get_preset("demo")
+    # a complete config is taken as it is; one that names no preset must be complete
+    assert TrainSettings.model_validate({"model": tiny.model_dump()}).model == tiny
+    with pytest.raises(ValidationError, match="autoencoder\n  Field required"):
+        TrainSettings.model_validate({"model": {"preset": "custom", "seed": 1}})
+
+
+def test_one_bad_model_field_is_one_error_line(tmp_path, capsys):
+    code, err = _run(capsys, "retrain", "--set", "train.model.denoiser.num_res_blocks=0")
+    assert (code, err.count("\n")) == (2, 1)
+    assert "train.model.denoiser.num_res_blocks: Input should be greater than or equal" in err
+    path = tmp_path / "model.yaml"
+    path.write_text("denoiser_training: {steps: -1}\n")
+    code, err = _run(capsys, "train", str(tmp_path), "--config", str(path))
+    assert (code, err.count("\n")) == (2, 1)
+    assert err.startswith("ldm train: error: denoiser_training.steps: Input should be")

@@ -105,7 +105,6 @@ PRESET = VARIANTS["demo_1300_minsnr5"]
 VARIANTS |= {
     "preset_noattn": PRESET | {"network": {"attention": False}},
     "preset_nrb1": PRESET | {"network": {"num_res_blocks": 1}},
-    "preset_1500_nrb1": PRESET | {"steps": 1500, "network": {"num_res_blocks": 1}},
     "preset_nrb1_noattn": PRESET | {"network": {"num_res_blocks": 1, "attention": False}},
 }
 CELLS = (("ddim", 50), ("ddim", 10))

@@ -210,7 +210,7 @@ class TrainSettings(JobSettings):
         if isinstance(data, dict) and isinstance(data.get("model"), dict):
             from training.presets import over_preset
 
-            preset = data.get("preset", "demo")
+            preset = data.get("preset", cls.model_fields["preset"].default)
             data = {**data, "model": over_preset(data["model"], str(preset))}
         return data
 

@@ -126,7 +126,7 @@ def get_preset(name: PresetName) -> LDMConfig:
     return PRESETS[name]()
 
 
-def over_preset(changes: Mapping[str, Any], preset: str = "demo") -> dict[str, Any]:
+def over_preset(changes: Mapping[str, Any], preset: str) -> dict[str, Any]:
     """A model config's fields (to validate as an ``LDMConfig``) from ``changes``, a
     mapping that gives only what differs from a preset: the preset its own ``preset``
     field names, else ``preset``. ``{"denoiser": {"num_res_blocks": 2}}`` is the demo

@@ -22,7 +22,9 @@ def train_settings_from_args(args: argparse.Namespace):  # -> training.job.Train
 
     model = None
     if args.config:
-        model = LDMConfig.model_validate(over_preset(read_config_file(Path(args.config))))
+        model = LDMConfig.model_validate(
+            over_preset(read_config_file(Path(args.config)), args.preset)
+        )
     return TrainSettings(
         preset=args.preset,
         model=model,

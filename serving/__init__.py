@@ -7,6 +7,7 @@
 - :mod:`serving.model_store`: resolving ``models:/NAME@ALIAS``, loading, hot reload.
 - :mod:`serving.app`: the Ray Serve deployment and ``build_app`` for ``serve run``.
 - :mod:`serving.client`: a small HTTP client used by ``ldm sample``.
+- :mod:`serving.ingress`: HAProxy instead of Serve's proxy in front of the replicas.
 
 Importing this package loads nothing heavy; each module imports what it uses.
 """

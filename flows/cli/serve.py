@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import get_args
 
 from flows.cli.sampling_options import add_eps_scaling_options
+from serving.ingress import INGRESSES
 from training.names import SamplerName
 
 
@@ -56,13 +57,15 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.deploy import DeployError, run_app
-    from training.ray.connection import RayUnavailable, connect_ray
+    from training.ray.connection import RayUnavailable, connect_ray, resolve_address
 
     try:
-        # A local Ray inherits this environment (credentials, LDM_API_TOKEN); a joined
-        # cluster's replicas use their nodes' own.
+        if args.ingress == "haproxy":
+            _ask_for_haproxy(resolve_address(args.address))
+        # A local Ray inherits this environment (credentials, LDM_API_TOKEN, the
+        # ingress); a joined cluster's replicas use their nodes' own.
         connect_ray(args.address)
-    except (RayUnavailable, ValueError) as error:
+    except (RayUnavailable, ValueError, FileNotFoundError) as error:
         print(f"ldm serve: error: {error}", file=sys.stderr)
         return 1
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -81,9 +84,33 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
+        if args.ingress == "haproxy":  # Serve keeps a replica 30 s for HAProxy to drop it
+            print("stopping: HAProxy drains the replicas (about 30 s)", flush=True)
         serve.delete(args.name)
         print(f"stopped application '{args.name}'", flush=True)
     return 0
+
+
+def _ask_for_haproxy(cluster: str | None) -> None:
+    """Set this process's environment so that the local Ray about to start runs HAProxy
+    as Serve's ingress, its files in a folder removed at exit. ValueError for a cluster
+    to join, whose ingress its nodes' environment set when they started."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from serving.ingress import ENABLE_ENV, haproxy_binary, haproxy_env
+
+    if cluster is not None:
+        raise ValueError(
+            f"--ingress haproxy starts HAProxy with a local Ray; the cluster at {cluster} "
+            f"has the ingress its nodes started with (set {ENABLE_ENV}=1 in every node's "
+            "environment before 'ray start'), or pass --address local"
+        )
+    haproxy_binary()  # FileNotFoundError: say so now, not as a controller that never starts
+    folder = Path(tempfile.mkdtemp(prefix="ldm-haproxy-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ.update(haproxy_env(folder))
 
 
 def _warn_if_token_missing(url: str) -> None:
@@ -176,6 +203,15 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "'Security and limits' before exposing it)",
     )
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="proxy",
+        help="what takes HTTP on --port: Serve's Python proxy, or HAProxy forwarding "
+        "straight to each replica (more images/s on a CPU). haproxy needs a local Ray "
+        "(a cluster has it when its nodes start with RAY_SERVE_ENABLE_HA_PROXY=1) "
+        "(default: proxy)",
+    )
     serve.add_argument("--name", default="ldm", help="Serve application name (default: ldm)")
     serve.add_argument(
         "--start-timeout-s",

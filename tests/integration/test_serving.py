@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -365,17 +366,21 @@ def test_ldm_sample_writes_the_grid(app_url, tmp_path, capsys):
     assert f"4 images from {MODEL_NAME} version 1, seed 1" in capsys.readouterr().out
 
 
-def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
-    ray_cluster, mlflow_server, tmp_path
-):
-    """``ldm serve`` in its own process and its own local Ray (``--address local``), with
-    a token: the replicas inherit it and the S3 key, and neither appears in Ray's logs."""
+def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray(
+    app_url, mlflow_server, tmp_path
+):  # app_url: version 1 registered
+    """``ldm serve --ingress haproxy`` in its own process and its own local Ray
+    (``--address local``), with a token: HAProxy holds the port and forwards to the
+    replica, which inherits the token and the S3 key; neither appears in Ray's logs;
+    Ctrl-C leaves no HAProxy and none of its files behind."""
     import os
     import tempfile
     from pathlib import Path
 
     port = free_port()
     options = [
+        "--ingress",
+        "haproxy",
         "--address",
         "local",
         "--port",
@@ -406,10 +411,22 @@ def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
         assert httpx.get(f"{url}/v1/model", headers=AUTH).json()["version"] == "1"
         reply = _post(url, {"label": 1, "steps": 3}, headers=AUTH)
         assert reply.headers["x-model-version"] == "1"
+        bad = _post(url, {"label": 1, "steps": 21}, headers=AUTH)  # the app's 4xx, unchanged
+        assert bad.status_code == 422 and "21 is outside 1 to 20" in bad.text
+        holders = {
+            c.pid
+            for c in psutil.net_connections("tcp")
+            if c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        }
+        assert {Path(psutil.Process(pid).exe()).name for pid in holders} == {"haproxy"}
+        config = Path(psutil.Process(holders.pop()).cmdline()[3])  # haproxy -db -f CONFIG
+        folder = config.parents[1]
+        assert folder.name.startswith("ldm-haproxy-") and config.is_file()
     finally:
         process.send_signal(signal.SIGINT)
-        code = process.wait(60)
+        code = process.wait(120)  # the replica stays up 30 s for HAProxy to let it go
     assert code == 0, log.read_text()[-3000:]
+    assert not _haproxies_of(folder) and not folder.exists()
     assert "stopped application 'ldm'" in log.read_text()
     assert "do not require it" not in log.read_text()  # the replicas saw the token
     secrets_ = [os.environ["AWS_SECRET_ACCESS_KEY"], TOKEN]
@@ -421,6 +438,28 @@ def test_ldm_serve_deploys_until_ctrl_c_and_no_secret_reaches_ray(
     searched = any(ray_tmp.rglob("runtime_env_agent.log"))  # the logs were there to search
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert leaks == [] and searched
+
+
+def _haproxies_of(folder: Path) -> list[int]:
+    """The HAProxy processes running on a config in ``folder``."""
+    found = []
+    for process in psutil.process_iter(["exe", "cmdline"]):
+        args = process.info["cmdline"] or []
+        if Path(process.info["exe"] or "").name == "haproxy" and str(folder) in " ".join(args):
+            found.append(process.pid)
+    return found
+
+
+def test_ldm_serve_with_haproxy_refuses_a_cluster_it_would_only_join(ray_cluster):
+    """HAProxy is a node's setting at start: joining a running cluster cannot turn it
+    on, so ``--ingress haproxy`` says where to set it instead of serving without it."""
+    command = [sys.executable, "-m", "flows.cli", "serve", "--ingress", "haproxy"]
+    result = subprocess.run(
+        [*command, "--address", ray_cluster.address], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert f"the cluster at {ray_cluster.address}" in result.stderr
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_ldm_serve_says_why_its_replica_did_not_start(app_url, mlflow_server):

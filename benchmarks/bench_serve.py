@@ -1,7 +1,7 @@
 """Sampling throughput and latency of the Serve app: step-level batching against
 request-level batching and unbatched serving, on a uniform and a mixed workload.
 
-    .venv/bin/python benchmarks/bench_serve.py [--preset demo] [--threads 1]
+    .venv/bin/python benchmarks/bench_serve.py [--preset demo] [--threads 1] [--ingress haproxy]
 
 Registers an untrained model of ``--preset`` in a temporary sqlite MLflow, starts a
 local Ray and Serve on 127.0.0.1, and deploys the app once per mode (``--modes``), all
@@ -33,6 +33,12 @@ and counts the requests answered in its steady window, see ``one_round``):
 - ``uniform``: DDIM 20 steps, classifier-free guidance w = 3;
 - ``mixed``: steps in {10, 20, 50}, samplers in {ddim, dpmpp_2m, ddpm}, w in {0, 1, 3},
   drawn per request from a seeded generator; latencies are reported per step count.
+
+With ``--ingress haproxy`` Ray starts with Serve's HAProxy ingress
+(:mod:`serving.ingress`): HAProxy takes the HTTP port and forwards to each replica's
+own HTTP server, and Serve's Python proxy stays as its fallback on a port of its own;
+every mode is then measured both ways, "MODE via haproxy" and "MODE via proxy", in
+alternation like the modes.
 
 The ceiling (a ``ceiling`` row after each load) is ``model.sample`` in this process at
 the same threads, on batches as wide as the load's concurrency (at most 32) of the
@@ -66,6 +72,7 @@ from ray import serve
 
 from benchmarks.workloads import MIXED_GUIDANCE, MIXED_STEPS, UNIFORM, request_settings
 from serving.app import build_app
+from serving.ingress import INGRESSES, haproxy_env
 from serving.sampler import generators_for
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
@@ -162,7 +169,7 @@ def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict
 
 
 def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
-    """Deploy the app as ``mode`` under /``mode``; its URL."""
+    """Deploy the app as ``mode`` under /``mode``; its path."""
     replicas = MODES[mode].get("num_replicas", 1)
     app = build_app(
         {
@@ -177,7 +184,7 @@ def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
         | MODES[mode]
     )
     serve.run(app, name=mode, route_prefix=f"/{mode}")
-    return f"http://127.0.0.1:{port}/{mode}"
+    return f"/{mode}"
 
 
 def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float) -> dict:
@@ -194,23 +201,29 @@ def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float
 
 
 def compare(
-    args, urls: dict[str, str], model: LatentDiffusion, workload: str, concurrency: int
+    args,
+    targets: dict[str, tuple[str, str]],
+    model: LatentDiffusion,
+    workload: str,
+    concurrency: int,
 ) -> tuple[list[dict], dict[str, list[float]]]:
     """Every mode on the same load, ``args.repeats`` times, the order of the modes
     rotating each time, so that none always runs first or last, with the ceiling at
     the same width measured between them; one row per mode with the median images/s
     (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings of
-    each autocast the modes use."""
-    modes = list(urls)
-    results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    each autocast the modes use. ``targets``: a row's name → its mode and URL."""
+    names = list(targets)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    modes = {mode for mode, _ in targets.values()}
     casts = sorted({MODES[mode].get("autocast", "off") for mode in modes}, reverse=True)
     ceilings: dict[str, list[float]] = {cast: [] for cast in casts}
     for repeat in range(args.repeats):
         for cast in casts:
             width = min(32, concurrency)
             ceilings[cast].append(ceiling(model, args.threads, width, workload, cast))
-        for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
-            results[mode].append(measure(urls[mode], mode, workload, concurrency, args.seconds))
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            mode, url = targets[name]
+            results[name].append(measure(url, mode, workload, concurrency, args.seconds))
     rows = []
     for mode, runs in results.items():
         latencies: dict[int, list[float]] = {}
@@ -315,6 +328,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per mode and load")
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="proxy",
+        help="haproxy: Serve runs HAProxy on the HTTP port; each mode is then measured "
+        "through it and through Serve's proxy (HAProxy's fallback, on a port of its own), "
+        "in alternation",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     began = time.perf_counter()
@@ -327,16 +348,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tracking_uri = register(Path(tmp), model)
+        if args.ingress == "haproxy":  # read by Ray's processes when they start
+            os.environ.update(haproxy_env(Path(tmp) / "haproxy"))
         # Every mode is deployed at once and idle while another is measured; the CPUs
         # Ray is told of are logical, enough for all of them.
         ray.init(address="local", num_cpus=args.cpus * len(args.modes), include_dashboard=False)
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         try:
-            urls = {mode: deploy(args, tracking_uri, port, mode) for mode in args.modes}
+            paths = {mode: deploy(args, tracking_uri, port, mode) for mode in args.modes}
+            targets = {mode: (mode, f"http://127.0.0.1:{port}{paths[mode]}") for mode in paths}
+            if args.ingress == "haproxy":
+                proxy = os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
+                targets = {
+                    f"{mode} via {through}": (mode, f"http://127.0.0.1:{at}{path}")
+                    for mode, path in paths.items()
+                    for through, at in (("haproxy", port), ("proxy", proxy))
+                }
             for workload in args.workloads:
                 for concurrency in args.concurrency:
-                    rows += compare(args, urls, model, workload, concurrency)[0]
+                    rows += compare(args, targets, model, workload, concurrency)[0]
             for mode in args.modes:
                 print(f"{mode}: replica memory (RSS, MiB): {replica_memory(mode)}", flush=True)
         finally:
@@ -345,7 +376,7 @@ def main() -> None:
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"ray {ray.__version__}; preset {args.preset}, {args.threads} torch thread(s); "
-        f"{time.perf_counter() - began:.0f} s in all"
+        f"ingress {args.ingress}; {time.perf_counter() - began:.0f} s in all"
     )
 
 

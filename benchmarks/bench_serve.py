@@ -71,8 +71,9 @@ from mlflow import MlflowClient
 from ray import serve
 
 from benchmarks.workloads import MIXED_GUIDANCE, MIXED_STEPS, UNIFORM, request_settings
+from flows.local_stack import free_ports
 from serving.app import build_app
-from serving.ingress import INGRESSES, haproxy_env
+from serving.ingress import INGRESSES, PORT_ENVS, haproxy_env
 from serving.sampler import generators_for
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
@@ -349,7 +350,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tracking_uri = register(Path(tmp), model)
         if args.ingress == "haproxy":  # read by Ray's processes when they start
-            os.environ.update(haproxy_env(Path(tmp) / "haproxy"))
+            os.environ.update(haproxy_env(Path(tmp) / "haproxy", free_ports(len(PORT_ENVS))))
         # Every mode is deployed at once and idle while another is measured; the CPUs
         # Ray is told of are logical, enough for all of them.
         ray.init(address="local", num_cpus=args.cpus * len(args.modes), include_dashboard=False)

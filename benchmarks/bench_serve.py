@@ -169,7 +169,7 @@ def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict
     }
 
 
-def deploy(args, tracking_uri: str, port: int, mode: str) -> str:
+def deploy(args, tracking_uri: str, mode: str) -> str:
     """Deploy the app as ``mode`` under /``mode``; its path."""
     replicas = MODES[mode].get("num_replicas", 1)
     app = build_app(
@@ -357,7 +357,7 @@ def main() -> None:
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         try:
-            paths = {mode: deploy(args, tracking_uri, port, mode) for mode in args.modes}
+            paths = {mode: deploy(args, tracking_uri, mode) for mode in args.modes}
             targets = {mode: (mode, f"http://127.0.0.1:{port}{paths[mode]}") for mode in paths}
             if args.ingress == "haproxy":
                 proxy = os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]

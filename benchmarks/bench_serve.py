@@ -32,7 +32,11 @@ and counts the requests answered in its steady window, see ``one_round``):
 
 - ``uniform``: DDIM 20 steps, classifier-free guidance w = 3;
 - ``mixed``: steps in {10, 20, 50}, samplers in {ddim, dpmpp_2m, ddpm}, w in {0, 1, 3},
-  drawn per request from a seeded generator; latencies are reported per step count.
+  drawn per request from a seeded generator; latencies are reported per step count;
+- ``short`` (not in the default): the mixed load's requests all cut to 10 steps, the
+  short requests alone at the same concurrency. When a mode ran both loads at one
+  concurrency, a last line sets the 10-step requests' p50 in the mix against their
+  p50 here: what the long chains cost a short request beside the width it shares.
 
 With ``--ingress haproxy`` Ray starts with Serve's HAProxy ingress
 (:mod:`serving.ingress`): HAProxy takes the HTTP port and forwards to each replica's
@@ -43,8 +47,11 @@ alternation like the modes.
 The ceiling (a ``ceiling`` row after each load) is ``model.sample`` in this process at
 the same threads, on batches as wide as the load's concurrency (at most 32) of the
 load's work (DDIM 20 steps, w = 3 for the uniform load; the mixed load's step counts,
-with and without guidance, weighted as drawn), measured before each repeat while the
-replicas idle: the images/s the network gives when nothing else runs.
+or the short load's 10, with and without guidance, weighted as drawn), measured while
+the replicas idle: the images/s the network gives when nothing else runs. It is
+measured before every round and after the last, and each round is set against the
+mean of the two ceilings either side of it (the last column, each repeat's): the VM's
+speed drifts within minutes.
 """
 
 from __future__ import annotations
@@ -70,7 +77,13 @@ import torch
 from mlflow import MlflowClient
 from ray import serve
 
-from benchmarks.workloads import MIXED_GUIDANCE, MIXED_STEPS, UNIFORM, request_settings
+from benchmarks.workloads import (
+    MIXED_GUIDANCE,
+    MIXED_STEPS,
+    UNIFORM,
+    WORKLOADS,
+    request_settings,
+)
 from flows.local_stack import free_ports
 from serving.app import build_app
 from serving.ingress import INGRESSES, PORT_ENVS, haproxy_env
@@ -210,31 +223,41 @@ def compare(
 ) -> tuple[list[dict], dict[str, list[float]]]:
     """Every mode on the same load, ``args.repeats`` times, the order of the modes
     rotating each time, so that none always runs first or last, with the ceiling at
-    the same width measured between them; one row per mode with the median images/s
-    (each repeat's in ``runs``) and the latencies of all repeats, and the ceilings of
-    each autocast the modes use. ``targets``: a row's name → its mode and URL."""
+    the same width measured before every round and after the last; one row per mode
+    with the median images/s (each repeat's in ``runs``), each repeat against the mean
+    of the ceilings either side of it (in its mode's autocast), the latencies of all
+    repeats, and the ceilings of each autocast the modes use. ``targets``: a row's
+    name → its mode and URL."""
     names = list(targets)
     results: dict[str, list[dict]] = {name: [] for name in names}
     modes = {mode for mode, _ in targets.values()}
     casts = sorted({MODES[mode].get("autocast", "off") for mode in modes}, reverse=True)
     ceilings: dict[str, list[float]] = {cast: [] for cast in casts}
-    for repeat in range(args.repeats):
+
+    def measure_ceilings() -> None:
         for cast in casts:
             width = min(32, concurrency)
             ceilings[cast].append(ceiling(model, args.threads, width, workload, cast))
+
+    for repeat in range(args.repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            measure_ceilings()
             mode, url = targets[name]
-            results[name].append(measure(url, mode, workload, concurrency, args.seconds))
+            run = measure(url, mode, workload, concurrency, args.seconds)
+            results[name].append(run | {"ceiling_before": len(ceilings[casts[0]]) - 1})
+    measure_ceilings()
     rows = []
-    for mode, runs in results.items():
+    for name, runs in results.items():
         latencies: dict[int, list[float]] = {}
         for run in runs:
             for steps, values in run["latencies"].items():
                 latencies.setdefault(steps, []).extend(values)
         rates = [run["images_per_s"] for run in runs]
+        cast = MODES[targets[name][0]].get("autocast", "off")
+        around = [np.mean(ceilings[cast][r["ceiling_before"] :][:2]) for r in runs]
         rows.append(
             {
-                "mode": mode,
+                "mode": name,
                 "workload": workload,
                 "concurrency": concurrency,
                 "requests": sum(run["requests"] for run in runs),
@@ -243,6 +266,7 @@ def compare(
                 "latencies": latencies,
                 "server_p50_s": float(np.median([run["server_p50_s"] for run in runs])),
                 "mean_rows": runs[-1]["mean_rows"],
+                "against_ceiling": [rate / c for rate, c in zip(rates, around, strict=True)],
             }
         )
         print(format_row(rows[-1]), flush=True)
@@ -296,12 +320,13 @@ def ceiling(
     if workload == "uniform":
         return width / seconds(UNIFORM["steps"], UNIFORM["guidance_scale"])
     guided = sum(w > 0 for w in MIXED_GUIDANCE) / len(MIXED_GUIDANCE)
-    mean = np.mean([(1 - guided) * seconds(s, 0.0) + guided * seconds(s, 3.0) for s in MIXED_STEPS])
+    steps = MIXED_STEPS if workload == "mixed" else (min(MIXED_STEPS),)
+    mean = np.mean([(1 - guided) * seconds(s, 0.0) + guided * seconds(s, 3.0) for s in steps])
     return width / float(mean)
 
 
 def format_row(r: dict) -> str:
-    by_steps = " / ".join(
+    by_steps = ", ".join(
         f"{steps}: {np.percentile(v, 50):.2f} / {np.percentile(v, 99):.2f}"
         for steps, v in sorted(r["latencies"].items())
     )
@@ -309,8 +334,27 @@ def format_row(r: dict) -> str:
     return (
         f"| {r['mode']} | {r['workload']} | {r['concurrency']} | {r['requests']} | "
         f"{r['images_per_s']:.1f} ({runs}) | {by_steps} | {r['server_p50_s']:.2f} | "
-        f"{r['mean_rows']} |"
+        f"{r['mean_rows']} | {', '.join(f'{a:.2f}' for a in r['against_ceiling'])} |"
     )
+
+
+def short_requests_against_alone(rows: list[dict]) -> None:
+    """For each mode and concurrency measured on both the mixed and the short load:
+    the short requests' p50 in the mix over their p50 in the short load."""
+    short = min(MIXED_STEPS)
+    alone = {(r["mode"], r["concurrency"]): r for r in rows if r["workload"] == "short"}
+    for r in rows:
+        other = alone.get((r["mode"], r["concurrency"]))
+        if r["workload"] != "mixed" or other is None or short not in r["latencies"]:
+            continue
+        in_mix = np.percentile(r["latencies"][short], 50)
+        by_themselves = np.percentile(other["latencies"][short], 50)
+        print(
+            f"{r['mode']}, {r['concurrency']} clients: {short}-step requests p50 "
+            f"{in_mix:.2f} s in the mixed load against {by_themselves:.2f} s alone at the "
+            f"same concurrency: {in_mix / by_themselves:.2f}x",
+            flush=True,
+        )
 
 
 def free_port() -> int:
@@ -324,7 +368,7 @@ def main() -> None:
     parser.add_argument("--preset", default="demo", choices=("tiny", "demo"))
     parser.add_argument("--seconds", type=float, default=15.0, help="per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed"])
+    parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed"], choices=WORKLOADS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
@@ -343,9 +387,10 @@ def main() -> None:
     model = build_model(args.preset)
     print(
         "| mode | workload | concurrency | requests | images/s, median (each repeat) | "
-        "p50 / p99 latency (s) by steps | p50 in the replica (s) | mean images per forward |"
+        "p50 / p99 latency (s) by steps | p50 in the replica (s) | mean images per forward | "
+        "against the ceiling, each repeat |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tracking_uri = register(Path(tmp), model)
@@ -369,6 +414,7 @@ def main() -> None:
             for workload in args.workloads:
                 for concurrency in args.concurrency:
                     rows += compare(args, targets, model, workload, concurrency)[0]
+            short_requests_against_alone(rows)
             for mode in args.modes:
                 print(f"{mode}: replica memory (RSS, MiB): {replica_memory(mode)}", flush=True)
         finally:

@@ -9,7 +9,8 @@
 #    GPU replica's default (batch-invariant, denoiser and decoder as CUDA graphs), the
 #    same decoding one image a call (what batched decoding saves) and plain float32
 #    with deterministic kernels; and, in the default, short requests' latency in a
-#    mixed load of 32 clients against alone. --modes in SERVE_ARGS picks other modes.
+#    mixed load of 32 clients against the same short requests from one client and
+#    from 32. --modes in SERVE_ARGS picks other modes.
 # 2. benchmarks/gpu_check.py with the options given: training-step throughput and MFU
 #    of the `base` denoiser and autoencoder stages and the latent encoding, eager,
 #    channels-last, compiled and with CUDA graphs.

@@ -39,9 +39,11 @@ For each mode:
 - short requests in a mixed load (``--latency-modes``, default ``fp32_graph``, through
   the engine process): ``--latency-clients`` closed-loop clients (default 32) send
   ``bench_serve.py``'s mixed load (steps in {10, 20, 50}, samplers and w mixed, one
-  image each) for ``--latency-seconds``; then one client sends the same load's
-  requests cut to 10 steps, alone. Reports p50/p99 latency by step count, images/s,
-  and the short requests' p50 in the mix over their p50 alone (the goal: at most 2);
+  image each) for ``--latency-seconds``; then the same load's requests cut to 10
+  steps are sent by one client alone, and by as many clients as the mix (the short
+  requests alone at the mix's width). Reports p50/p99 latency by step count,
+  images/s, and the short requests' p50 in the mix over their p50 in each of the
+  other two (the goal: at most 2);
 - reproducibility: six requests of mixed samplers, steps and guidance, each sampled
   alone and then in a mix that joins a running chain mid-way; the largest pixel
   difference and the share of differing pixels (the tolerance of
@@ -237,8 +239,8 @@ def closed_loop(
     def client(k: int) -> None:
         index = 0
         while time.perf_counter() - started < seconds and not errors:
-            settings = request_settings("mixed", k, index)
-            steps = MIXED_STEPS[0] if short else settings["steps"]
+            settings = request_settings("short" if short else "mixed", k, index)
+            steps = settings["steps"]
             job = SampleJob(
                 ((k + index) % 10,), settings["guidance_scale"], 0.0, settings["sampler"],
                 steps, 0.0, k * 1000 + index,
@@ -271,12 +273,14 @@ def mixed_latency(
     model: LatentDiffusion, mode: Mode, device: str, cap: int, clients: int, seconds: float
 ) -> dict:
     """Latency by step count in the mixed load, and the short requests' p50 there
-    against the same short requests sent alone, through the engine process."""
+    against the same short requests sent by one client, and by as many clients as the
+    mix, through the engine process."""
     engine = EngineProcess(engine_settings(mode, cap, device))
     try:
         engine.preload(model)
         closed_loop(engine, model, clients, min(seconds, 3.0), short=False)  # warm-up
         alone, _ = closed_loop(engine, model, 1, seconds, short=True)
+        same_width, _ = closed_loop(engine, model, clients, seconds, short=True)
         mixed, wall = closed_loop(engine, model, clients, seconds, short=False)
     finally:
         engine.close()
@@ -285,16 +289,20 @@ def mixed_latency(
         latencies = [latency for s, latency in records if s == steps]
         return tuple(round(float(np.quantile(latencies, q)), 4) for q in (0.5, 0.99))
 
-    short = MIXED_STEPS[0]
+    short = min(MIXED_STEPS)
     by_steps = {s: quantiles(mixed, s) for s in MIXED_STEPS if any(r[0] == s for r in mixed)}
     p50_alone = quantiles(alone, short)[0]
+    p50_same_width = quantiles(same_width, short)[0]
+    in_mix = by_steps.get(short, (None,))[0]
     return {
         "clients": clients,
         "requests": len(mixed),
         "images_per_s": round(len(mixed) / wall, 1),
         "p50_p99_s_by_steps": by_steps,
         "short_p50_alone_s": p50_alone,
-        "short_p50_ratio": round(by_steps[short][0] / p50_alone, 2) if short in by_steps else None,
+        "short_p50_ratio": round(in_mix / p50_alone, 2) if in_mix else None,
+        "short_p50_same_width_s": p50_same_width,
+        "short_p50_ratio_same_width": round(in_mix / p50_same_width, 2) if in_mix else None,
     }
 
 

@@ -12,14 +12,24 @@ MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 MIXED_GUIDANCE = (0.0, 1.0, 3.0)
 
 
+WORKLOADS = ("uniform", "mixed", "short")
+
+
 def request_settings(workload: str, client: int, index: int) -> dict:
     """Steps, sampler and guidance of request ``index`` of ``client``: the same in
-    every mode and every run."""
+    every mode and every run. ``short`` is the mixed load's draw with every request cut
+    to its fewest steps: the short requests alone, at the same concurrency, to set their
+    latency in the mixed load against."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     if workload == "uniform":
         return dict(UNIFORM)
     draw = random.Random(client * 100_003 + index)
-    return {
+    settings = {
         "steps": draw.choice(MIXED_STEPS),
         "sampler": draw.choice(MIXED_SAMPLERS),
         "guidance_scale": draw.choice(MIXED_GUIDANCE),
     }
+    if workload == "short":
+        settings["steps"] = min(MIXED_STEPS)
+    return settings

@@ -90,7 +90,7 @@ def test_the_serving_check_reports_each_mode_on_the_cpu(tmp_path):
     assert latency["requests"] >= 3 and set(latency["p50_p99_s_by_steps"]) >= {"20", "50"}
     for p50, p99 in latency["p50_p99_s_by_steps"].values():
         assert 0 < p50 <= p99
-    assert latency["short_p50_alone_s"] > 0
+    assert latency["short_p50_alone_s"] > 0 and latency["short_p50_same_width_s"] > 0
     assert "mixed_latency" not in strict
     for row in (invariant, strict):
         assert row["mixed_vs_alone"] == {"max_levels": 0, "share_differing": 0.0}

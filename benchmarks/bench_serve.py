@@ -44,6 +44,12 @@ own HTTP server, and Serve's Python proxy stays as its fallback on a port of its
 every mode is then measured both ways, "MODE via haproxy" and "MODE via proxy", in
 alternation like the modes.
 
+With ``--engine-alone`` each mode of one replica is also measured as "MODE engine
+alone": the same clients hand their requests straight to the mode's sampling engine
+process, started by this process with the replica's settings (no Ray, no HTTP), in
+alternation with the served rounds: what the served path costs beside what the
+scheduler and its process boundary cost.
+
 The ceiling (a ``ceiling`` row after each load) is ``model.sample`` in this process at
 the same threads, on batches as wide as the load's concurrency (at most 32) of the
 load's work (DDIM 20 steps, w = 3 for the uniform load; the mixed load's step counts,
@@ -57,8 +63,10 @@ speed drifts within minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import queue
 import socket
 import sys
 import tempfile
@@ -86,8 +94,10 @@ from benchmarks.workloads import (
 )
 from flows.local_stack import free_ports
 from serving.app import build_app
+from serving.config import AppConfig
+from serving.engine import EngineProcess
 from serving.ingress import INGRESSES, PORT_ENVS, haproxy_env
-from serving.sampler import generators_for
+from serving.sampler import SampleJob, SampleResult, generators_for
 from training.latent_diffusion import LatentDiffusion
 from training.mlflow.registry import log_model_version
 from training.presets import get_preset
@@ -129,7 +139,54 @@ def request_body(workload: str, client: int, index: int) -> dict:
     return {"label": (client + index) % 10, "seed": client * 1000 + index} | settings
 
 
-def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict:
+class HttpTarget:
+    """A deployed mode, through the HTTP port of its ingress."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def session(self) -> httpx.Client:
+        return httpx.Client(timeout=600)
+
+    def send(self, http: httpx.Client, body: dict) -> float:
+        """Sample ``body``; the seconds the replica took."""
+        response = http.post(f"{self.url}/v1/samples", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.text}")
+        return float(response.headers["x-elapsed-s"])
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/v1/model").json()["stats"]
+
+
+class EngineTarget:
+    """A mode's sampling engine process, fed by this process: no Ray, no HTTP."""
+
+    def __init__(self, engine: EngineProcess, model: LatentDiffusion):
+        self.engine, self.model = engine, model
+
+    def session(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def send(self, _: None, body: dict) -> float:
+        job = SampleJob(
+            (body["label"],), body["guidance_scale"], 0.0, body["sampler"], body["steps"], 0.0,
+            body["seed"],
+        )  # fmt: skip
+        answers: queue.Queue = queue.Queue()
+        self.engine.submit(self.model, job, answers.put)
+        outcome = answers.get(timeout=600)
+        if not isinstance(outcome, SampleResult):
+            raise RuntimeError(f"the engine failed: {outcome}")
+        return outcome.report.queued_s + outcome.report.sampling_s
+
+    def stats(self) -> dict:
+        return {"forwards": self.engine.stats.forwards, "rows": self.engine.stats.rows}
+
+
+def one_round(
+    target: HttpTarget | EngineTarget, workload: str, concurrency: int, seconds: float
+) -> dict:
     """``concurrency`` closed-loop clients sending until ``seconds`` have passed (each
     at least one request): images/s and latencies by steps over the steady window, from
     the moment every client has had its first answer (the first requests all arrive at
@@ -144,16 +201,13 @@ def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict
     deadline = started + seconds
 
     def client(index: int) -> None:
-        with httpx.Client(timeout=600) as http:
+        with target.session() as session:
             i = 0
             while i == 0 or time.perf_counter() < deadline:
                 body = request_body(workload, index, i)
                 sent = time.perf_counter()
-                response = http.post(f"{url}/v1/samples", json=body)
+                server = target.send(session, body)
                 answered = time.perf_counter()
-                if response.status_code != 200:
-                    raise RuntimeError(f"{response.status_code}: {response.text}")
-                server = float(response.headers["x-elapsed-s"])
                 with lock:
                     records.append((answered, answered - sent, body["steps"], server))
                     if i == 0:
@@ -182,32 +236,35 @@ def one_round(url: str, workload: str, concurrency: int, seconds: float) -> dict
     }
 
 
+def app_config(args, tracking_uri: str, mode: str) -> dict:
+    """The app's settings for ``mode``."""
+    replicas = MODES[mode].get("num_replicas", 1)
+    return {
+        "model_uri": f"models:/{MODEL_NAME}@champion",
+        "tracking_uri": tracking_uri,
+        "num_cpus": args.cpus / replicas,
+        "torch_threads": args.threads,
+        "max_ongoing_requests": 64,
+        "reload_interval_s": 0,
+        "autocast": "off",
+    } | MODES[mode]
+
+
 def deploy(args, tracking_uri: str, mode: str) -> str:
     """Deploy the app as ``mode`` under /``mode``; its path."""
-    replicas = MODES[mode].get("num_replicas", 1)
-    app = build_app(
-        {
-            "model_uri": f"models:/{MODEL_NAME}@champion",
-            "tracking_uri": tracking_uri,
-            "num_cpus": args.cpus / replicas,
-            "torch_threads": args.threads,
-            "max_ongoing_requests": 64,
-            "reload_interval_s": 0,
-            "autocast": "off",
-        }
-        | MODES[mode]
-    )
-    serve.run(app, name=mode, route_prefix=f"/{mode}")
+    serve.run(build_app(app_config(args, tracking_uri, mode)), name=mode, route_prefix=f"/{mode}")
     return f"/{mode}"
 
 
-def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float) -> dict:
-    """One round against ``url`` after a warm-up round, with the images per forward
+def measure(
+    target: HttpTarget | EngineTarget, mode: str, workload: str, concurrency: int, seconds: float
+) -> dict:
+    """One round against ``target`` after a warm-up round, with the images per forward
     the replica counted during it (one replica only: /v1/model answers from one)."""
-    one_round(url, workload, concurrency, 0.0)  # warm-up: one request per client
-    before = httpx.get(f"{url}/v1/model").json()["stats"]
-    result = one_round(url, workload, concurrency, seconds)
-    after = httpx.get(f"{url}/v1/model").json()["stats"]
+    one_round(target, workload, concurrency, 0.0)  # warm-up: one request per client
+    before = target.stats()
+    result = one_round(target, workload, concurrency, seconds)
+    after = target.stats()
     forwards = after["forwards"] - before["forwards"]
     single = MODES[mode].get("num_replicas", 1) == 1
     mean_rows = f"{(after['rows'] - before['rows']) / forwards:.1f}" if single and forwards else "–"
@@ -216,7 +273,7 @@ def measure(url: str, mode: str, workload: str, concurrency: int, seconds: float
 
 def compare(
     args,
-    targets: dict[str, tuple[str, str]],
+    targets: dict[str, tuple[str, HttpTarget | EngineTarget]],
     model: LatentDiffusion,
     workload: str,
     concurrency: int,
@@ -227,7 +284,7 @@ def compare(
     with the median images/s (each repeat's in ``runs``), each repeat against the mean
     of the ceilings either side of it (in its mode's autocast), the latencies of all
     repeats, and the ceilings of each autocast the modes use. ``targets``: a row's
-    name → its mode and URL."""
+    name → its mode and where its requests go."""
     names = list(targets)
     results: dict[str, list[dict]] = {name: [] for name in names}
     modes = {mode for mode, _ in targets.values()}
@@ -242,8 +299,8 @@ def compare(
     for repeat in range(args.repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             measure_ceilings()
-            mode, url = targets[name]
-            run = measure(url, mode, workload, concurrency, args.seconds)
+            mode, target = targets[name]
+            run = measure(target, mode, workload, concurrency, args.seconds)
             results[name].append(run | {"ceiling_before": len(ceilings[casts[0]]) - 1})
     measure_ceilings()
     rows = []
@@ -381,6 +438,12 @@ def main() -> None:
         "through it and through Serve's proxy (HAProxy's fallback, on a port of its own), "
         "in alternation",
     )
+    parser.add_argument(
+        "--engine-alone",
+        action="store_true",
+        help="also measure each one-replica mode's sampling engine fed by this process "
+        "(no Ray, no HTTP), in alternation with the served rounds",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     began = time.perf_counter()
@@ -400,17 +463,26 @@ def main() -> None:
         # Ray is told of are logical, enough for all of them.
         ray.init(address="local", num_cpus=args.cpus * len(args.modes), include_dashboard=False)
         port = free_port()
+        engines: list[EngineProcess] = []
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         try:
             paths = {mode: deploy(args, tracking_uri, mode) for mode in args.modes}
-            targets = {mode: (mode, f"http://127.0.0.1:{port}{paths[mode]}") for mode in paths}
+            ports = {"": port}
             if args.ingress == "haproxy":
                 proxy = os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
-                targets = {
-                    f"{mode} via {through}": (mode, f"http://127.0.0.1:{at}{path}")
-                    for mode, path in paths.items()
-                    for through, at in (("haproxy", port), ("proxy", proxy))
-                }
+                ports = {" via haproxy": port, " via proxy": proxy}
+            targets: dict[str, tuple[str, HttpTarget | EngineTarget]] = {
+                f"{mode}{through}": (mode, HttpTarget(f"http://127.0.0.1:{at}{path}"))
+                for mode, path in paths.items()
+                for through, at in ports.items()
+            }
+            if args.engine_alone:
+                for mode in args.modes:
+                    if MODES[mode].get("num_replicas", 1) == 1:
+                        config = AppConfig(**app_config(args, tracking_uri, mode))
+                        engines.append(EngineProcess(config.engine_settings()))
+                        engines[-1].preload(model)
+                        targets[f"{mode} engine alone"] = (mode, EngineTarget(engines[-1], model))
             for workload in args.workloads:
                 for concurrency in args.concurrency:
                     rows += compare(args, targets, model, workload, concurrency)[0]
@@ -418,6 +490,8 @@ def main() -> None:
             for mode in args.modes:
                 print(f"{mode}: replica memory (RSS, MiB): {replica_memory(mode)}", flush=True)
         finally:
+            for engine in engines:
+                engine.close()
             serve.shutdown()
             ray.shutdown()
     print(

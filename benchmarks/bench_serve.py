@@ -88,6 +88,7 @@ from ray import serve
 from benchmarks.workloads import (
     MIXED_GUIDANCE,
     MIXED_STEPS,
+    SHORT_STEPS,
     UNIFORM,
     WORKLOADS,
     request_settings,
@@ -236,13 +237,16 @@ def one_round(
     }
 
 
+def replicas(mode: str) -> int:
+    return MODES[mode].get("num_replicas", 1)
+
+
 def app_config(args, tracking_uri: str, mode: str) -> dict:
     """The app's settings for ``mode``."""
-    replicas = MODES[mode].get("num_replicas", 1)
     return {
         "model_uri": f"models:/{MODEL_NAME}@champion",
         "tracking_uri": tracking_uri,
-        "num_cpus": args.cpus / replicas,
+        "num_cpus": args.cpus / replicas(mode),
         "torch_threads": args.threads,
         "max_ongoing_requests": 64,
         "reload_interval_s": 0,
@@ -266,7 +270,7 @@ def measure(
     result = one_round(target, workload, concurrency, seconds)
     after = target.stats()
     forwards = after["forwards"] - before["forwards"]
-    single = MODES[mode].get("num_replicas", 1) == 1
+    single = replicas(mode) == 1
     mean_rows = f"{(after['rows'] - before['rows']) / forwards:.1f}" if single and forwards else "–"
     return result | {"mean_rows": mean_rows}
 
@@ -377,7 +381,7 @@ def ceiling(
     if workload == "uniform":
         return width / seconds(UNIFORM["steps"], UNIFORM["guidance_scale"])
     guided = sum(w > 0 for w in MIXED_GUIDANCE) / len(MIXED_GUIDANCE)
-    steps = MIXED_STEPS if workload == "mixed" else (min(MIXED_STEPS),)
+    steps = MIXED_STEPS if workload == "mixed" else (SHORT_STEPS,)
     mean = np.mean([(1 - guided) * seconds(s, 0.0) + guided * seconds(s, 3.0) for s in steps])
     return width / float(mean)
 
@@ -398,7 +402,7 @@ def format_row(r: dict) -> str:
 def short_requests_against_alone(rows: list[dict]) -> None:
     """For each mode and concurrency measured on both the mixed and the short load:
     the short requests' p50 in the mix over their p50 in the short load."""
-    short = min(MIXED_STEPS)
+    short = SHORT_STEPS
     alone = {(r["mode"], r["concurrency"]): r for r in rows if r["workload"] == "short"}
     for r in rows:
         other = alone.get((r["mode"], r["concurrency"]))
@@ -478,7 +482,7 @@ def main() -> None:
             }
             if args.engine_alone:
                 for mode in args.modes:
-                    if MODES[mode].get("num_replicas", 1) == 1:
+                    if replicas(mode) == 1:
                         config = AppConfig(**app_config(args, tracking_uri, mode))
                         engines.append(EngineProcess(config.engine_settings()))
                         engines[-1].preload(model)

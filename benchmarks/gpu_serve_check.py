@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from benchmarks.workloads import MIXED_STEPS, request_settings
+from benchmarks.workloads import MIXED_STEPS, SHORT_STEPS, request_settings
 from serving.engine import EngineProcess, EngineSettings
 from serving.sampler import SampleJob, SampleResult
 from serving.scheduler import DECODE_WIDTH, StepScheduler
@@ -289,7 +289,7 @@ def mixed_latency(
         latencies = [latency for s, latency in records if s == steps]
         return tuple(round(float(np.quantile(latencies, q)), 4) for q in (0.5, 0.99))
 
-    short = min(MIXED_STEPS)
+    short = SHORT_STEPS
     by_steps = {s: quantiles(mixed, s) for s in MIXED_STEPS if any(r[0] == s for r in mixed)}
     p50_alone = quantiles(alone, short)[0]
     p50_same_width = quantiles(same_width, short)[0]

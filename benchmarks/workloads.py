@@ -10,6 +10,7 @@ UNIFORM = {"guidance_scale": 3.0, "sampler": "ddim", "steps": 20}
 MIXED_STEPS = (10, 20, 50)
 MIXED_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 MIXED_GUIDANCE = (0.0, 1.0, 3.0)
+SHORT_STEPS = min(MIXED_STEPS)  # the short load's, and the mixed load's short requests'
 
 
 WORKLOADS = ("uniform", "mixed", "short")
@@ -31,5 +32,5 @@ def request_settings(workload: str, client: int, index: int) -> dict:
         "guidance_scale": draw.choice(MIXED_GUIDANCE),
     }
     if workload == "short":
-        settings["steps"] = min(MIXED_STEPS)
+        settings["steps"] = SHORT_STEPS
     return settings

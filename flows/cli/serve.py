@@ -13,6 +13,8 @@ from flows.cli.sampling_options import add_eps_scaling_options
 from serving.ingress import INGRESSES
 from training.names import SamplerName
 
+STOP_WAIT_S = 15  # at exit, the most to wait for the local Ray's processes to end
+
 
 def app_config_from_args(args: argparse.Namespace):  # -> serving.config.AppConfig
     """The AppConfig for ``ldm serve`` options; pydantic.ValidationError if one is invalid."""
@@ -96,7 +98,6 @@ def _ask_for_haproxy(cluster: str | None) -> None:
     as Serve's ingress, its files in a folder removed at exit. ValueError for a cluster
     to join, whose ingress its nodes' environment set when they started."""
     import atexit
-    import shutil
     import tempfile
 
     from flows.local_stack import free_ports
@@ -110,8 +111,22 @@ def _ask_for_haproxy(cluster: str | None) -> None:
         )
     haproxy_binary()  # FileNotFoundError: say so now, not as a controller that never starts
     folder = Path(tempfile.mkdtemp(prefix="ldm-haproxy-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(_remove_when_ray_is_gone, folder)
     os.environ.update(haproxy_env(folder, free_ports(len(PORT_ENVS))))
+
+
+def _remove_when_ray_is_gone(folder: Path) -> None:
+    """Stop the local Ray, then remove HAProxy's ``folder`` once Ray's processes (this
+    process's descendants) have exited: Serve's HAProxy manager may still be rewriting
+    its files there, e.g. for an app deleted by a Ctrl-C during its deployment."""
+    import shutil
+
+    import psutil
+    import ray
+
+    ray.shutdown()  # Ray's own exit handler runs after this one; then it has nothing to do
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=STOP_WAIT_S)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _warn_if_token_missing(url: str) -> None:

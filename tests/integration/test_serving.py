@@ -378,23 +378,7 @@ def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray
     from pathlib import Path
 
     port = free_port()
-    options = [
-        "--ingress",
-        "haproxy",
-        "--address",
-        "local",
-        "--port",
-        str(port),
-        "--model-uri",
-        f"models:/{MODEL_NAME}/1",
-        "--tracking-uri",
-        mlflow_server,
-        "--num-cpus",
-        "0.5",
-        "--max-steps",
-        "20",
-    ]
-    command = [sys.executable, "-m", "flows.cli", "serve", *options]
+    command = _serve_behind_haproxy(port, mlflow_server)
     log = tmp_path / "serve.log"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ldmr", dir="/tmp"))  # short: Ray's sockets
     env = os.environ | {"LDM_API_TOKEN": TOKEN, "RAY_TMPDIR": str(ray_tmp)}
@@ -415,15 +399,7 @@ def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray
         assert reply.headers["x-model-version"] == "1"
         bad = _post(url, {"label": 1, "steps": 21}, headers=AUTH)  # the app's 4xx, unchanged
         assert bad.status_code == 422 and "21 is outside 1 to 20" in bad.text
-        holders = {
-            c.pid
-            for c in psutil.net_connections("tcp")
-            if c.laddr.port == port and c.status == psutil.CONN_LISTEN
-        }
-        assert {Path(psutil.Process(pid).exe()).name for pid in holders} == {"haproxy"}
-        config = Path(psutil.Process(holders.pop()).cmdline()[3])  # haproxy -db -f CONFIG
-        folder = config.parents[1]
-        assert folder.name.startswith("ldm-haproxy-") and config.is_file()
+        folder = _haproxy_folder(port)
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(120)
@@ -440,6 +416,56 @@ def test_ldm_serve_behind_haproxy_deploys_until_ctrl_c_and_no_secret_reaches_ray
     searched = any(ray_tmp.rglob("runtime_env_agent.log"))  # the logs were there to search
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert leaks == [] and searched
+
+
+def _serve_behind_haproxy(port: int, tracking_uri: str) -> list[str]:
+    """``ldm serve --ingress haproxy`` of version 1 with its own local Ray."""
+    options = ["--ingress", "haproxy", "--address", "local", "--port", str(port)]
+    options += ["--model-uri", f"models:/{MODEL_NAME}/1", "--tracking-uri", tracking_uri]
+    options += ["--num-cpus", "0.5", "--max-steps", "20"]
+    return [sys.executable, "-m", "flows.cli", "serve", *options]
+
+
+def _haproxy_folder(port: int) -> Path:
+    """The private folder of the HAProxy that holds ``port`` (and only HAProxy holds it)."""
+    holders = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.laddr.port == port and c.status == psutil.CONN_LISTEN
+    }
+    assert {Path(psutil.Process(pid).exe()).name for pid in holders} == {"haproxy"}
+    config = Path(psutil.Process(holders.pop()).cmdline()[3])  # haproxy -db -f CONFIG
+    folder = config.parents[1]
+    assert folder.name.startswith("ldm-haproxy-") and config.is_file()
+    return folder
+
+
+def test_ctrl_c_while_ldm_serve_deploys_behind_haproxy_exits_130_and_leaves_nothing(
+    app_url, mlflow_server, tmp_path
+):  # app_url: version 1 registered
+    """Ctrl-C once the replica has started but before the app is up: Serve's HAProxy
+    manager is still rewriting its files for the deleted app, so its folder goes only
+    after the local Ray is gone; no error from it, exit 130, no HAProxy left."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        command = _serve_behind_haproxy(port, mlflow_server)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Started HTTP server on port" not in log.read_text():  # the replica's
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        folder = _haproxy_folder(port)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(120)
+    text = log.read_text()
+    assert code == 130 and "ldm serve: interrupted" in text, text[-3000:]
+    assert "Serving models:/" not in text  # it was interrupted while deploying
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    assert not _haproxies_of(folder) and not folder.exists()
 
 
 def _haproxies_of(folder: Path) -> list[int]:

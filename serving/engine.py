@@ -50,6 +50,14 @@ Outcome = SampleResult | SampleFailure
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+# oneDNN, which runs torch's CPU convolutions and bf16 matmuls, keeps the kernels it
+# builds for each shape in a cache of 1,024 by default. An engine's forwards change
+# width from step to step (any number of rows up to max_rows_per_forward, any decode
+# width): the demo network alone used 2,227 of them in two minutes of the mixed load.
+# At the default the cache evicted and rebuilt kernels all the time, and a replica
+# served fewer images/s the longer it ran (benchmarks/RESULTS.md, "oneDNN's kernel
+# cache"); this holds every width of a network many times the demo's size.
+ONEDNN_CACHE_CAPACITY = 16384
 ENGINE_STOPPED = "the sampling engine of this replica stopped"
 
 
@@ -105,7 +113,12 @@ def configure_torch(settings: EngineSettings) -> None:
     cuBLAS's deterministic algorithms and full float32 (no TF32, whose 10-bit
     mantissa turns the kernel's choice of summation order into visible pixel changes).
     Process-wide: the engine's process, or the replica's with the thread engine. A CPU
-    engine is left as it is: its kernels already repeat themselves run to run."""
+    engine keeps its kernels, which already repeat themselves run to run, and gets a
+    oneDNN kernel cache that holds every width it runs (``ONEDNN_CACHE_CAPACITY``;
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the environment wins). oneDNN reads that when
+    it builds its first kernel, so this runs before any network does."""
+    if settings.device == "cpu":
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
     torch.set_num_threads(settings.torch_threads)
     if not settings.deterministic or settings.device != "cuda":
         return
@@ -240,6 +253,11 @@ class EngineProcess:
     def network_rows(self) -> tuple[int, int]:
         status = self._status
         return status.active_network_rows, status.waiting_network_rows
+
+    @property
+    def pid(self) -> int:
+        """The engine process's id."""
+        return self._process.pid
 
     def is_alive(self) -> bool:
         return self._process.poll() is None and self._reader.is_alive()

@@ -328,3 +328,52 @@ def test_configure_torch_sets_deterministic_gpu_kernels(device, deterministic, e
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == expected
+
+
+WIDTHS = """
+import time, torch
+from serving.engine import EngineSettings, configure_torch
+configure_torch(EngineSettings(8, True, "off", 1, "cpu"))
+conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+for sweep in range(2):
+    print(time.time() * 1000, flush=True)  # the clock oneDNN stamps its lines with
+    with torch.no_grad():
+        for width in range(1, 701):
+            conv(torch.zeros(width, 4, 4, 4))
+"""
+
+
+def _kernels_built(log: str) -> list[list[str]]:
+    """oneDNN's kernel builds ("cache_miss" or "cache_hit") in each sweep of WIDTHS's
+    output, told apart by their time stamps (oneDNN's own output is buffered apart
+    from Python's)."""
+    lines = log.splitlines()
+    starts = [float(line) for line in lines if not line.startswith("onednn_verbose")]
+    sweeps: list[list[str]] = [[] for _ in starts]
+    for line in lines:
+        fields = line.split(",")
+        if len(fields) > 4 and fields[4].startswith("create:"):
+            stamp = float(fields[2])
+            sweeps[sum(stamp >= start for start in starts) - 1].append(fields[4][7:])
+    return sweeps
+
+
+@pytest.mark.parametrize(("capacity", "rebuilt"), [(None, False), ("1024", True)])
+def test_a_cpu_engine_keeps_the_kernels_of_every_width_it_ran(capacity, rebuilt):
+    """A convolution at 700 widths takes more oneDNN kernels than its default cache
+    holds (1,024): run twice, the engine's second sweep builds none anew (oneDNN logs
+    each kernel it builds, found in its cache or not); a capacity set in the
+    environment is left as it is, and then the second sweep rebuilds at least one
+    kernel of every width."""
+    env = os.environ | {"ONEDNN_VERBOSE": "profile_create", "ONEDNN_VERBOSE_TIMESTAMP": "1"}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if capacity is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
+    out = subprocess.run(
+        [sys.executable, "-c", WIDTHS], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    first, second = _kernels_built(out)
+    assert first.count("cache_miss") > 1024
+    assert len(second) == len(first)
+    rebuilt_kernels = second.count("cache_miss")
+    assert rebuilt_kernels >= 700 if rebuilt else rebuilt_kernels == 0  # ≥ one a width

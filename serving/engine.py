@@ -56,7 +56,7 @@ STOP_GRACE_S = 5.0
 # width): the demo network alone used 2,227 of them in two minutes of the mixed load.
 # At the default the cache evicted and rebuilt kernels all the time, and a replica
 # served fewer images/s the longer it ran (benchmarks/RESULTS.md, "oneDNN's kernel
-# cache"); this holds every width of a network many times the demo's size.
+# cache"); this holds every width of a network several times the demo's size.
 ONEDNN_CACHE_CAPACITY = 16384
 ENGINE_STOPPED = "the sampling engine of this replica stopped"
 

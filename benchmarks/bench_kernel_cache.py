@@ -30,27 +30,25 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.bench_serve import EngineTarget, app_config, build_model, ceiling, measure
-from serving.config import AppConfig
+from benchmarks.bench_serve import EngineTarget, build_model, ceiling, engine_alone, measure
 from serving.engine import ONEDNN_CACHE_CAPACITY, EngineProcess
 
 MODE = "step-bf16"
 CACHES = {"oneDNN's default (1024)": "1024", f"the engine's ({ONEDNN_CACHE_CAPACITY})": None}
 
 
-def start(settings, model, capacity: str | None) -> EngineProcess:
-    """An engine process with ``capacity`` in its environment (None: as the app starts it)."""
+def start(bench, model, capacity: str | None) -> EngineProcess:
+    """The ``MODE`` replica's engine with ``capacity`` in its environment (None: as the
+    app starts it)."""
     saved = os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
     if capacity is not None:
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
     try:
-        engine = EngineProcess(settings)
+        return engine_alone(bench, "sqlite:///unused.db", MODE, model)  # no registry read
     finally:
         os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
         if saved is not None:
             os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = saved
-    engine.preload(model)
-    return engine
 
 
 def main() -> None:
@@ -64,11 +62,10 @@ def main() -> None:
     began = time.perf_counter()
     model = build_model(args.preset)
     bench = types.SimpleNamespace(cpus=2, threads=1)
-    settings = AppConfig(**app_config(bench, "sqlite:///unused.db", MODE)).engine_settings()
     names = list(CACHES)
-    engines = {name: start(settings, model, capacity) for name, capacity in CACHES.items()}
+    engines = {name: start(bench, model, capacity) for name, capacity in CACHES.items()}
     width = min(32, args.concurrency)
-    ceilings = [ceiling(model, 1, width, args.workload, "bf16")]
+    ceilings = [ceiling(model, bench.threads, width, args.workload, "bf16")]
     ratios: dict[str, list[float]] = {name: [] for name in names}
     print("| round | kernel cache | images/s | against the ceiling | engine RSS (MiB) |")
     print("|---:|---|---:|---:|---:|")
@@ -78,7 +75,7 @@ def main() -> None:
             engine = engines[name]
             target = EngineTarget(engine, model)
             result = measure(target, MODE, args.workload, args.concurrency, args.seconds)
-            ceilings.append(ceiling(model, 1, width, args.workload, "bf16"))
+            ceilings.append(ceiling(model, bench.threads, width, args.workload, "bf16"))
             ratio = result["images_per_s"] / np.mean(ceilings[-2:])
             ratios[name].append(ratio)
             rss = psutil.Process(engine.pid).memory_info().rss / 2**20

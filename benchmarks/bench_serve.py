@@ -254,6 +254,13 @@ def app_config(args, tracking_uri: str, mode: str) -> dict:
     } | MODES[mode]
 
 
+def engine_alone(args, tracking_uri: str, mode: str, model: LatentDiffusion) -> EngineProcess:
+    """A sampling engine process started with ``mode``'s replica settings, ``model`` sent."""
+    engine = EngineProcess(AppConfig(**app_config(args, tracking_uri, mode)).engine_settings())
+    engine.preload(model)
+    return engine
+
+
 def deploy(args, tracking_uri: str, mode: str) -> str:
     """Deploy the app as ``mode`` under /``mode``; its path."""
     serve.run(build_app(app_config(args, tracking_uri, mode)), name=mode, route_prefix=f"/{mode}")
@@ -483,9 +490,7 @@ def main() -> None:
             if args.engine_alone:
                 for mode in args.modes:
                     if replicas(mode) == 1:
-                        config = AppConfig(**app_config(args, tracking_uri, mode))
-                        engines.append(EngineProcess(config.engine_settings()))
-                        engines[-1].preload(model)
+                        engines.append(engine_alone(args, tracking_uri, mode, model))
                         targets[f"{mode} engine alone"] = (mode, EngineTarget(engines[-1], model))
             for workload in args.workloads:
                 for concurrency in args.concurrency:

@@ -9,6 +9,8 @@ triggered run cannot trigger itself.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 DATASET_EVENT = "ldm.dataset.sharded"
@@ -21,8 +23,18 @@ def dataset_resource_id(dataset_url: str) -> str:
 
 def emit_dataset_event(dataset_url: str, fingerprint: str, counts: dict[str, int]) -> bool:
     """Tell the Prefect server that ``dataset_url`` holds a new manifest; does nothing
-    (False) when no server is configured (PREFECT_API_URL, or a flow run's server)."""
-    from prefect.settings import PREFECT_API_URL
+    (False) when no server is configured (PREFECT_API_URL, or a flow run's server) or
+    Prefect is not installed (an image with the training requirements alone)."""
+    try:
+        from prefect.settings import PREFECT_API_URL
+    except ImportError:
+        if os.environ.get("PREFECT_API_URL"):
+            print(
+                "note: PREFECT_API_URL is set, but Prefect is not installed here: the new "
+                "dataset was not announced (pip install prefect)",
+                file=sys.stderr,
+            )
+        return False
 
     if not PREFECT_API_URL.value():
         return False

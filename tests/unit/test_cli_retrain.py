@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,25 @@ def test_deployment_carries_the_cron_schedule_trigger_and_config():
 def test_trigger_for_one_dataset_matches_only_its_resource():
     trigger = dataset_trigger("s3://bucket/digits/")
     assert trigger.match.model_dump() == {"prefect.resource.id": "ldm.dataset.s3://bucket/digits"}
+
+
+@pytest.mark.parametrize("api_url", ["", "http://127.0.0.1:4200/api"])
+def test_without_prefect_installed_a_dataset_is_not_announced_and_a_set_server_is_named(
+    api_url,
+):
+    code = (
+        "import sys\n"
+        "sys.modules['prefect'] = None  # as in an image without Prefect\n"
+        "from flows.events import emit_dataset_event\n"
+        "print(emit_dataset_event('/data/digits', 'f' * 64, {'train': 9}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_API_URL"] = api_url
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "False"
+    assert ("Prefect is not installed" in result.stderr) == bool(api_url)
 
 
 @pytest.mark.parametrize(

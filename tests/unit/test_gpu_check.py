@@ -95,3 +95,32 @@ def test_the_serving_check_reports_each_mode_on_the_cpu(tmp_path):
     for row in (invariant, strict):
         assert row["mixed_vs_alone"] == {"max_levels": 0, "share_differing": 0.0}
         assert row["vs_fp32"]["max_levels"] <= 1
+
+
+def test_the_job_checks_budgets_are_a_valid_model_of_the_preset():
+    from benchmarks.gpu_job_check import budgets, synthetic_images
+    from training.config import LDMConfig
+    from training.presets import over_preset
+
+    model = LDMConfig.model_validate(over_preset(budgets("base", 600), "demo"))
+    assert model.preset == "base" and model.image_size == 64
+    assert model.denoiser_training.steps == 600 and model.denoiser_training.log_every == 50
+    assert model.autoencoder_training.steps == model.classifier_training.steps == 120
+    assert model.denoiser_training.cuda_graph and model.denoiser_training.compile  # base's
+    data = synthetic_images(20, 64, 3, 10, seed=0)
+    assert data["images"].shape == (20, 64, 64, 3) and data["images"].dtype.name == "uint8"
+    assert set(data["labels"]) <= set(range(10)) and len(data["class_names"]) == 10
+    assert synthetic_images(4, 32, 1, 10, seed=0)["images"].shape == (4, 32, 32)
+
+
+def test_the_job_bundle_packs_the_jobs_requirements_less_the_images(tmp_path):
+    from benchmarks.gpu_bundle import image_packages, job_requirements
+
+    requirements = job_requirements(SCRIPT.parents[1] / "pyproject.toml")
+    names = {r.split("[")[0].split("=")[0].split(">")[0].split("<")[0] for r in requirements}
+    assert {"mlflow", "webdataset", "pydantic", "safetensors"} <= names
+    assert not names & {"torch", "prefect", "boto3", "mlxtend"}
+    assert any(r.startswith("ray[default,train]==") for r in requirements)
+    listed = tmp_path / "packages.txt"
+    listed.write_text("# the image\nPyYAML\ntyping_extensions==4.12.0\n\nnvidia.ml-py\n")
+    assert image_packages(listed) == {"pyyaml", "typing-extensions", "nvidia-ml-py"}

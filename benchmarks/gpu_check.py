@@ -13,7 +13,8 @@ means under bf16, copied back to the host); batch 0 or none is the preset's. Mod
 ``compile``/``compile_cl`` (``torch.compile``), ``graphs_cl`` (inductor's CUDA graphs of
 the network, ``mode="reduce-overhead"``), ``graph``/``graph_cl`` (the whole step as one
 CUDA graph, ``cuda_graph`` in a stage's config), ``graph_compile_cl`` (both: what the
-``base`` preset's denoiser runs), and ``graph_cl_host``/``graph_cl_pinned`` (batches cut
+``base`` preset's denoiser runs), ``graph_autotune_cl`` (the same, inductor autotuning
+its kernel choices), and ``graph_cl_host``/``graph_cl_pinned`` (batches cut
 on the host and copied as the training loop copies them). Other modes make their data on
 the GPU. Nothing is downloaded, and the number is the model's, not the data loader's.
 Model FLOPs per step are counted once with ``torch.utils.flop_counter`` (forward and
@@ -74,6 +75,9 @@ MODES = {
     "graph_cl_host": Mode(channels_last=True, source="host", graph=True),
     "graph_cl_pinned": Mode(channels_last=True, source="pinned", graph=True),
     "graph_compile_cl": Mode("default", True, graph=True),
+    # the same with inductor's autotuned kernel choices (Triton templates against
+    # cuDNN and cuBLAS for each convolution and matrix product); compiles for minutes
+    "graph_autotune_cl": Mode("max-autotune-no-cudagraphs", True, graph=True),
 }
 # the cheap runs first: a compiled one takes about a minute to compile
 DEFAULT_RUNS = (

@@ -76,6 +76,31 @@ def build_loader(
     _check_arguments(split, rank, world_size, batch_size, num_workers)
     url = manifest_url_of(dataset_url)
     manifest = load_manifest(url)
+    mine, num_batches = rank_shards(
+        manifest, split, rank, world_size, batch_size, seed, epoch, sampling
+    )
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, (seed, epoch, rank))
+    decoded = _decoded_split(folder, manifest, split, memory_budget)
+    if decoded is None:
+        check_shards_exist(folder, list({s.name: s for s in mine}.values()))
+    workers = min(num_workers, len(mine))
+    return ShardLoader(manifest, dataset, num_batches, batch_size, workers, decoded)
+
+
+def rank_shards(
+    manifest: Manifest,
+    split: Split,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    sampling: ShardSampling = "partitioned",
+) -> tuple[list[ShardEntry], int]:
+    """The shards ``rank`` of ``world_size`` reads in ``epoch`` and the batches every rank
+    yields. Raises ValueError, saying what to change, when the split cannot give every
+    rank its own shards or a full batch."""
     shards = manifest.split_shards(split)
     if sampling == "resampled":  # this rank's share of the split, drawn with replacement
         num_batches = manifest.counts.get(split, 0) // world_size // batch_size
@@ -90,19 +115,13 @@ def build_loader(
             )
         per_rank = assign_shards(shards, world_size, seed, epoch)
         num_batches = min(sum(s.num_samples for s in r) for r in per_rank) // batch_size
-        mine = per_rank[rank]
+        mine = list(per_rank[rank])
     if num_batches == 0:
         raise ValueError(
             f"a rank gets fewer than batch_size={batch_size} {split} samples "
             f"({manifest.counts.get(split, 0)} over {world_size} ranks): lower batch_size"
         )
-    folder = url.rsplit("/", 1)[0] if "/" in url else "."
-    dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, (seed, epoch, rank))
-    decoded = _decoded_split(folder, manifest, split, memory_budget)
-    if decoded is None:
-        check_shards_exist(folder, list({s.name: s for s in mine}.values()))
-    workers = min(num_workers, len(mine))
-    return ShardLoader(manifest, dataset, num_batches, batch_size, workers, decoded)
+    return mine, num_batches
 
 
 def manifest_url_of(url: str) -> str:
@@ -307,6 +326,7 @@ def _decoded_split(
         return None
     key = (folder, split, tuple((s.name, s.sha256) for s in shards))
     if key not in _KEPT:
+        check_shards_exist(folder, shards)
         _KEPT.clear()  # the one kept before goes first
         reader = _RankShards(folder, list(shards), manifest, 1, 0, (0, 0, 0))
         arrays, labels = {}, {}

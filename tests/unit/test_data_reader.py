@@ -162,6 +162,10 @@ def test_missing_or_truncated_shards_fail_before_reading(dataset, tmp_path):
         StorageError, match="train-000004.tar is listed in the manifest but missing"
     ):
         build_loader(str(folder), "train", 0, 1, 10, 0, 0)
+    with pytest.raises(  # the same before a split is decoded into memory
+        StorageError, match="train-000004.tar is listed in the manifest but missing"
+    ):
+        build_loader(str(folder), "train", 0, 1, 10, 0, 0, memory_budget=1 << 20)
     shard = folder / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[:1024])
     with pytest.raises(StorageError, match="train-000002.tar has 1024 bytes but the manifest"):

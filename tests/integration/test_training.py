@@ -487,6 +487,40 @@ def test_a_non_finite_loss_stops_the_stage_and_registers_nothing(
     assert not list(tmp_path.glob("nan-autoencoder/checkpoint_*"))  # none after the bad step
 
 
+def test_a_workers_error_that_says_what_to_fix_stops_the_job_as_itself(
+    ray_cluster, mlflow_server, tmp_path
+):
+    """Shards listed in the manifest but gone: each rank's loader raises a StorageError
+    that names the shard and what to do; the job raises it as itself (the command
+    prints it, the retrain flow does not retry it), not Ray Train's wrapper."""
+    import numpy as np
+
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+
+    images = np.random.default_rng(0).integers(0, 256, (80, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "src.npz", images=images, labels=np.arange(80) % 4)
+    options = ShardOptions(image_size=16, channels=1, shard_max_samples=20, val_fraction=0.0)
+    shard_dataset(str(tmp_path / "src.npz"), str(tmp_path / "ds"), options, progress=False)
+    for shard in (tmp_path / "ds").glob("train-*.tar"):
+        shard.unlink()
+    job = _job(
+        str(tmp_path / "ds"),
+        mlflow_server,
+        "gone",
+        storage_url=str(tmp_path / "runs"),
+        max_failures=0,
+    )
+    with pytest.raises(storage.StorageError, match="listed in the manifest but missing") as caught:
+        run_training(job)
+    assert isinstance(caught.value.__cause__, ray.train.WorkerGroupError)
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("integration").experiment_id], "tags.`ldm.run_name` = 'gone'"
+    )
+    assert run.info.status == "FAILED"
+
+
 def test_workers_no_node_can_hold_fail_at_once_saying_what_to_change(
     ray_cluster, mlflow_server, mnist_url, tmp_path, monkeypatch, caplog
 ):

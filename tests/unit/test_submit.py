@@ -66,3 +66,51 @@ def test_a_local_dataset_without_a_manifest_fails_before_any_job_is_submitted(tm
     job = _job(data_url=str(tmp_path / "missing"), storage_url=str(tmp_path / "runs"))
     with pytest.raises(FileNotFoundError, match="no manifest at .*missing/manifest.json"):
         submit_training(job, "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("workers", "changes", "message"),
+    [
+        (2, {}, "the autoencoder stage cannot start: the train split has 1 shards, fewer than"),
+        (1, {"denoiser_training": {"batch_size": 64}}, "the denoiser stage cannot start: a rank"),
+    ],
+)
+def test_a_dataset_too_small_for_the_job_fails_before_ray_or_mlflow_start(
+    tmp_path, workers, changes, message
+):
+    import numpy as np
+    import ray
+
+    from data.manifest import ShardOptions
+    from data.shard import shard_dataset
+    from training.config import LDMConfig
+    from training.presets import over_preset
+    from training.ray.driver import run_training
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "src.npz", images=images, labels=np.arange(40) % 4)
+    options = ShardOptions(image_size=8, channels=1, shard_max_samples=100, val_fraction=0.0)
+    shard_dataset(str(tmp_path / "src.npz"), str(tmp_path / "ds"), options, progress=False)
+    job = _job(
+        data_url=str(tmp_path / "ds"),
+        storage_url=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        model=LDMConfig.model_validate(over_preset(changes, "tiny")),
+        scaling={"num_workers": workers},
+    )
+    with pytest.raises(ValueError, match=message):
+        run_training(job)
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_workers_stated_error_is_raised_as_itself_and_a_bug_keeps_ray_trains_wrapper():
+    from ray.train import WorkerGroupError
+
+    from data.storage import StorageError
+    from training.ray.driver import stated_failure
+
+    gone = StorageError("shard train-000001.tar is listed in the manifest but missing")
+    assert (
+        stated_failure(WorkerGroupError("…", {1: ValueError("lower batch_size"), 0: gone})) is gone
+    )
+    assert stated_failure(WorkerGroupError("…", {0: gone, 1: KeyError("a bug")})) is None

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from data import storage
 from data.manifest import Manifest, load_manifest, manifest_url
+from data.reader import rank_shards
 from training.checkpoints import checkpoint_artifact_path, load_checkpoint_uri
 from training.config import LDMConfig
 from training.job import (
@@ -99,6 +100,7 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
     start = _starting_point(job)
     if start is not None:  # its networks, this job's step budgets
         job = job.model_copy(update={"model": start.config})
+    check_every_rank_is_fed(job, manifest, start.finished if start else {})
     connect_ray(ray_address)
     check_worker_room(job.scaling)  # workers no node can hold fail before the run
     run_id = _start_run(job)
@@ -110,6 +112,32 @@ def run_training(job: TrainJobConfig, ray_address: str | None = None) -> TrainRe
             MlflowClient(job.tracking_uri).set_terminated(run_id, "FAILED")
         raise
     return TrainResult(run_id, model, version, checkpoints)
+
+
+def check_every_rank_is_fed(
+    job: TrainJobConfig, manifest: Manifest, finished: Iterable[str]
+) -> None:
+    """Every stage still to train gives each rank its own shards and a full batch, so a
+    dataset too small for the job fails before Ray starts, not in every worker. The
+    latent cache has a shard for each training shard, with its samples, so the
+    training split answers for the latent stages too."""
+    for stage in STAGES:
+        if stage.name in finished:
+            continue
+        training = stage.training(job.model)
+        try:
+            rank_shards(
+                manifest,
+                "train",
+                0,
+                job.scaling.num_workers,
+                training.batch_size,
+                job.model.seed,
+                0,
+                training.shard_sampling,
+            )
+        except ValueError as error:
+            raise ValueError(f"the {stage.name} stage cannot start: {error}") from None
 
 
 def check_worker_room(scaling: ScalingSettings) -> None:
@@ -388,6 +416,20 @@ def fit_stages(
     return {stage: finals[stage] for stage in options}
 
 
+# What a worker raises to say what to fix: the job stops with it as itself, so the
+# command prints its message and the retrain flow does not retry it.
+STATED_FAILURES = (ValueError, storage.StorageError)
+
+
+def stated_failure(failed: ray.train.WorkerGroupError) -> Exception | None:
+    """The lowest failed rank's exception when every failed rank raised one that says
+    what to fix; None when one of them is anything else (its traceback is the news)."""
+    failures = [failed.worker_failures[rank] for rank in sorted(failed.worker_failures)]
+    if failures and all(isinstance(f, STATED_FAILURES) for f in failures):
+        return failures[0]
+    return None
+
+
 def _fit(trainer: TorchTrainer, stages: str) -> ray.train.Result:
     """``trainer.fit()`` where Ctrl-C means Ctrl-C. On SIGINT Ray Train aborts the run
     and calls ``sys.exit(0)`` from a handler it leaves installed: here that becomes a
@@ -398,6 +440,11 @@ def _fit(trainer: TorchTrainer, stages: str) -> ray.train.Result:
         return trainer.fit()
     except SystemExit as aborted:
         raise KeyboardInterrupt(f"training the {stages} was interrupted") from aborted
+    except ray.train.WorkerGroupError as failed:
+        stated = stated_failure(failed)
+        if stated is None:
+            raise
+        raise stated from failed
     finally:
         if in_main and previous is not None:
             signal.signal(signal.SIGINT, previous)

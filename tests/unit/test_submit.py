@@ -114,3 +114,30 @@ def test_a_workers_stated_error_is_raised_as_itself_and_a_bug_keeps_ray_trains_w
         stated_failure(WorkerGroupError("…", {1: ValueError("lower batch_size"), 0: gone})) is gone
     )
     assert stated_failure(WorkerGroupError("…", {0: gone, 1: KeyError("a bug")})) is None
+
+
+def _failures():
+    from data.storage import PermanentStorageError
+    from training.optimisation import NonFiniteLoss
+    from training.ray.placement import Unplaceable
+
+    return [
+        NonFiniteLoss("denoiser", 35),
+        Unplaceable("a training worker needs 3 CPU"),
+        ValueError("a rank gets fewer than batch_size=64 train samples"),
+        PermanentStorageError("bucket 'ldm-runs' does not exist"),
+    ]
+
+
+@pytest.mark.parametrize("error", _failures(), ids=lambda e: type(e).__name__)
+def test_what_a_jobs_driver_records_its_submitter_raises_as_itself(tmp_path, error):
+    import json
+
+    from training.ray.driver import failure_record
+    from training.ray.submit import raise_recorded_failure
+
+    record = tmp_path / "result.json"
+    record.write_text(json.dumps(failure_record(error)))
+    with pytest.raises(type(error)) as caught:
+        raise_recorded_failure(str(record))
+    assert type(caught.value) is type(error) and str(caught.value) == str(error)

@@ -481,6 +481,18 @@ def result_record(result: TrainResult) -> TrainedVersion:
     )
 
 
+def failure_record(error: Exception) -> dict[str, Any]:
+    """What a Ray Job's driver leaves in its result file for a failure that retrying
+    cannot fix (``training.ray.submit.raise_recorded_failure`` reads it)."""
+    if isinstance(error, NonFiniteLoss):
+        return {"nonfinite": {"stage": error.stage, "step": error.step}}
+    if isinstance(error, Unplaceable):
+        return {"unplaceable": str(error)}
+    if isinstance(error, storage.PermanentStorageError):
+        return {"permanent_storage": str(error)}
+    return {"invalid": str(error)}  # a ValueError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.ray.driver",
@@ -492,14 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     job = TrainJobConfig.model_validate_json(storage.read_bytes(args.config_url))
     try:
         result = run_training(job)
-    except (NonFiniteLoss, Unplaceable) as error:  # the submitter must not retry these
-        if args.result:
-            record = (
-                {"nonfinite": {"stage": error.stage, "step": error.step}}
-                if isinstance(error, NonFiniteLoss)
-                else {"unplaceable": str(error)}
-            )
-            storage.write_bytes(args.result, json.dumps(record).encode())
+    except (NonFiniteLoss, ValueError, storage.PermanentStorageError) as error:
+        if args.result:  # the submitter raises these as themselves and must not retry them
+            storage.write_bytes(args.result, json.dumps(failure_record(error)).encode())
         raise
     if args.result:
         storage.write_bytes(args.result, result_record(result).model_dump_json().encode())

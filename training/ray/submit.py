@@ -156,8 +156,9 @@ def run_ldm_job(
 
 def raise_recorded_failure(result_url: str) -> None:
     """A failed job's driver records a failure that retrying cannot fix (a non-finite
-    loss, workers no node can hold) in its result file: raise it as itself, so
-    orchestrators do not retry."""
+    loss, workers no node can hold, a setting or dataset the job cannot use, storage
+    that refuses it) in its result file: raise it as itself, so orchestrators do not
+    retry."""
     from training.optimisation import NonFiniteLoss
     from training.ray.placement import Unplaceable
 
@@ -169,6 +170,10 @@ def raise_recorded_failure(result_url: str) -> None:
         raise NonFiniteLoss(record["nonfinite"]["stage"], record["nonfinite"]["step"])
     if "unplaceable" in record:
         raise Unplaceable(record["unplaceable"])
+    if "permanent_storage" in record:
+        raise storage.PermanentStorageError(record["permanent_storage"])
+    if "invalid" in record:
+        raise ValueError(record["invalid"])
 
 
 def find_running_job(client: Any, run_name: str) -> tuple[str, str] | None:

@@ -81,7 +81,8 @@ if [[ $parts == *" job "* ]]; then
   else
     "$python" -m pip check >"$out/pip-check.txt" 2>&1  # what the image's versions conflict with
     timeout --signal=INT "${JOB_TIMEOUT:-480}" "$python" "$here/gpu_job_check.py" \
-      --json "$out/job.json" ${JOB_ARGS:-} 2>&1 | tee "$out/job.log" || status=1
+      --json "$out/job.json" --bare "$out/train.json" ${JOB_ARGS:-} 2>&1 |
+      tee "$out/job.log" || status=1
   fi
 fi
 exit $status

@@ -128,6 +128,19 @@ def read_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
     }
 
 
+def share_of_bare_step(result: dict[str, Any], bare_json: Path) -> float | None:
+    """The job's denoiser images/s over that of ``gpu_check.py``'s run of the step the
+    preset trains with (``graph_compile_cl`` at the preset's batch), when both exist."""
+    bare = json.loads(bare_json.read_text())
+    if bare.get("preset") != result["preset"]:
+        return None
+    steps = [r for r in bare.get("results", []) if r.get("run") == "denoiser:graph_compile_cl"]
+    job = result["stages"].get("denoiser", {}).get("images_per_s")
+    if not steps or "images_per_s" not in steps[0] or not job:
+        return None
+    return round(job / steps[0]["images_per_s"], 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base", choices=sorted(SIZES))
@@ -137,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-worker", type=int, default=min(os.cpu_count() or 2, 8))
     parser.add_argument("--timeout-s", type=float, default=420)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--bare",
+        type=Path,
+        help="gpu_check.py's JSON of the same machine: the job's denoiser images/s is "
+        "also given as a share of its bare step's (the run the preset trains with)",
+    )
     parser.add_argument("--keep", type=Path, help="the job's folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
@@ -198,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "run_id": match["id"],
         **read_run(match["uri"], match["id"]),
     }
+    if args.bare and args.bare.exists():
+        result["denoiser_share_of_bare_step"] = share_of_bare_step(result, args.bare)
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -124,3 +124,19 @@ def test_the_job_bundle_packs_the_jobs_requirements_less_the_images(tmp_path):
     listed = tmp_path / "packages.txt"
     listed.write_text("# the image\nPyYAML\ntyping_extensions==4.12.0\n\nnvidia.ml-py\n")
     assert image_packages(listed) == {"pyyaml", "typing-extensions", "nvidia-ml-py"}
+
+
+def test_the_jobs_denoiser_speed_is_read_against_the_bare_step_of_the_same_preset(tmp_path):
+    from benchmarks.gpu_job_check import share_of_bare_step
+
+    bare = tmp_path / "train.json"
+    runs = [
+        {"run": "denoiser:graph_compile_cl@1024", "images_per_s": 11409.0},
+        {"run": "denoiser:graph_compile_cl", "images_per_s": 7803.0},
+    ]
+    bare.write_text(json.dumps({"preset": "base", "results": runs}))
+    job = {"preset": "base", "stages": {"denoiser": {"images_per_s": 6242.4}}}
+    assert share_of_bare_step(job, bare) == 0.8
+    assert share_of_bare_step({**job, "preset": "demo"}, bare) is None
+    bare.write_text(json.dumps({"preset": "base", "results": runs[:1]}))
+    assert share_of_bare_step(job, bare) is None

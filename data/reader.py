@@ -76,11 +76,10 @@ def build_loader(
     _check_arguments(split, rank, world_size, batch_size, num_workers)
     url = manifest_url_of(dataset_url)
     manifest = load_manifest(url)
-    mine, num_batches = rank_shards(
-        manifest, split, rank, world_size, batch_size, seed, epoch, sampling
-    )
+    deal = (seed, epoch, rank)
+    mine, num_batches = rank_shards(manifest, split, world_size, batch_size, deal, sampling)
     folder = url.rsplit("/", 1)[0] if "/" in url else "."
-    dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, (seed, epoch, rank))
+    dataset = _RankShards(folder, mine, manifest, batch_size, shuffle_buffer, deal)
     decoded = _decoded_split(folder, manifest, split, memory_budget)
     if decoded is None:
         check_shards_exist(folder, list({s.name: s for s in mine}.values()))
@@ -91,16 +90,15 @@ def build_loader(
 def rank_shards(
     manifest: Manifest,
     split: Split,
-    rank: int,
     world_size: int,
     batch_size: int,
-    seed: int,
-    epoch: int,
-    sampling: ShardSampling = "partitioned",
+    deal: tuple[int, int, int],
+    sampling: ShardSampling,
 ) -> tuple[list[ShardEntry], int]:
-    """The shards ``rank`` of ``world_size`` reads in ``epoch`` and the batches every rank
-    yields. Raises ValueError, saying what to change, when the split cannot give every
-    rank its own shards or a full batch."""
+    """The shards a rank of ``world_size`` reads and the batches every rank yields, for
+    ``deal`` = (seed, epoch, rank) and ``sampling``. Raises ValueError, saying what to
+    change, when the split cannot give every rank its own shards or a full batch."""
+    seed, epoch, rank = deal
     shards = manifest.split_shards(split)
     if sampling == "resampled":  # this rank's share of the split, drawn with replacement
         num_batches = manifest.counts.get(split, 0) // world_size // batch_size

@@ -126,14 +126,13 @@ def check_every_rank_is_fed(
             continue
         training = stage.training(job.model)
         try:
+            deal = (job.model.seed, 0, 0)  # the first epoch, as rank 0 sees it
             rank_shards(
                 manifest,
                 "train",
-                0,
                 job.scaling.num_workers,
                 training.batch_size,
-                job.model.seed,
-                0,
+                deal,
                 training.shard_sampling,
             )
         except ValueError as error:

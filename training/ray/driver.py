@@ -125,8 +125,8 @@ def check_every_rank_is_fed(
         if stage.name in finished:
             continue
         training = stage.training(job.model)
+        deal = (job.model.seed, 0, 0)  # the first epoch, as rank 0 sees it
         try:
-            deal = (job.model.seed, 0, 0)  # the first epoch, as rank 0 sees it
             rank_shards(
                 manifest,
                 "train",
@@ -136,7 +136,10 @@ def check_every_rank_is_fed(
                 training.shard_sampling,
             )
         except ValueError as error:
-            raise ValueError(f"the {stage.name} stage cannot start: {error}") from None
+            workers = job.scaling.num_workers
+            raise ValueError(
+                f"the {stage.name} stage cannot start on {workers} worker(s): {error}"
+            ) from None
 
 
 def check_worker_room(scaling: ScalingSettings) -> None:
@@ -416,7 +419,8 @@ def fit_stages(
 
 
 # What a worker raises to say what to fix: the job stops with it as itself, so the
-# command prints its message and the retrain flow does not retry it.
+# command prints its message and the retrain flow retries it only where retrying can
+# help (a StorageError that is not permanent).
 STATED_FAILURES = (ValueError, storage.StorageError)
 
 

@@ -106,9 +106,10 @@ def rank_shards(
     else:
         if len(shards) < world_size:
             raise ValueError(
-                f"the {split} split has {len(shards)} shards, fewer than world_size "
-                f"{world_size}: every rank needs its own shards; re-shard with a smaller "
-                "--shard-max-samples, use fewer ranks, or draw shards with replacement "
+                f"the {split} split has {len(shards)} shards, fewer than the {world_size} "
+                "ranks reading it: every rank needs its own shards; re-shard with fewer "
+                "samples a shard ('ldm shard --shard-max-samples', shard.shard_max_samples "
+                "of 'ldm retrain'), train on fewer workers, or draw shards with replacement "
                 "(shard_sampling: resampled)"
             )
         per_rank = assign_shards(shards, world_size, seed, epoch)

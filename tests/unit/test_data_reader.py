@@ -180,7 +180,7 @@ def test_no_manifest_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("train", 0, 7, 4), "has 6 shards, fewer than world_size 7"),
+        (("train", 0, 7, 4), "has 6 shards, fewer than the 7 ranks reading it"),
         (("val", 0, 1, 4), "has 0 shards"),
         (("train", 0, 2, 60), "fewer than batch_size=60"),
         (("train", 2, 2, 4), "need 0 <= rank < world_size"),

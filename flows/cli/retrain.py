@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import sys
 import time
@@ -129,6 +130,34 @@ def _send_pending_logs_and_events(timeout_s: float = 10.0) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
+def _stated_failures() -> tuple[type[Exception], ...]:
+    """What a flow run raises to say what to fix: the command prints it as its error."""
+    from data.storage import StorageError
+    from training.optimisation import NonFiniteLoss
+
+    return (ValueError, StorageError, NonFiniteLoss)
+
+
+def _console_without_stated_tracebacks() -> None:
+    """Prefect logs a failed task's and flow's exception with its traceback. On this
+    command's console an error that says what to fix shows as its message alone (the
+    command ends with it); the Prefect server's log keeps the traceback."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    stated = _stated_failures()
+
+    def plain(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], stated):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(plain)
+
+
 def _retrain(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.cli.config_files import config_error
@@ -146,10 +175,11 @@ def _retrain(args: argparse.Namespace) -> int:
     if note := unused_stack_note(default_local_store(), address):
         print(note, file=sys.stderr)
     quiet_libraries(config.train.verbose)
+    _console_without_stated_tracebacks()
     try:
         with prefect_api():
             report = retrain(config)
-    except ValueError as error:  # unusable data, found by the flow
+    except _stated_failures() as error:  # unusable data or settings, an outage outlasted
         print(f"ldm retrain: error: {error}", file=sys.stderr)
         return 1
     _print_summary(report)

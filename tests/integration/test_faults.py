@@ -97,6 +97,38 @@ def test_ctrl_c_during_a_retrain_on_a_stale_ray_address_exits_130_and_leaves_not
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_a_retrain_on_data_too_small_for_its_workers_fails_at_once_saying_what_to_change(
+    tmp_path,
+):
+    """The train task's ValueError is not retried, and the console shows it as the
+    command's error, not under Prefect's tracebacks of the task and the flows."""
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (60, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", images=images, labels=np.arange(60) % 3)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_ADDRESS", "MLFLOW_", "PREFECT_API"))
+    }
+    env["LDM_HOME"] = str(tmp_path / "home")
+    options = f"--source {tmp_path / 'small.npz'} --image-size 16 --preset tiny --workers 2"
+    command = [sys.executable, "-m", "flows.cli", "retrain", *options.split(), "--no-serve"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert (
+        done.stderr.rstrip()
+        .splitlines()[-1]
+        .startswith(
+            "ldm retrain: error: the autoencoder stage cannot start on 2 worker(s): the train "
+            "split has 1 shards, fewer than the 2 ranks reading it"
+        )
+    )
+    assert "Traceback" not in output and "Retry" not in output
+    assert output.count("Task run 'train-") == 1  # failed once, not retried
+
+
 def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 

@@ -73,7 +73,7 @@ def budgets(preset: str, steps: int) -> dict[str, Any]:
 
 
 def ldm(args: list[str], env: dict[str, str], log: Path, timeout_s: float) -> str:
-    """Run ``ldm ARGS`` (its output to ``log`` and the console); returns its output.
+    """Run ``ldm ARGS`` with its output appended to ``log``; returns the log's text.
     Interrupted or out of time, it passes SIGINT on, as Ctrl-C would."""
     command = [sys.executable, "-m", "flows.cli", *args]
     print("$ ldm " + " ".join(args), flush=True)
@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(home / "images.npz", **synthetic_images(args.images, side, channels, 10, seed=0))
     (home / "model.json").write_text(json.dumps(budgets(args.preset, args.steps)))
     data = home / "dataset"
-    left = lambda: args.timeout_s - (time.monotonic() - started)  # noqa: E731
+
+    def left() -> float:
+        return args.timeout_s - (time.monotonic() - started)
+
     ldm(
         [
             "shard",
